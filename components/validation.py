@@ -1,0 +1,221 @@
+"""Rules that relate several config keys, checked before anything is declared.
+
+Each rule raises one `ConfigError` naming the key, the value and what is allowed. The
+rules encode the design: a quorum that survives one machine (3 or 5 members), no zone
+that holds a quorum by itself, etcd's timing rules, and bare-metal hosts that can
+really carry the roles asked of them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from components import versions
+from components.config import BareMetal, ClusterConfig, ConfigError, parse
+from components.naming import CLUSTER_NAME_MAX
+from components.topology import plan, quorum
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_ZONE_PATTERNS = {
+    "gce": (re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$"), "a GCE zone such as europe-west1-b"),
+    "aws": (re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9][a-z]$"), "an AWS zone such as eu-west-1a"),
+    "baremetal": (_DNS_LABEL, "a lowercase failure-domain label such as rack-a"),
+}
+
+
+def load(raw: Mapping[str, Any]) -> ClusterConfig:
+    """Parse and check a stack's raw config; the only way the program gets a ClusterConfig."""
+    cfg = parse(raw)
+    for rule in (_names_and_versions, _sizes, _etcd_timing, _zones, _networks, _target_sections):
+        rule(cfg)
+    if cfg.baremetal is not None:
+        _baremetal(cfg, cfg.baremetal)
+    _zone_spread(cfg)
+    return cfg
+
+
+def _names_and_versions(cfg: ClusterConfig) -> None:
+    if len(cfg.cluster_name) > CLUSTER_NAME_MAX or not _DNS_LABEL.match(cfg.cluster_name):
+        raise ConfigError("clusterName", cfg.cluster_name,
+                          f"a DNS-1123 label starting with a letter, at most {CLUSTER_NAME_MAX} characters")
+    known = sorted(versions.KUBELET_SHA256["amd64"])
+    if cfg.kubernetes_version not in known:
+        raise ConfigError("kubernetesVersion", cfg.kubernetes_version, f"one of {known}")
+    if cfg.etcd.source == "distro":
+        if cfg.target != "baremetal":
+            raise ConfigError("etcd.source", "distro", "'release' on cloud targets (images carry no etcd package)")
+        allowed = sorted(versions.DISTRO_ETCD_PACKAGES)
+    else:
+        allowed = sorted(versions.ETCD_SHA256["amd64"])
+    if cfg.etcd.version not in allowed:
+        raise ConfigError("etcd.version", cfg.etcd.version, f"one of {allowed} with etcd.source={cfg.etcd.source}")
+
+
+def _sizes(cfg: ClusterConfig) -> None:
+    minimal = cfg.resilience == "minimal"
+    members_ok = {1, 3, 5} if minimal else {3, 5}
+    if cfg.etcd.members not in members_ok:
+        allowed = "3 or 5 (1 only with resilience: minimal)" if not minimal else "1, 3 or 5"
+        raise ConfigError("etcd.members", cfg.etcd.members, allowed)
+    if cfg.api_servers.count < (1 if minimal else 2):
+        raise ConfigError("apiServers.count", cfg.api_servers.count, ">= 2 (1 only with resilience: minimal)")
+    if cfg.etcd.placement == "colocated" and cfg.target != "baremetal" \
+            and cfg.api_servers.count != cfg.etcd.members:
+        raise ConfigError("apiServers.count", cfg.api_servers.count,
+                          f"{cfg.etcd.members} (equal to etcd.members when etcd.placement is colocated)")
+    if cfg.backup.retain.recent + cfg.backup.retain.daily < 1:
+        raise ConfigError("backup.retain", cfg.backup.retain.model_dump(), "at least one snapshot kept")
+
+
+def _etcd_timing(cfg: ClusterConfig) -> None:
+    """etcd's tuning guide: election timeout at least 5x the heartbeat, at most 50 s."""
+    hb, el = cfg.etcd.heartbeat_ms, cfg.etcd.election_ms
+    if el < 5 * hb:
+        raise ConfigError("etcd.electionMs", el, f">= 5 x etcd.heartbeatMs ({5 * hb}) and <= 50000")
+
+
+def _zones(cfg: ClusterConfig) -> None:
+    pattern, what = _ZONE_PATTERNS[cfg.target]
+    for i, zone in enumerate(cfg.zones):
+        if not pattern.match(zone):
+            raise ConfigError(f"zones[{i}]", zone, what)
+    dupes = [z for z, n in Counter(cfg.zones).items() if n > 1]
+    if dupes:
+        raise ConfigError("zones", cfg.zones, f"each zone once (repeated: {dupes[0]})")
+    region = {"gce": cfg.gce.region if cfg.gce else None, "aws": cfg.aws.region if cfg.aws else None}
+    expected = region.get(cfg.target)
+    for i, zone in enumerate(cfg.zones):
+        if expected and zone.rsplit("-", 1)[0] != expected and zone[:-1] != expected:
+            raise ConfigError(f"zones[{i}]", zone, f"a zone of region {expected}")
+
+
+def _network(key: str, value: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        raise ConfigError(key, value, "an IPv4 CIDR with no host bits set, e.g. 10.96.0.0/12") from None
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise ConfigError(key, value, "an IPv4 CIDR")
+    return net
+
+
+def _networks(cfg: ClusterConfig) -> None:
+    pods = _network("network.podCidr", cfg.network.pod_cidr)
+    services = _network("network.serviceCidr", cfg.network.service_cidr)
+    if services.prefixlen < 12:
+        raise ConfigError("network.serviceCidr", cfg.network.service_cidr, "a prefix of /12 or longer")
+    if pods.overlaps(services):
+        raise ConfigError("network.serviceCidr", cfg.network.service_cidr,
+                          f"a range that does not overlap network.podCidr ({cfg.network.pod_cidr})")
+    for i, cidr in enumerate(cfg.network.admin_cidrs):
+        _network(f"network.adminCidrs[{i}]", cidr)
+    if not _DNS_LABEL.match(cfg.network.cluster_domain.replace(".", "-")):
+        raise ConfigError("network.clusterDomain", cfg.network.cluster_domain, "a DNS domain such as cluster.local")
+
+
+def _target_sections(cfg: ClusterConfig) -> None:
+    sections = {"baremetal": cfg.baremetal, "gce": cfg.gce, "aws": cfg.aws}
+    if sections[cfg.target] is None:
+        raise ConfigError(cfg.target, None, f"a '{cfg.target}' section, required by target: {cfg.target}")
+    for name, section in sections.items():
+        if name != cfg.target and section is not None:
+            raise ConfigError(name, "(section present)", f"only the '{cfg.target}' section with target: {cfg.target}")
+    if cfg.target == "baremetal" and cfg.etcd.disk != "local":
+        raise ConfigError("etcd.disk", cfg.etcd.disk, "'local' on bare metal (there are no remote disks to re-attach)")
+
+
+def _address(key: str, value: str) -> ipaddress.IPv4Address:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(key, value, "an IPv4 address such as 10.0.0.11") from None
+    if not isinstance(address, ipaddress.IPv4Address):
+        raise ConfigError(key, value, "an IPv4 address")
+    return address
+
+
+def _unique(key: str, values: Iterable[str], what: str) -> None:
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            raise ConfigError(f"{key}[{i}]", value, f"a {what} not used by another host")
+        seen.add(value)
+
+
+def _baremetal(cfg: ClusterConfig, bm: BareMetal) -> None:
+    if (bm.ssh_private_key is None) == (bm.ssh_private_key_path is None):
+        raise ConfigError("baremetal.sshPrivateKey", "(both or neither set)",
+                          "exactly one of baremetal.sshPrivateKey (secret) and baremetal.sshPrivateKeyPath")
+    everyone = [*bm.hosts, *bm.spares]
+    keys = [f"baremetal.hosts[{i}]" for i in range(len(bm.hosts))] + \
+           [f"baremetal.spares[{i}]" for i in range(len(bm.spares))]
+    for key, host in zip(keys, everyone, strict=True):
+        if not _DNS_LABEL.match(host.name):
+            raise ConfigError(f"{key}.name", host.name, "a DNS-1123 label")
+        _address(f"{key}.address", host.address)
+        if host.zone not in cfg.zones:
+            raise ConfigError(f"{key}.zone", host.zone, f"one of zones {cfg.zones}")
+    _unique("baremetal.hosts.name", [h.name for h in everyone], "name")
+    _unique("baremetal.hosts.address", [h.address for h in everyone], "address")
+    _baremetal_roles(cfg, bm)
+    _baremetal_addresses(cfg, bm)
+
+
+def _baremetal_roles(cfg: ClusterConfig, bm: BareMetal) -> None:
+    count = Counter(role for h in bm.hosts for role in h.roles)
+    if count["etcd"] != cfg.etcd.members:
+        raise ConfigError("baremetal.hosts", f"{count['etcd']} host(s) with role etcd",
+                          f"exactly etcd.members ({cfg.etcd.members}) hosts with role etcd")
+    if count["apiserver"] != cfg.api_servers.count:
+        raise ConfigError("baremetal.hosts", f"{count['apiserver']} host(s) with role apiserver",
+                          f"exactly apiServers.count ({cfg.api_servers.count}) hosts with role apiserver")
+    needed = 1 if cfg.resilience == "minimal" else 2
+    if count["loadbalancer"] < needed:
+        raise ConfigError("baremetal.hosts", f"{count['loadbalancer']} host(s) with role loadbalancer",
+                          f"at least {needed} (the API VIP needs a second holder to fail over to)")
+    for i, host in enumerate(bm.hosts):
+        colocated = {"etcd", "apiserver"} <= set(host.roles)
+        if cfg.etcd.placement == "dedicated" and colocated:
+            raise ConfigError(f"baremetal.hosts[{i}].roles", host.roles,
+                              "etcd or apiserver, not both, with etcd.placement: dedicated")
+        if cfg.etcd.placement == "colocated" and "etcd" in host.roles and not colocated:
+            raise ConfigError(f"baremetal.hosts[{i}].roles", host.roles,
+                              "etcd together with apiserver, with etcd.placement: colocated")
+
+
+def _baremetal_addresses(cfg: ClusterConfig, bm: BareMetal) -> None:
+    vip = _address("baremetal.apiVip", bm.api_vip)
+    taken = {h.address for h in [*bm.hosts, *bm.spares]} | {bm.backup_host.address}
+    if str(vip) in taken:
+        raise ConfigError("baremetal.apiVip", bm.api_vip, "an unused address (this one belongs to a host)")
+    backup = _address("baremetal.backupHost.address", bm.backup_host.address)
+    etcd_hosts = {h.address for h in bm.hosts if "etcd" in h.roles}
+    if str(backup) in etcd_hosts:
+        raise ConfigError("baremetal.backupHost.address", bm.backup_host.address,
+                          "a host that is not an etcd member (a backup must not die with a member)")
+    if not bm.backup_host.path.startswith("/"):
+        raise ConfigError("baremetal.backupHost.path", bm.backup_host.path, "an absolute path")
+    for i, cidr in enumerate(bm.operator_cidrs):
+        _network(f"baremetal.operatorCidrs[{i}]", cidr)
+
+
+def _zone_spread(cfg: ClusterConfig) -> None:
+    """With several zones, losing any one must leave an etcd quorum and an API server."""
+    if cfg.resilience == "minimal" or len(cfg.zones) < 2:
+        return
+    topology = plan(cfg)
+    members = len(topology.etcd_members)
+    for zone, count in sorted(topology.count_per_zone("etcd").items()):
+        if members - count < quorum(members):
+            raise ConfigError("zones", cfg.zones,
+                              f"a spread where no zone holds a quorum: zone {zone} would hold {count} of "
+                              f"{members} etcd members, so losing it loses quorum ({quorum(members)} needed); "
+                              "use at least 3 zones")
+    api_total = len(topology.api_servers)
+    for zone, count in sorted(topology.count_per_zone("apiserver").items()):
+        if count == api_total:
+            raise ConfigError("zones", cfg.zones, f"API servers in more than one zone (all are in {zone})")
