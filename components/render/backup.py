@@ -1,0 +1,154 @@
+"""Files for scheduled etcd backups: the timer on every etcd host, its settings, and the
+backup host's forced-command key entry.
+
+Pure functions returning text, so every target ships the same backup job and the unit tests
+check the policy (one leader-only job per interval, write-only access) without Pulumi.
+The programs they start are scripts/host/etcd-backup{,-verify,-receive}; docs/backups.md
+describes the destination layouts these settings point at.
+"""
+
+from __future__ import annotations
+
+import re
+
+LIB = "/usr/local/lib/kcp"
+BACKUP_ENV = "/etc/etcd/backup.env"
+SERVICE = "/etc/systemd/system/etcd-backup.service"
+TIMER = "/etc/systemd/system/etcd-backup.timer"
+BACKUP_CERT = "/etc/etcd/pki/backup-client.crt"
+BACKUP_KEY = "/etc/etcd/pki/backup-client.key"
+KNOWN_HOSTS = "/etc/etcd/backup-ssh/known_hosts"
+WORK_DIR = "/var/lib/etcd-backup"
+
+_SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
+_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
+_PUBLIC_KEY = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/]+={0,3}( [^\s\"]*)?$")
+_DEST = re.compile(r"^(ssh://[A-Za-z0-9._-]+@[A-Za-z0-9.:\[\]-]+/[A-Za-z0-9._/-]+|(gs|s3)://[a-z0-9._-]+(/[A-Za-z0-9._/-]*)?)$")
+
+
+def _require(pattern: re.Pattern[str], what: str, value: str) -> str:
+    if not pattern.match(value):
+        raise ValueError(f"{what}: {value!r} is not allowed here (must match {pattern.pattern})")
+    return value
+
+
+def ssh_destination(user: str, address: str, backup_path: str, cluster_name: str) -> str:
+    """The bare-metal KCP_BACKUP_DEST; the receiver's --root is the same folder."""
+    return f"ssh://{user}@{address}{receiver_root(backup_path, cluster_name)}"
+
+
+def receiver_root(backup_path: str, cluster_name: str) -> str:
+    """Each cluster writes only below its own folder on the backup host."""
+    _require(_PATH, "backup path", backup_path)
+    _require(_SAFE, "cluster name", cluster_name)
+    return f"{backup_path.rstrip('/')}/{cluster_name}"
+
+
+def on_calendar(interval_minutes: int) -> str | None:
+    """A wall-clock schedule when the interval divides an hour or a day, else None.
+
+    Wall-clock slots fire at the same moment on every member, so exactly one of them (the
+    leader) takes the slot's snapshot; a relative timer would drift apart per host.
+    """
+    if interval_minutes < 60 and 60 % interval_minutes == 0:
+        return f"*-*-* *:00/{interval_minutes}:00"
+    if interval_minutes % 60 == 0 and 1440 % interval_minutes == 0:
+        return f"*-*-* 00/{interval_minutes // 60}:00:00"
+    return None
+
+
+def timer_unit(cluster_name: str, interval_minutes: int) -> str:
+    """Persistent: a slot missed while the host was down runs at boot."""
+    if interval_minutes < 1:
+        raise ValueError(f"backup interval: {interval_minutes} minutes is not allowed (at least 1)")
+    calendar = on_calendar(interval_minutes)
+    schedule = (f"OnCalendar={calendar}\n" if calendar else
+                f"OnBootSec={interval_minutes}min\nOnUnitActiveSec={interval_minutes}min\n")
+    return (
+        "# Rendered by resilient-control-plane: etcd snapshot every "
+        f"{interval_minutes} minutes (the leader acts, other members exit 0).\n"
+        "[Unit]\n"
+        f"Description=etcd backup schedule ({cluster_name} control plane)\n\n"
+        "[Timer]\n"
+        f"{schedule}"
+        "Persistent=true\n"
+        "RandomizedDelaySec=20s\n"
+        "AccuracySec=1s\n"
+        "Unit=etcd-backup.service\n\n"
+        "[Install]\n"
+        "WantedBy=timers.target\n"
+    )
+
+
+def service_unit(cluster_name: str, interval_minutes: int) -> str:
+    """Oneshot: a failed snapshot, verification or upload leaves the unit failed (visible, alertable)."""
+    return (
+        "# Rendered by resilient-control-plane: one etcd backup run.\n"
+        "[Unit]\n"
+        f"Description=etcd snapshot, verification and upload ({cluster_name} control plane)\n"
+        "Documentation=file:///usr/local/lib/kcp/etcd-backup\n"
+        "After=network-online.target etcd.service\n"
+        "Wants=network-online.target\n\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        f"ExecStart={LIB}/etcd-backup\n"
+        f"TimeoutStartSec={max(interval_minutes * 60, 900)}\n"
+        "StateDirectory=etcd-backup\n"
+        "StateDirectoryMode=0700\n"
+        "Nice=10\n"
+        "IOSchedulingClass=idle\n"
+        "PrivateTmp=yes\n"
+        "NoNewPrivileges=yes\n"
+        "ProtectSystem=full\n"
+        "ReadWritePaths=-/etc/etcd/backup-ssh\n"
+    )
+
+
+def backup_env(dest: str, retain_recent: int, retain_daily: int, verify: bool,
+               ssh_key_path: str | None) -> str:
+    """/etc/etcd/backup.env: the KCP_BACKUP_* table of docs/host-layout.md."""
+    _require(_DEST, "backup destination", dest)
+    if retain_recent < 1 or retain_daily < 0:
+        raise ValueError(f"backup retention: recent={retain_recent} daily={retain_daily} "
+                         "is not allowed (recent >= 1, daily >= 0)")
+    if dest.startswith("ssh://") and not ssh_key_path:
+        raise ValueError(f"backup destination {dest!r} needs ssh_key_path (the host's key for the receiver)")
+    values = {
+        "KCP_BACKUP_DEST": dest,
+        "KCP_BACKUP_RETAIN_RECENT": str(retain_recent),
+        "KCP_BACKUP_RETAIN_DAILY": str(retain_daily),
+        "KCP_BACKUP_VERIFY": "true" if verify else "false",
+        "KCP_BACKUP_CERT": BACKUP_CERT,
+        "KCP_BACKUP_KEY": BACKUP_KEY,
+        "KCP_BACKUP_WORK_DIR": WORK_DIR,
+    }
+    if ssh_key_path:
+        values["KCP_BACKUP_SSH_KEY"] = _require(_PATH, "backup ssh key path", ssh_key_path)
+        values["KCP_BACKUP_SSH_KNOWN_HOSTS"] = KNOWN_HOSTS
+    return "".join(f"{k}={v}\n" for k, v in values.items())
+
+
+def backup_host_files(cluster_name: str, dest: str, interval_minutes: int, retain_recent: int,
+                      retain_daily: int, verify: bool, ssh_key_path: str | None) -> dict[str, str]:
+    """Absolute path on an etcd host -> content, for the backup timer."""
+    _require(_SAFE, "cluster name", cluster_name)
+    return {
+        BACKUP_ENV: backup_env(dest, retain_recent, retain_daily, verify, ssh_key_path),
+        SERVICE: service_unit(cluster_name, interval_minutes),
+        TIMER: timer_unit(cluster_name, interval_minutes),
+    }
+
+
+def backup_receiver_authorized_key(public_key_openssh: str, backup_path: str, cluster_name: str,
+                                   retain_recent: int, retain_daily: int) -> str:
+    """One authorized_keys line: the etcd hosts' key can only run the receiver for this cluster.
+
+    `restrict` turns off forwarding, PTYs and user rc; `command=` replaces whatever the client
+    asks for, so the key grants "add new files below <path>/<cluster>" and nothing else.
+    """
+    key = _require(_PUBLIC_KEY, "backup public key", public_key_openssh.strip())
+    if retain_recent < 1 or retain_daily < 0:
+        raise ValueError(f"backup retention: recent={retain_recent} daily={retain_daily} is not allowed")
+    command = (f"{LIB}/etcd-backup-receive --root {receiver_root(backup_path, cluster_name)} "
+               f"--retain-recent {retain_recent} --retain-daily {retain_daily}")
+    return f'restrict,command="{command}" {key}\n'
