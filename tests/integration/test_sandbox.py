@@ -1,0 +1,219 @@
+"""Integration test of the test bed itself: real containers, namespaces and ssh.
+
+The other integration tests trust the sandbox's fault injections (a crashed
+host is really dead, a partition really drops traffic, a wiped host really has
+an empty disk); this file checks each of them against the real thing.
+
+Uses its own sandbox name and subnet, so a developer's `scripts/sandbox up`
+(name `kcp`, 10.250.0.0/24) keeps running while it does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # also run as plain `pytest` without pythonpath set
+    sys.path.insert(0, str(REPO))
+
+from testbed import Sandbox, SshError
+from testbed.network import bridge_name, link_exists, netns_exists
+
+NAME = "kcptest"
+SUBNET = "10.250.9"
+HOSTS = {"t1": "10.250.9.11", "t2": "10.250.9.12"}
+MISSING_TOOLS = [
+    t for t in ("systemd-nspawn", "debootstrap", "ip", "ssh") if not shutil.which(t)
+]
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="needs root: netns, bridges, systemd-nspawn"
+    ),
+    pytest.mark.skipif(bool(MISSING_TOOLS), reason=f"missing tools: {MISSING_TOOLS}"),
+]
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    """Two hosts for the whole module; torn down even when a test fails."""
+    with Sandbox(NAME, SUBNET, HOSTS) as sb:
+        yield sb
+
+
+def tcp_probe(sb: Sandbox, src: str, dst: str, port: int = 22) -> bool:
+    """True when src's namespace can open a TCP connection to dst (3 s bound)."""
+    script = f"exec 3<>/dev/tcp/{sb.address(dst)}/{port}"
+    proc = sb.run_in_netns(src, ["timeout", "3", "bash", "-c", script], timeout=10)
+    return proc.returncode == 0
+
+
+def remote(sb: Sandbox, host: str, command: str) -> str:
+    """stdout of a remote command, stripped."""
+    return sb.ssh(host, command).stdout.decode().strip()
+
+
+def test_hosts_answer_ssh_and_boot_to_running(sandbox: Sandbox) -> None:
+    for host, address in HOSTS.items():
+        assert remote(sandbox, host, "hostname") == host
+        assert remote(sandbox, host, "systemctl is-system-running") == "running"
+        eth0 = remote(sandbox, host, "ip -4 -o addr show dev eth0")
+        assert eth0.split()[3] == f"{address}/24"
+
+
+def test_hosts_differ_and_have_no_default_route(sandbox: Sandbox) -> None:
+    ids = {
+        remote(sandbox, h, "cat /etc/machine-id /etc/ssh/ssh_host_ed25519_key.pub")
+        for h in HOSTS
+    }
+    assert len(ids) == len(HOSTS)
+    for host in HOSTS:
+        assert remote(sandbox, host, "ip route show default") == ""
+        routes = sandbox.run_in_netns(
+            host, ["ip", "route", "show", "default"], check=True
+        )
+        assert routes.stdout.strip() == b""
+
+
+def test_deployable_services_are_installed_but_stopped(sandbox: Sandbox) -> None:
+    units = "etcd haproxy keepalived nftables"
+    enabled = sandbox.ssh(
+        "t1", f"systemctl is-enabled {units}", check=False
+    ).stdout.decode()
+    assert enabled.split() == ["disabled"] * 4
+    active = sandbox.ssh(
+        "t1", f"systemctl is-active {units}", check=False
+    ).stdout.decode()
+    assert active.split() == ["inactive"] * 4
+
+
+def test_type_notify_service_runs_and_kill_process_crashes_it(sandbox: Sandbox) -> None:
+    # Debian's etcd.service is Type=notify with Restart=on-abnormal: it only
+    # becomes active once etcd has notified systemd, which needs a working
+    # notify socket inside the container.
+    sandbox.ssh("t1", "systemctl start etcd && etcdctl put /probe ok", timeout=60)
+    try:
+        assert remote(sandbox, "t1", "systemctl show -p Type --value etcd") == "notify"
+        before = int(remote(sandbox, "t1", "systemctl show -p MainPID --value etcd"))
+        assert sandbox.kill_process("t1", "etcd") == before
+        restarted = "until systemctl is-active -q etcd; do sleep 0.2; done; echo up"
+        assert remote(sandbox, "t1", f"timeout 20 sh -c '{restarted}'") == "up"
+        assert (
+            int(remote(sandbox, "t1", "systemctl show -p MainPID --value etcd"))
+            != before
+        )
+        assert remote(sandbox, "t1", "systemctl show -p NRestarts --value etcd") == "1"
+    finally:
+        sandbox.ssh("t1", "systemctl stop etcd", check=False)
+
+
+def test_partition_cuts_traffic_and_heal_restores_it(sandbox: Sandbox) -> None:
+    assert tcp_probe(sandbox, "t1", "t2")
+    sandbox.partition("t2")
+    try:
+        assert not tcp_probe(sandbox, "t1", "t2")
+        assert (
+            sandbox.ssh("t2", "true", check=False, connect_timeout=2).returncode == 255
+        )
+        assert tcp_probe(sandbox, "t1", "t1")  # t1 itself is unaffected
+    finally:
+        sandbox.heal("t2")
+    assert tcp_probe(sandbox, "t1", "t2")
+    sandbox.wait_ssh("t2", timeout=10)
+
+
+def test_copy_to_sends_files_and_trees(sandbox: Sandbox, tmp_path: Path) -> None:
+    script = tmp_path / "tool.sh"
+    script.write_text("#!/bin/sh\necho tool-ran\n")
+    script.chmod(0o750)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.txt").write_text("alpha")
+    sandbox.copy_to("t2", script, "/usr/local/lib/kcp/tool.sh")
+    sandbox.copy_to("t2", tree, "/srv/tree")
+    assert remote(sandbox, "t2", "/usr/local/lib/kcp/tool.sh") == "tool-ran"
+    assert remote(sandbox, "t2", "stat -c %a /usr/local/lib/kcp/tool.sh") == "750"
+    assert remote(sandbox, "t2", "cat /srv/tree/sub/a.txt") == "alpha"
+
+
+def test_kill_host_really_kills_and_restart_keeps_the_disk(sandbox: Sandbox) -> None:
+    sandbox.ssh("t2", "echo kept > /root/marker && sync")
+    init = sandbox.container_init("t2")
+    sandbox.kill_host("t2")
+    assert not sandbox.is_running("t2")
+    assert not Path(f"/proc/{init}").exists()
+    assert not (sandbox.dir / "hosts" / ".#t2.lck").exists()
+    assert not tcp_probe(sandbox, "t1", "t2")
+    with pytest.raises(SshError):
+        sandbox.ssh("t2", "true", connect_timeout=2)
+    sandbox.start_host("t2")
+    assert remote(sandbox, "t2", "cat /root/marker") == "kept"
+    assert remote(sandbox, "t2", "systemctl is-system-running") == "running"
+
+
+def test_start_host_with_wipe_is_a_fresh_machine(sandbox: Sandbox) -> None:
+    old_id = remote(sandbox, "t2", "cat /etc/machine-id")
+    sandbox.ssh("t2", "echo gone > /root/marker")
+    with pytest.raises(RuntimeError, match="running"):
+        sandbox.start_host("t2", wipe=True)
+    sandbox.kill_host("t2")
+    sandbox.start_host("t2", wipe=True)
+    assert sandbox.ssh("t2", "test -e /root/marker", check=False).returncode == 1
+    assert remote(sandbox, "t2", "cat /etc/machine-id") != old_id
+    assert remote(sandbox, "t2", "hostname") == "t2"
+
+
+def test_up_again_keeps_running_hosts(sandbox: Sandbox) -> None:
+    pids = {row["name"]: row["pid"] for row in sandbox.status()}
+    sandbox.up()
+    assert {row["name"]: row["pid"] for row in sandbox.status()} == pids
+    inventory = (sandbox.dir / "hosts.json").read_text()
+    assert '"10.250.9.12"' in inventory
+
+
+def test_down_removes_everything_by_name(sandbox: Sandbox) -> None:
+    pids = [int(str(row["pid"])) for row in sandbox.status()]
+    sandbox.down()
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        )
+    assert not link_exists(bridge_name(NAME))
+    for host in HOSTS:
+        assert not link_exists(sandbox.veth(host))
+        assert not netns_exists(sandbox.netns(host))
+        assert not sandbox.host_dir(host).exists()
+    assert not sandbox.ssh_key_path.exists()
+    assert (sandbox.root / "image").is_dir()  # the cached image stays
+    sandbox.down()  # idempotent
+
+
+def test_context_manager_tears_down_on_failure() -> None:
+    sb = Sandbox("kcpcm", "10.250.8", {"c1": "10.250.8.11"})
+    with pytest.raises(RuntimeError, match="boom"), sb:
+        assert sb.is_running("c1")
+        raise RuntimeError("boom")
+    assert not link_exists(bridge_name("kcpcm"))
+    assert not netns_exists(sb.netns("c1"))
+    assert not sb.host_dir("c1").exists()
+
+
+def test_names_and_addresses_are_validated() -> None:
+    with pytest.raises(ValueError, match="sandbox name"):
+        Sandbox("much-too-long-name", SUBNET, HOSTS)
+    with pytest.raises(ValueError, match="share address"):
+        Sandbox(NAME, SUBNET, {"a": "10.250.9.11", "b": "10.250.9.11"})
+    with pytest.raises(ValueError, match="not a host address"):
+        Sandbox(NAME, SUBNET, {"a": "10.250.7.11"})
+    with pytest.raises(ValueError, match="private"):
+        Sandbox(NAME, "8.8.8", {"a": "8.8.8.11"})
+    long_host = Sandbox(NAME, SUBNET, {"averyveryverylonghostname": "10.250.9.30"})
+    assert len(long_host.veth("averyveryverylonghostname")) <= 15
