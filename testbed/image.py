@@ -102,10 +102,7 @@ def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     for sources in sorted((apt_dir / "sources.list.d").glob("*.sources")):
         for stanza in re.split(r"\n\s*\n", sources.read_text()):
             fields = _deb822_fields(stanza)
-            if (
-                "deb" in fields.get("types", "").split()
-                and SUITE in fields.get("suites", "").split()
-            ):
+            if "deb" in fields.get("types", "").split() and SUITE in fields.get("suites", "").split():
                 return fields["uris"].split()[0]
     list_file = apt_dir / "sources.list"
     if list_file.exists():
@@ -196,9 +193,7 @@ def _build(build: Path, mirror: str) -> None:
 def _install_packages(build: Path) -> None:
     """apt-get install inside the chroot, with services kept from starting."""
     policy = build / "usr/sbin/policy-rc.d"
-    policy.write_text(
-        "#!/bin/sh\n# no service starts inside the image build\nexit 101\n"
-    )
+    policy.write_text("#!/bin/sh\n# no service starts inside the image build\nexit 101\n")
     policy.chmod(0o755)
     proc = build / "proc"
     run(["mount", "-t", "proc", "proc", str(proc)])

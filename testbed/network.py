@@ -34,9 +34,7 @@ def validate_names(name: str, hosts: list[str]) -> None:
             raise ValueError(f"host name {host!r} must match {HOST_NAME_RE.pattern}")
         veth = veth_name(name, host)
         if veth in veths:
-            raise ValueError(
-                f"hosts {veths[veth]!r} and {host!r} map to one veth {veth}"
-            )
+            raise ValueError(f"hosts {veths[veth]!r} and {host!r} map to one veth {veth}")
         veths[veth] = host
 
 
@@ -128,11 +126,7 @@ def _refuse_foreign_overlap(bridge: str, network: ipaddress.IPv4Network) -> None
 def _addresses(argv: list[str]) -> set[str]:
     """`address/prefixlen` strings from an `ip -j addr` listing."""
     listing = json.loads(run(argv).stdout or b"[]")
-    return {
-        f"{info['local']}/{info['prefixlen']}"
-        for link in listing
-        for info in link.get("addr_info", [])
-    }
+    return {f"{info['local']}/{info['prefixlen']}" for link in listing for info in link.get("addr_info", [])}
 
 
 def ensure_host_link(ns: str, veth: str, bridge: str, address: str) -> None:
@@ -157,9 +151,7 @@ def ensure_host_link(ns: str, veth: str, bridge: str, address: str) -> None:
         )
     run(["ip", "link", "set", veth, "master", bridge, "up"])
     cidr = f"{address}/24"
-    if cidr not in _addresses(
-        ["ip", "-n", ns, "-j", "addr", "show", "dev", HOST_IFNAME]
-    ):
+    if cidr not in _addresses(["ip", "-n", ns, "-j", "addr", "show", "dev", HOST_IFNAME]):
         run(["ip", "-n", ns, "addr", "add", cidr, "dev", HOST_IFNAME])
     run(["ip", "-n", ns, "link", "set", HOST_IFNAME, "up"])
     run(["ip", "-n", ns, "link", "set", "lo", "up"])

@@ -13,6 +13,7 @@ exactly what `up` made, by name and by pid, and never touches anything else.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -29,7 +30,7 @@ from types import TracebackType
 from typing import Self
 
 from testbed import image, network
-from testbed.system import SYSTEM_PATH, ProcessId, children_of, log, run, wait_until
+from testbed.system import SYSTEM_PATH, ProcessId, children_of, keygen, log, run, wait_until
 
 STATE_ROOT = image.STATE_ROOT
 DEFAULT_NAME = "kcp"
@@ -193,35 +194,18 @@ class Sandbox:
         except FileNotFoundError:
             return
         if recorded_subnet != self.subnet:
-            raise ValueError(
-                f"sandbox {self.name} uses subnet {recorded_subnet}; run down first"
-            )
+            raise ValueError(f"sandbox {self.name} uses subnet {recorded_subnet}; run down first")
         state = self._load_state()
         for host, address in self.hosts.items():
             if host in state and state[host]["address"] != address:
-                raise ValueError(
-                    f"{host} has address {state[host]['address']}; run down first"
-                )
+                raise ValueError(f"{host} has address {state[host]['address']}; run down first")
         network.validate_addresses(self.subnet, self._known_hosts())
 
     def _ensure_key(self) -> None:
         """One fresh ed25519 key per sandbox, created on first `up`."""
         if self.ssh_key_path.exists():
             return
-        run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                f"kcp-sandbox-{self.name}",
-                "-f",
-                str(self.ssh_key_path),
-            ]
-        )
+        keygen(self.ssh_key_path, f"kcp-sandbox-{self.name}")
 
     def _write_hosts_json(self) -> None:
         """The inventory other tools (and people) read: names, addresses, key."""
@@ -230,9 +214,7 @@ class Sandbox:
             "address": self.gateway,
             "subnet": f"{self.subnet}.0/24",
             "ssh_key": str(self.ssh_key_path),
-            "hosts": [
-                {"name": h, "address": a} for h, a in self._known_hosts().items()
-            ],
+            "hosts": [{"name": h, "address": a} for h, a in self._known_hosts().items()],
         }
         (self.dir / "hosts.json").write_text(json.dumps(inventory, indent=2) + "\n")
 
@@ -295,9 +277,7 @@ class Sandbox:
     def _start(self, host: str, base: Path, wipe: bool) -> None:
         """Network, disk, then systemd-nspawn in the background."""
         self._save_host(host, None)
-        network.ensure_host_link(
-            self.netns(host), self.veth(host), self.bridge, self.address(host)
-        )
+        network.ensure_host_link(self.netns(host), self.veth(host), self.bridge, self.address(host))
         self._refuse_if_locked(host)
         self._prepare_disk(host, base, wipe)
         self._lock_file(host).unlink(missing_ok=True)
@@ -321,11 +301,7 @@ class Sandbox:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C in the test must not reach the container
-                env={
-                    **os.environ,
-                    "PATH": SYSTEM_PATH,
-                    "TERM": "dumb",
-                },  # plain console log
+                env={**os.environ, "PATH": SYSTEM_PATH, "TERM": "dumb"},  # TERM: no colours in the log
             )
         self._children[host] = child
         self._save_host(host, ProcessId.of(child.pid))
@@ -337,24 +313,9 @@ class Sandbox:
         if wipe or not root.exists():
             image.copy_image(base, root)
             (root / "etc/hostname").write_text(f"{host}\n")
-            (root / "etc/hosts").write_text(
-                f"127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost\n"
-            )
+            (root / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost\n")
             (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
-            run(
-                [
-                    "ssh-keygen",
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    f"root@{host}",
-                    "-f",
-                    str(root / "etc/ssh/ssh_host_ed25519_key"),
-                ]
-            )
+            keygen(root / "etc/ssh/ssh_host_ed25519_key", f"root@{host}")
         keys = root / "root/.ssh/authorized_keys"
         keys.parent.mkdir(mode=0o700, exist_ok=True)
         keys.write_text(self.ssh_key_path.with_suffix(".pub").read_text())
@@ -384,10 +345,9 @@ class Sandbox:
         """SIGKILL the container (init first, nspawn itself only if it lingers)."""
         nspawn = self._nspawn(host)
         if nspawn is not None:
-            try:
+            # No init yet (nspawn still setting up) is handled just below.
+            with contextlib.suppress(RuntimeError, ProcessLookupError):
                 os.kill(self.container_init(host), signal.SIGKILL)
-            except (RuntimeError, ProcessLookupError):
-                pass  # nspawn without a container yet: handled just below
             if not wait_until(lambda: not nspawn.alive(), STOP_TIMEOUT):
                 log(f"{host}: nspawn {nspawn.pid} still there after init died; SIGKILL")
                 os.kill(nspawn.pid, signal.SIGKILL)
@@ -414,9 +374,7 @@ class Sandbox:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            raise RuntimeError(
-                f"{lock} is held by a container this sandbox did not start"
-            ) from err
+            raise RuntimeError(f"{lock} is held by a container this sandbox did not start") from err
         finally:
             os.close(fd)
 
@@ -484,9 +442,7 @@ class Sandbox:
             check=False,
         )
         if check and proc.returncode != 0:
-            raise SshError(
-                proc.returncode, f"{host}: {command}", proc.stdout, proc.stderr
-            )
+            raise SshError(proc.returncode, f"{host}: {command}", proc.stdout, proc.stderr)
         return proc
 
     def copy_to(self, host: str, local_path: str | Path, remote_path: str) -> None:
@@ -535,9 +491,7 @@ class Sandbox:
             return self._try_ssh(host, "true") is not None
 
         if not wait_until(answers, timeout, interval=0.5):
-            raise TimeoutError(
-                f"{host} ({self.address(host)}) did not answer ssh in {timeout} s"
-            )
+            raise TimeoutError(f"{host} ({self.address(host)}) did not answer ssh in {timeout} s")
 
     def _try_ssh(self, host: str, command: str) -> str | None:
         """stdout of a quick command, or None when the host does not answer."""
@@ -559,9 +513,7 @@ class Sandbox:
         state: str | None = None
         for _ in range(int(timeout) * 2 + 1):
             if not self.is_running(host):
-                raise RuntimeError(
-                    f"{host}: nspawn exited during boot\n{self._log_tail(host)}"
-                )
+                raise RuntimeError(f"{host}: nspawn exited during boot\n{self._log_tail(host)}")
             state = self._try_ssh(host, "systemctl is-system-running")
             if state == "running":
                 return
@@ -571,16 +523,12 @@ class Sandbox:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
-        raise TimeoutError(
-            f"{host} not running after {timeout} s (last state: {state})"
-        )
+        raise TimeoutError(f"{host} not running after {timeout} s (last state: {state})")
 
     def _log_tail(self, host: str, lines: int = 30) -> str:
         """The end of the host's console log, for error messages."""
         try:
-            return "\n".join(
-                self._log_file(host).read_text(errors="replace").splitlines()[-lines:]
-            )
+            return "\n".join(self._log_file(host).read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no console log)"
 

@@ -48,10 +48,14 @@ def run(
     )
     if check and proc.returncode != 0:
         raise RuntimeError(
-            f"command failed ({proc.returncode}): {' '.join(argv)}\n"
-            f"{proc.stderr.decode(errors='replace').strip()}"
+            f"command failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr.decode(errors='replace').strip()}"
         )
     return proc
+
+
+def keygen(path: Path, comment: str) -> None:
+    """A new passphrase-less ed25519 key pair at path (and path.pub)."""
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,7 @@ def children_of(pid: int) -> list[int]:
     return sorted(found)
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.2
-) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
     """Poll predicate() until it is true; bounded in time and in number of tries."""
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / interval) + 1):

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # also run as plain `pytest` without pythonpath set
-    sys.path.insert(0, str(REPO))
+# The repo root, so that plain `pytest` (no pythonpath configured) imports testbed too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from testbed import Sandbox, SshError
 from testbed.network import bridge_name, link_exists, netns_exists
@@ -28,15 +27,11 @@ from testbed.network import bridge_name, link_exists, netns_exists
 NAME = "kcptest"
 SUBNET = "10.250.9"
 HOSTS = {"t1": "10.250.9.11", "t2": "10.250.9.12"}
-MISSING_TOOLS = [
-    t for t in ("systemd-nspawn", "debootstrap", "ip", "ssh") if not shutil.which(t)
-]
+MISSING_TOOLS = [t for t in ("systemd-nspawn", "debootstrap", "ip", "ssh") if not shutil.which(t)]
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        os.geteuid() != 0, reason="needs root: netns, bridges, systemd-nspawn"
-    ),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, bridges, systemd-nspawn"),
     pytest.mark.skipif(bool(MISSING_TOOLS), reason=f"missing tools: {MISSING_TOOLS}"),
 ]
 
@@ -69,28 +64,19 @@ def test_hosts_answer_ssh_and_boot_to_running(sandbox: Sandbox) -> None:
 
 
 def test_hosts_differ_and_have_no_default_route(sandbox: Sandbox) -> None:
-    ids = {
-        remote(sandbox, h, "cat /etc/machine-id /etc/ssh/ssh_host_ed25519_key.pub")
-        for h in HOSTS
-    }
+    ids = {remote(sandbox, h, "cat /etc/machine-id /etc/ssh/ssh_host_ed25519_key.pub") for h in HOSTS}
     assert len(ids) == len(HOSTS)
     for host in HOSTS:
         assert remote(sandbox, host, "ip route show default") == ""
-        routes = sandbox.run_in_netns(
-            host, ["ip", "route", "show", "default"], check=True
-        )
+        routes = sandbox.run_in_netns(host, ["ip", "route", "show", "default"], check=True)
         assert routes.stdout.strip() == b""
 
 
 def test_deployable_services_are_installed_but_stopped(sandbox: Sandbox) -> None:
     units = "etcd haproxy keepalived nftables"
-    enabled = sandbox.ssh(
-        "t1", f"systemctl is-enabled {units}", check=False
-    ).stdout.decode()
+    enabled = sandbox.ssh("t1", f"systemctl is-enabled {units}", check=False).stdout.decode()
     assert enabled.split() == ["disabled"] * 4
-    active = sandbox.ssh(
-        "t1", f"systemctl is-active {units}", check=False
-    ).stdout.decode()
+    active = sandbox.ssh("t1", f"systemctl is-active {units}", check=False).stdout.decode()
     assert active.split() == ["inactive"] * 4
 
 
@@ -105,10 +91,7 @@ def test_type_notify_service_runs_and_kill_process_crashes_it(sandbox: Sandbox) 
         assert sandbox.kill_process("t1", "etcd") == before
         restarted = "until systemctl is-active -q etcd; do sleep 0.2; done; echo up"
         assert remote(sandbox, "t1", f"timeout 20 sh -c '{restarted}'") == "up"
-        assert (
-            int(remote(sandbox, "t1", "systemctl show -p MainPID --value etcd"))
-            != before
-        )
+        assert int(remote(sandbox, "t1", "systemctl show -p MainPID --value etcd")) != before
         assert remote(sandbox, "t1", "systemctl show -p NRestarts --value etcd") == "1"
     finally:
         sandbox.ssh("t1", "systemctl stop etcd", check=False)
@@ -119,9 +102,7 @@ def test_partition_cuts_traffic_and_heal_restores_it(sandbox: Sandbox) -> None:
     sandbox.partition("t2")
     try:
         assert not tcp_probe(sandbox, "t1", "t2")
-        assert (
-            sandbox.ssh("t2", "true", check=False, connect_timeout=2).returncode == 255
-        )
+        assert sandbox.ssh("t2", "true", check=False, connect_timeout=2).returncode == 255
         assert tcp_probe(sandbox, "t1", "t1")  # t1 itself is unaffected
     finally:
         sandbox.heal("t2")
@@ -182,10 +163,7 @@ def test_down_removes_everything_by_name(sandbox: Sandbox) -> None:
     pids = [int(str(row["pid"])) for row in sandbox.status()]
     sandbox.down()
     for pid in pids:
-        assert (
-            not Path(f"/proc/{pid}").exists()
-            or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-        )
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     assert not link_exists(bridge_name(NAME))
     for host in HOSTS:
         assert not link_exists(sandbox.veth(host))
