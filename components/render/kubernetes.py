@@ -1,0 +1,231 @@
+"""Static pod manifests, kubeconfigs and API server side files for control-plane hosts.
+
+The kubelet runs these as static pods, so the kubelet restarts a crashed component
+(self-hosting, goal 5 of the design). Flags follow the CIS Kubernetes benchmark.
+Controller-manager and scheduler reach the API through the load balancer, never a
+fixed server, so a replica keeps working when one API server dies.
+
+Health checks: anonymous auth is off for everything except `/livez`, `/readyz` and
+`/healthz`, through the structured AuthenticationConfiguration (`--authentication-config`).
+Load balancers thus see a real readiness answer (200 or 5xx), not a 401.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from components.render.etcd import STRONG_CIPHER_SUITES
+
+K8S = "/etc/kubernetes"
+PKI = f"{K8S}/pki"
+API_PORT = 6443
+AUDIT_LOG = "/var/log/kubernetes/audit/audit.log"
+HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
+
+
+@dataclass(frozen=True)
+class ApiServerSettings:
+    kubernetes_version: str
+    etcd_servers: Sequence[str]
+    service_cidr: str
+    pod_cidr: str
+    cluster_domain: str
+    api_endpoint: str  # https://host:6443 of the load balancer or VIP
+
+
+def _image(component: str, version: str) -> str:
+    return f"registry.k8s.io/{component}:v{version}"
+
+
+def _flags(values: dict[str, str]) -> list[str]:
+    return [f"--{key}={value}" for key, value in values.items()]
+
+
+def apiserver_flags(s: ApiServerSettings) -> dict[str, str]:
+    return {
+        "advertise-address": "$(POD_IP)",
+        # The node address only: on bare metal HAProxy serves the VIP on the same port.
+        "bind-address": "$(POD_IP)",
+        "secure-port": str(API_PORT),
+        "allow-privileged": "true",
+        "authorization-mode": "Node,RBAC",
+        "authentication-config": f"{K8S}/auth/authentication-config.yaml",
+        "enable-admission-plugins": "NodeRestriction",
+        "enable-bootstrap-token-auth": "true",
+        "client-ca-file": f"{PKI}/ca.crt",
+        "tls-cert-file": f"{PKI}/apiserver.crt",
+        "tls-private-key-file": f"{PKI}/apiserver.key",
+        "tls-min-version": "VersionTLS12",
+        "tls-cipher-suites": ",".join(STRONG_CIPHER_SUITES),
+        "kubelet-client-certificate": f"{PKI}/apiserver-kubelet-client.crt",
+        "kubelet-client-key": f"{PKI}/apiserver-kubelet-client.key",
+        "kubelet-certificate-authority": f"{PKI}/ca.crt",
+        "kubelet-preferred-address-types": "InternalIP,ExternalIP,Hostname",
+        "etcd-servers": ",".join(s.etcd_servers),
+        "etcd-cafile": f"{PKI}/etcd/ca.crt",
+        "etcd-certfile": f"{PKI}/apiserver-etcd-client.crt",
+        "etcd-keyfile": f"{PKI}/apiserver-etcd-client.key",
+        "encryption-provider-config": f"{K8S}/encryption/encryption-config.yaml",
+        "encryption-provider-config-automatic-reload": "true",
+        "service-account-issuer": f"https://kubernetes.default.svc.{s.cluster_domain}",
+        "service-account-key-file": f"{PKI}/sa.pub",
+        "service-account-signing-key-file": f"{PKI}/sa.key",
+        "service-account-lookup": "true",
+        "service-cluster-ip-range": s.service_cidr,
+        "profiling": "false",
+        "audit-policy-file": f"{K8S}/audit/audit-policy.yaml",
+        "audit-log-path": AUDIT_LOG,
+        "audit-log-maxage": "30",
+        "audit-log-maxbackup": "10",
+        "audit-log-maxsize": "100",
+        "requestheader-client-ca-file": f"{PKI}/front-proxy-ca.crt",
+        "requestheader-allowed-names": "front-proxy-client",
+        "requestheader-extra-headers-prefix": "X-Remote-Extra-",
+        "requestheader-group-headers": "X-Remote-Group",
+        "requestheader-username-headers": "X-Remote-User",
+        "proxy-client-cert-file": f"{PKI}/front-proxy-client.crt",
+        "proxy-client-key-file": f"{PKI}/front-proxy-client.key",
+    }
+
+
+def controller_manager_flags(s: ApiServerSettings) -> dict[str, str]:
+    return {
+        "bind-address": "127.0.0.1",
+        "leader-elect": "true",
+        "profiling": "false",
+        "use-service-account-credentials": "true",
+        "kubeconfig": f"{K8S}/controller-manager.conf",
+        "authentication-kubeconfig": f"{K8S}/controller-manager.conf",
+        "authorization-kubeconfig": f"{K8S}/controller-manager.conf",
+        "service-account-private-key-file": f"{PKI}/sa.key",
+        "root-ca-file": f"{PKI}/ca.crt",
+        "cluster-signing-cert-file": f"{PKI}/ca.crt",
+        "cluster-signing-key-file": f"{PKI}/ca.key",
+        "cluster-cidr": s.pod_cidr,
+        "service-cluster-ip-range": s.service_cidr,
+        "allocate-node-cidrs": "true",
+        "controllers": "*,bootstrapsigner,tokencleaner",
+        "terminated-pod-gc-threshold": "12500",
+        "tls-min-version": "VersionTLS12",
+        "tls-cipher-suites": ",".join(STRONG_CIPHER_SUITES),
+    }
+
+
+def scheduler_flags(_: ApiServerSettings) -> dict[str, str]:
+    return {
+        "bind-address": "127.0.0.1",
+        "leader-elect": "true",
+        "profiling": "false",
+        "kubeconfig": f"{K8S}/scheduler.conf",
+        "authentication-kubeconfig": f"{K8S}/scheduler.conf",
+        "authorization-kubeconfig": f"{K8S}/scheduler.conf",
+        "tls-min-version": "VersionTLS12",
+        "tls-cipher-suites": ",".join(STRONG_CIPHER_SUITES),
+    }
+
+
+def _probe(path: str, port: int, host: str | None) -> dict[str, Any]:
+    get: dict[str, Any] = {"path": path, "port": port, "scheme": "HTTPS"}
+    if host:
+        get["host"] = host
+    return {"httpGet": get, "initialDelaySeconds": 10, "periodSeconds": 10,
+            "timeoutSeconds": 15, "failureThreshold": 8}
+
+
+def _static_pod(component: str, version: str, flags: dict[str, str], mounts: dict[str, str],
+                probe: dict[str, Any], env: list[dict[str, Any]] | None = None) -> str:
+    volumes = [{"name": f"v{i}", "hostPath": {"path": path, "type": "DirectoryOrCreate"}}
+               for i, path in enumerate(mounts)]
+    volume_mounts = [{"name": f"v{i}", "mountPath": path, "readOnly": read_only == "ro"}
+                     for i, (path, read_only) in enumerate(mounts.items())]
+    container: dict[str, Any] = {
+        "name": component, "image": _image(component, version),
+        "command": [component, *_flags(flags)],
+        "livenessProbe": probe, "startupProbe": {**probe, "failureThreshold": 24},
+        "resources": {"requests": {"cpu": "100m"}},
+        "volumeMounts": volume_mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if env:
+        container["env"] = env
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": component, "namespace": "kube-system",
+                     "labels": {"component": component, "tier": "control-plane"}},
+        "spec": {"hostNetwork": True, "priorityClassName": "system-node-critical",
+                 "containers": [container], "volumes": volumes},
+    }
+    return yaml.safe_dump(pod, sort_keys=False)
+
+
+def apiserver_manifest(s: ApiServerSettings) -> str:
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    mounts = {PKI: "ro", f"{K8S}/auth": "ro", f"{K8S}/encryption": "ro", f"{K8S}/audit": "ro",
+              "/var/log/kubernetes/audit": "rw"}
+    return _static_pod("kube-apiserver", s.kubernetes_version, apiserver_flags(s), mounts,
+                       _probe("/livez", API_PORT, None), env)
+
+
+def controller_manager_manifest(s: ApiServerSettings) -> str:
+    mounts = {PKI: "ro", f"{K8S}/controller-manager.conf": "ro"}
+    return _static_pod("kube-controller-manager", s.kubernetes_version, controller_manager_flags(s),
+                       mounts, _probe("/healthz", 10257, "127.0.0.1"))
+
+
+def scheduler_manifest(s: ApiServerSettings) -> str:
+    mounts = {f"{K8S}/scheduler.conf": "ro"}
+    return _static_pod("kube-scheduler", s.kubernetes_version, scheduler_flags(s), mounts,
+                       _probe("/healthz", 10259, "127.0.0.1"))
+
+
+def kubeconfig(cluster_name: str, server: str, user: str, ca_pem: str, cert_pem: str, key_pem: str) -> str:
+    """A kubeconfig with embedded credentials; `server` is the load balancer, so clients fail over."""
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": cluster_name, "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}}],
+        "contexts": [{"name": f"{user}@{cluster_name}", "context": {"cluster": cluster_name, "user": user}}],
+        "current-context": f"{user}@{cluster_name}",
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def authentication_config() -> str:
+    """Anonymous requests only for health endpoints: LB checks get real answers, nothing else does."""
+    return yaml.safe_dump({
+        "apiVersion": "apiserver.config.k8s.io/v1",
+        "kind": "AuthenticationConfiguration",
+        "anonymous": {"enabled": True, "conditions": [{"path": p} for p in HEALTH_PATHS]},
+    }, sort_keys=False)
+
+
+def encryption_config(key_b64: str) -> str:
+    """Secrets encrypted at rest with secretbox (XSalsa20-Poly1305); identity only to read old data."""
+    return yaml.safe_dump({
+        "apiVersion": "apiserver.config.k8s.io/v1",
+        "kind": "EncryptionConfiguration",
+        "resources": [{"resources": ["secrets"],
+                       "providers": [{"secretbox": {"keys": [{"name": "key1", "secret": key_b64}]}},
+                                     {"identity": {}}]}],
+    }, sort_keys=False)
+
+
+def audit_policy() -> str:
+    """Metadata for everything, no request bodies (they could hold secrets); skip health noise."""
+    return yaml.safe_dump({
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [
+            {"level": "None", "nonResourceURLs": [f"{p}*" for p in HEALTH_PATHS]},
+            {"level": "Metadata"},
+        ],
+    }, sort_keys=False)

@@ -1,0 +1,221 @@
+"""Bare metal over SSH: the shared host files, shipped with pulumi-command.
+
+Only what is specific to SSH hosts lives here: the connection, the order of steps on
+existing machines, HAProxy + keepalived instead of a cloud load balancer, nftables
+instead of cloud firewall rules, and the backup host instead of a bucket. Secrets
+reach hosts on stdin (a bundle unpacked by tar), never on a command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pulumi
+import pulumi_command.remote as remote
+
+from components import versions
+from components.config import ClusterConfig
+from components.facts import cluster_facts
+from components.pki import Endpoints
+from components.render import backup, recovery
+from components.render.etcd import Member
+from components.render.firewall import FirewallPeers
+from components.render.hostfiles import (
+    UNPACK_BUNDLE,
+    HostFile,
+    apiserver_files,
+    bundle,
+    etcd_member_files,
+    firewall_files,
+    loadbalancer_files,
+)
+from components.targets import Deployed, SharedAssets
+from components.topology import Machine, Topology
+from components.versions import kubelet_release_args
+
+HOST_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "host"
+STAGING = "/var/lib/kcp-staging"
+KCP_LIB = "/usr/local/lib/kcp"
+BACKUP_SSH_KEY = "/etc/etcd/backup-ssh/id_ed25519"
+
+
+def _scripts_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(HOST_SCRIPTS.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+class BareMetalTarget:
+    """Declares, per host, the commands that turn a reachable Linux machine into its roles."""
+
+    def __init__(self, name: str, cfg: ClusterConfig, topology: Topology, parent: pulumi.Resource) -> None:
+        assert cfg.baremetal is not None
+        self._name, self._cfg, self._bm, self._topology = name, cfg, cfg.baremetal, topology
+        self._parent = parent
+        self._scripts_digest = _scripts_digest()
+        addresses = {m.name: m.address or "" for m in (*topology.machines, *topology.spares)}
+        self._cluster = cluster_facts(cfg, topology, addresses, self._bm.api_vip)
+
+    def endpoints(self) -> Endpoints:
+        addresses = {m.name: m.address or "" for m in (*self._topology.machines, *self._topology.spares)}
+        return Endpoints(api_host=self._bm.api_vip, etcd_lb_host=self._bm.api_vip,
+                         member_addresses=addresses)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _connection(self, address: str) -> remote.ConnectionArgsDict:
+        if self._bm.ssh_private_key is not None:
+            key: pulumi.Input[str] = pulumi.Output.secret(self._bm.ssh_private_key.get_secret_value())
+        else:
+            key = pulumi.Output.secret(Path(self._bm.ssh_private_key_path or "").read_text())
+        return {"host": address, "user": self._bm.user, "private_key": key,
+                "dial_error_limit": 20, "per_dial_timeout": 10}
+
+    def _command(self, host: Machine | str, step: str, create: str, *, address: str | None = None,
+                 stdin: pulumi.Input[str] | None = None, update: str | None = None,
+                 delete: str | None = None, depends_on: list[pulumi.Resource] | None = None,
+                 triggers: list[object] | None = None) -> remote.Command:
+        """One idempotent step on one host; `update` runs instead of `create` when inputs change."""
+        name = host.name if isinstance(host, Machine) else host
+        addr = address or (host.address if isinstance(host, Machine) else None)
+        assert addr
+        return remote.Command(
+            f"{self._name}-{name}-{step}", connection=self._connection(addr),
+            create=create, update=update, delete=delete, stdin=stdin, triggers=triggers,
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=self._parent, depends_on=depends_on or []),
+        )
+
+    def _files(self, host: Machine, step: str, files: pulumi.Output[list[HostFile]], then: str,
+               update_then: str | None = None, depends_on: list[pulumi.Resource] | None = None) -> remote.Command:
+        """Ship a bundle on stdin; its content is secret, so it never shows in logs or diffs."""
+        payload = pulumi.Output.secret(files.apply(bundle))
+        return self._command(host, step, f"{UNPACK_BUNDLE} && {then}", stdin=payload,
+                             update=f"{UNPACK_BUNDLE} && {update_then or then}", depends_on=depends_on)
+
+    def _install_scripts(self, host: Machine | str, address: str) -> remote.Command:
+        prepare = self._command(host, "staging", f"mkdir -p {STAGING}", address=address)
+        copy = remote.CopyToRemote(
+            f"{self._name}-{host if isinstance(host, str) else host.name}-copy-scripts",
+            connection=self._connection(address), source=pulumi.FileArchive(str(HOST_SCRIPTS)),
+            remote_path=STAGING, triggers=[self._scripts_digest],
+            opts=pulumi.ResourceOptions(parent=self._parent, depends_on=[prepare]),
+        )
+        return self._command(
+            host, "install-scripts",
+            f"install -d -m 0755 {KCP_LIB} && install -m 0755 {STAGING}/host/* {KCP_LIB}/",
+            address=address, delete=f"rm -rf {KCP_LIB} {STAGING}", depends_on=[copy],
+            triggers=[self._scripts_digest])
+
+    def _firewall_peers(self) -> FirewallPeers:
+        t = self._topology
+        addrs = lambda machines: tuple(m.address or "" for m in machines)  # noqa: E731
+        return FirewallPeers(
+            operators=tuple(self._bm.operator_cidrs), admins=tuple(self._cfg.network.admin_cidrs),
+            api_servers=addrs(t.api_servers), load_balancers=addrs(t.load_balancers),
+            etcd_members=addrs((*t.etcd_members, *t.spares)),
+            backup_hosts=(self._bm.backup_host.address,), cluster_hosts=addrs((*t.machines, *t.spares)),
+        )
+
+    @property
+    def _backup_dest(self) -> str:
+        bh = self._bm.backup_host
+        return backup.ssh_destination(bh.user, bh.address, bh.path, self._cfg.cluster_name)
+
+    # -- deploy ----------------------------------------------------------------------
+    def deploy(self, assets: SharedAssets) -> Deployed:
+        t = self._topology
+        scripts = {m.name: self._install_scripts(m, m.address or "") for m in (*t.machines, *t.spares)}
+        receiver = self._backup_host(assets, self._install_scripts("backup", self._bm.backup_host.address))
+        started = self._etcd(assets, scripts, receiver)
+        for machine in t.machines:
+            after = [scripts[machine.name], *started]
+            if machine.has("apiserver"):
+                self._apiserver(machine, assets, after)
+            if machine.has("loadbalancer"):
+                self._loadbalancer(machine, after)
+        for machine in (*t.machines, *t.spares):
+            self._files(machine, "firewall", pulumi.Output.from_input(firewall_files(self._firewall_peers())),
+                        "systemctl enable nftables && systemctl reload-or-restart nftables",
+                        depends_on=[scripts[machine.name], *started])
+        members = [f"https://{m.address}:2379" for m in t.etcd_members]
+        return Deployed(
+            api_endpoint=pulumi.Output.from_input(f"https://{self._bm.api_vip}:6443"),
+            etcd_client_endpoints=pulumi.Output.from_input(members),
+            backup_location=pulumi.Output.from_input(self._backup_dest),
+        )
+
+    def _install_etcd(self, host: Machine, after: remote.Command) -> remote.Command:
+        version, source = self._cfg.etcd.version, self._cfg.etcd.source
+        checksum = "-" if source == "distro" else versions.ETCD_SHA256["amd64"][version]
+        return self._command(host, "install-etcd", f"{KCP_LIB}/etcd-install {source} {version} {checksum}",
+                             depends_on=[after])
+
+    def _etcd(self, assets: SharedAssets, scripts: dict[str, remote.Command],
+              receiver: remote.Command) -> list[remote.Command]:
+        """Configure every member before any starts (initial-cluster-state=new), then wait for health."""
+        t, cfg = self._topology, self._cfg
+        backup_files = backup.backup_host_files(
+            cfg.cluster_name, self._backup_dest, cfg.backup.interval_minutes, cfg.backup.retain.recent,
+            cfg.backup.retain.daily, cfg.backup.verify, BACKUP_SSH_KEY)
+        spare_files = recovery.spare_watch_files(self._bm.spare_takeover_after_seconds, 30)
+        configured: list[remote.Command] = []
+        for host in (*t.etcd_members, *t.spares):
+            installed = self._install_etcd(host, scripts[host.name])
+            files = pulumi.Output.all(assets.credentials, assets.backup_private_key_openssh).apply(
+                lambda v, host=host: [
+                    *etcd_member_files(self._cluster, Member(host.name, host.address or ""), v[0]),
+                    *[HostFile(p, c) for p, c in backup_files.items()],
+                    HostFile(BACKUP_SSH_KEY, v[1], 0o600),
+                    *([HostFile(p, c) for p, c in spare_files.items()] if host in t.spares else []),
+                ])
+            # Serial on update: each member restarts and is healthy before the next one.
+            configured.append(self._files(
+                host, "etcd-config", files, "systemctl daemon-reload",
+                update_then=f"systemctl daemon-reload && {KCP_LIB}/etcd-rolling-restart",
+                depends_on=[installed, receiver, *configured[-1:]]))
+        starts = [self._command(m, "etcd-start", "systemctl enable etcd && systemctl start --no-block etcd",
+                                delete=f"{KCP_LIB}/etcd-member-leave", depends_on=configured)
+                  for m in t.etcd_members]
+        first = t.etcd_members[0]
+        healthy = self._command(first, "etcd-healthy", f"{KCP_LIB}/etcd-wait-healthy 180", depends_on=starts)
+        formed = [self._command(h, "etcd-formed", "touch /etc/etcd/cluster-formed",
+                                delete="rm -f /etc/etcd/cluster-formed", depends_on=[healthy])
+                  for h in (*t.etcd_members, *t.spares)]
+        for spare in t.spares:
+            self._command(spare, "spare-watch",
+                          "systemctl daemon-reload && systemctl enable --now etcd-spare-watch.timer",
+                          delete="systemctl disable --now etcd-spare-watch.timer", depends_on=formed)
+        for member in t.etcd_members:
+            self._command(member, "backup-timer", "systemctl enable --now etcd-backup.timer",
+                          delete="systemctl disable --now etcd-backup.timer", depends_on=formed)
+        return [healthy, *formed]
+
+    def _backup_host(self, assets: SharedAssets, scripts: remote.Command) -> remote.Command:
+        bh, cfg = self._bm.backup_host, self._cfg
+        line = assets.backup_public_key_openssh.apply(
+            lambda key: backup.backup_receiver_authorized_key(
+                key, bh.path, cfg.cluster_name, cfg.backup.retain.recent, cfg.backup.retain.daily))
+        return self._command(
+            "backup", "receiver",
+            f"{KCP_LIB}/backup-host-setup {bh.user} {backup.receiver_root(bh.path, cfg.cluster_name)}",
+            address=bh.address, stdin=line, depends_on=[scripts])
+
+    def _apiserver(self, host: Machine, assets: SharedAssets, after: list[pulumi.Resource]) -> None:
+        files = assets.credentials.apply(lambda creds: apiserver_files(self._cluster, creds))
+        placed = self._files(host, "apiserver-config", files, "true", depends_on=after)
+        if self._bm.install_kubelet:
+            release = kubelet_release_args(self._cfg.kubernetes_version)
+            self._command(host, "install-kubelet", f"{KCP_LIB}/kubelet-install {release}", depends_on=[placed])
+
+    def _loadbalancer(self, host: Machine, after: list[pulumi.Resource]) -> None:
+        t = self._topology
+        member = lambda m: Member(m.name, m.address or "")  # noqa: E731
+        files = pulumi.Output.from_input(loadbalancer_files(
+            self._cluster, member(host), self._bm.api_vip, self._bm.vip_interface,
+            [member(m) for m in t.api_servers], [member(m) for m in t.load_balancers]))
+        self._files(host, "loadbalancer", files,
+                    "systemctl enable haproxy keepalived "
+                    "&& systemctl reload-or-restart haproxy keepalived", depends_on=after)
+

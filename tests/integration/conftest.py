@@ -1,0 +1,131 @@
+"""The `local` stack, deployed for real on local test hosts by replaying what the program declares.
+
+`local_cluster` (module scope) boots fresh hosts, runs the Pulumi program under mocks
+that issue real certificates, replays its SSH commands onto the hosts, and tears
+everything down afterwards, also when a test fails. Set KCP_TEST_SANDBOX=name:subnet
+(e.g. `bk:10.250.7`) to run beside another test bed.
+
+Note the firewall: only API servers, load balancers, the backup host and members/spares
+may reach etcd's client port. Talk to etcd from the test machine inside the backup
+host's network namespace (`sandbox.run_in_netns(backup_host, ...)`) or over SSH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from testbed.sandbox import Sandbox
+from tests.integration.realtls import RealTlsMocks, plain
+from tests.integration.replay import Replay
+from tests.program import ROOT, Program, run_program, stack_config
+
+LOCAL_STACK = ROOT / "stacks" / "Pulumi.local.yaml"
+
+
+def _require_testbed() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("integration tests boot systemd-nspawn hosts and need root")
+    for tool in ("systemd-nspawn", "debootstrap", "ip", "ssh"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"integration tests need {tool} (installed by .ci/run)")
+
+
+def sandbox_identity() -> tuple[str, str]:
+    name, _, subnet = os.environ.get("KCP_TEST_SANDBOX", "kcp:10.250.0").partition(":")
+    return name, subnet
+
+
+def local_stack_for(subnet: str, key_path: Path) -> dict[str, Any]:
+    """The shipped `local` stack, moved onto `subnet` and this sandbox's SSH key."""
+    text = json.dumps(stack_config(LOCAL_STACK)).replace("10.250.0.", f"{subnet}.")
+    cfg = json.loads(text)
+    cfg["baremetal"]["sshPrivateKeyPath"] = str(key_path)
+    return cfg
+
+
+@dataclass
+class Deployment:
+    sandbox: Sandbox
+    program: Program
+    replay: Replay
+    config: dict[str, Any]
+    workdir: Path
+    members: list[str] = field(default_factory=list)
+    spares: list[str] = field(default_factory=list)
+    backup_host: str = "backup"
+
+    @property
+    def stack_file(self) -> Path:
+        """A stack config file pointing at these hosts (for scripts/etcd-restore and friends)."""
+        path = self.workdir / "Pulumi.local.yaml"
+        if not path.exists():
+            path.write_text(yaml.safe_dump({"config": {f"resilient-control-plane:{k}": v
+                                                       for k, v in self.config.items()}}))
+        return path
+
+    @property
+    def client_endpoints(self) -> list[str]:
+        return [f"https://{self.sandbox.address(m)}:2379" for m in self.members]
+
+    @property
+    def api_vip(self) -> str:
+        return self.config["baremetal"]["apiVip"]
+
+    @property
+    def client_tls(self) -> tuple[Path, Path, Path]:
+        """CA, the API servers' etcd client certificate and key, as local files."""
+        names = {"ca.crt": "local-pki-etcd-ca", "client.crt": "local-pki-apiserver-etcd-client"}
+        out = self.workdir / "tls"
+        out.mkdir(exist_ok=True)
+        for file, resource in names.items():
+            (out / file).write_text(self.output(resource, "certPem"))
+        (out / "client.key").write_text(self.output("local-pki-apiserver-etcd-client-key", "privateKeyPem"))
+        (out / "client.key").chmod(0o600)
+        return out / "ca.crt", out / "client.crt", out / "client.key"
+
+    def output(self, resource: str, key: str) -> str:
+        return plain(self.program.outputs[resource][key])
+
+    def etcdctl(self, host: str, *args: str, check: bool = True,
+                timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+        """etcdctl on `host` with its own member certificate, against every member."""
+        command = (". /etc/etcd/cluster.env && ETCDCTL_API=3 etcdctl --endpoints=\"$KCP_CLIENT_ENDPOINTS\" "
+                   "--cacert=\"$KCP_ETCD_CA\" --cert=\"$KCP_ETCD_CERT\" --key=\"$KCP_ETCD_KEY\" "
+                   + " ".join(shlex.quote(a) for a in args))
+        return self.sandbox.ssh(host, command, timeout=timeout, check=check)
+
+    def redeploy_host(self, host: str) -> None:
+        """What `pulumi up` does for a replaced machine: run that host's steps again."""
+        self.replay.create(self.replay.for_host(host))
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> Iterator[Deployment]:
+    _require_testbed()
+    name, subnet = sandbox_identity()
+    cfg0 = stack_config(LOCAL_STACK)
+    hosts = {h["name"]: h["address"].replace("10.250.0.", f"{subnet}.")
+             for h in [*cfg0["baremetal"]["hosts"], *cfg0["baremetal"]["spares"]]}
+    hosts["backup"] = cfg0["baremetal"]["backupHost"]["address"].replace("10.250.0.", f"{subnet}.")
+    with Sandbox(name=name, subnet=subnet, hosts=hosts) as sandbox, \
+            tempfile.TemporaryDirectory(prefix="kcp-deploy-") as tmp:
+        sandbox.up()
+        cfg = local_stack_for(subnet, sandbox.ssh_key_path)
+        program = run_program(cfg, stack="local", mocks=RealTlsMocks)
+        replay = Replay.of(sandbox, program)
+        replay.create()
+        yield Deployment(sandbox, program, replay, cfg, Path(tmp),
+                         members=[h["name"] for h in cfg["baremetal"]["hosts"] if "etcd" in h["roles"]],
+                         spares=[s["name"] for s in cfg["baremetal"]["spares"]])

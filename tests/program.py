@@ -1,0 +1,115 @@
+"""Runs the real Pulumi program (`__main__.py`) under Pulumi's mocks for one stack file.
+
+Tests see exactly what `pulumi up` would declare: every resource with its inputs, in
+registration order (which follows the declared dependencies). Mocked providers return
+plausible outputs; `Mocks` subclasses can return more (real certificates, for the
+integration tests that replay the declared commands on real hosts).
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pulumi.runtime
+import yaml
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import settings as pulumi_settings
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "resilient-control-plane"
+STACKS = sorted(ROOT.glob("stacks/Pulumi.*.yaml"))
+
+
+def stack_name(path: Path) -> str:
+    return path.name.removeprefix("Pulumi.").removesuffix(".yaml")
+
+
+def stack_config(path: Path) -> dict[str, Any]:
+    """The project's keys of one stack file, unprefixed: `{"target": "gce", ...}`."""
+    raw = yaml.safe_load(path.read_text())["config"]
+    return {k.split(":", 1)[1]: v for k, v in raw.items() if k.startswith(f"{PROJECT}:")}
+
+
+@dataclass
+class Declared:
+    type: str
+    name: str
+    inputs: dict[str, Any]
+
+
+@dataclass
+class Program:
+    resources: list[Declared] = field(default_factory=list)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # resource name -> its outputs
+
+    def of_type(self, type_token: str) -> list[Declared]:
+        return [r for r in self.resources if r.type == type_token]
+
+    def named(self, name: str) -> Declared:
+        matches = [r for r in self.resources if r.name == name]
+        assert len(matches) == 1, f"expected one resource named {name}, found {len(matches)}"
+        return matches[0]
+
+
+def _pem(kind: str, name: str) -> str:
+    """A recognisable fake PEM: tests can tell which resource a key or cert came from."""
+    return f"-----BEGIN {kind}-----\n{name}\n-----END {kind}-----\n"
+
+
+class Mocks(pulumi_mocks.Mocks):
+    """Echo inputs as outputs, plus the outputs that real providers compute."""
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+
+    def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str, dict[str, Any]]:
+        self.program.resources.append(Declared(args.typ, args.name, dict(args.inputs)))
+        outputs = dict(args.inputs) | self.computed_outputs(args)
+        self.program.outputs[args.name] = outputs
+        return f"{args.name}-id", outputs
+
+    def computed_outputs(self, args: pulumi_mocks.MockResourceArgs) -> dict[str, Any]:
+        name, typ = args.name, args.typ
+        if typ == "tls:index/privateKey:PrivateKey":
+            return {"privateKeyPem": _pem("PRIVATE KEY", name), "privateKeyOpenssh": _pem("OPENSSH PRIVATE KEY", name),
+                    "publicKeyPem": _pem("PUBLIC KEY", name),
+                    "publicKeyOpenssh": f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5{name.replace('-', '')} {name}\n"}
+        if typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
+            return {"certPem": _pem("CERTIFICATE", name)}
+        if typ == "tls:index/certRequest:CertRequest":
+            return {"certRequestPem": _pem("CERTIFICATE REQUEST", name)}
+        if typ == "random:index/randomBytes:RandomBytes":
+            return {"base64": "c2VjcmV0LWVuY3J5cHRpb24ta2V5LW9mLTMyLWJ5dGVzIQ==", "hex": "00" * 32}
+        return {"id": f"{name}-id", "name": args.inputs.get("name", name), "selfLink": f"https://mock/{name}",
+                "arn": f"arn:aws:mock:::{name}", "address": "10.0.0.10", "dnsName": f"{name}.mock",
+                "email": f"{name}@mock.iam.gserviceaccount.com", "privateIp": "10.0.0.10"}
+
+    def call(self, args: pulumi_mocks.MockCallArgs) -> dict[str, Any]:
+        if args.token == "aws:ec2/getAmi:getAmi":
+            return {"id": "ami-0123456789abcdef0", "architecture": "x86_64"}
+        if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
+            return {"accountId": "123456789012", "arn": "arn:aws:iam::123456789012:root", "userId": "x"}
+        if args.token == "aws:index/getPartition:getPartition":
+            return {"partition": "aws", "dnsSuffix": "amazonaws.com"}
+        if args.token == "gcp:compute/getImage:getImage":
+            return {"selfLink": "projects/debian-cloud/global/images/debian-12-bookworm-v20260101", "name": "debian-12"}
+        return {}
+
+
+def run_program(config: dict[str, Any], stack: str = "test", mocks: type[Mocks] = Mocks,
+                secret_keys: tuple[str, ...] = ()) -> Program:
+    """Declare the whole program for `config` under mocks and return what it declared."""
+    program = Program()
+    pulumi_settings.set_root_resource(None)  # type: ignore[arg-type]
+    pulumi.runtime.set_mocks(mocks(program), project=PROJECT, stack=stack, preview=False)
+    encoded = {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
+    pulumi.runtime.set_all_config(encoded, [f"{PROJECT}:{k}" for k in secret_keys])
+    _sync_await(run_pulumi_func(lambda: runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")))
+    return program
