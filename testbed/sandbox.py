@@ -293,6 +293,9 @@ class Sandbox:
             "--console=read-only",
             f"--network-namespace-path=/run/netns/{self.netns(host)}",
             f"--hostname={host}",
+            # Hosts own their network namespace: nftables, keepalived's VIP and HAProxy's
+            # transparent bind need CAP_NET_ADMIN there, and it reaches nothing else.
+            "--capability=CAP_NET_ADMIN",
         ]  # fmt: skip
         with open(log_file, "ab") as out:
             child = subprocess.Popen(
