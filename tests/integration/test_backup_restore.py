@@ -1,0 +1,255 @@
+"""Backups and restores on the deployed local cluster, with real etcd, sshd and systemd.
+
+One module-scoped deployment; the tests run in file order and build on each other:
+load ~100 MB, back up, refuse bad snapshots, restore after every member lost its data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Deployment
+from tests.program import ROOT
+
+pytestmark = pytest.mark.integration
+
+LIB = "/usr/local/lib/kcp"
+KEYS = 10_000
+PREFIX = "/bench/"
+SSH_OPTIONS = ["--ssh-option", "StrictHostKeyChecking=no", "--ssh-option", "UserKnownHostsFile=/dev/null",
+               "--ssh-option", "LogLevel=ERROR"]
+state: dict[str, Any] = {}
+
+
+def value_of(key: str) -> str:
+    """~10 KB, derived from the key, so 10,000 keys make a ~100 MB database we can check exactly."""
+    return hashlib.sha256(key.encode()).hexdigest() * 160
+
+
+def load_keys(dep: Deployment, host: str, count: int, prefix: str) -> None:
+    """Write keys in transactions of 100 puts (~1 MB each, under etcd's request limit)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for n, start in enumerate(range(0, count, 100)):
+            keys = [f"{prefix}k{i:05d}" for i in range(start, min(count, start + 100))]
+            data = ("\n" + "".join(f"put {k} {value_of(k)}\n" for k in keys) + "\n\n").encode()
+            info = tarfile.TarInfo(f"b{n:04d}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    command = ('set -e; d=$(mktemp -d); tar -C "$d" -x; . /etc/etcd/cluster.env; for f in "$d"/*; do '
+               'etcdctl --endpoints="$KCP_CLIENT_ENDPOINTS" --cacert="$KCP_ETCD_CA" --cert="$KCP_ETCD_CERT" '
+               '--key="$KCP_ETCD_KEY" --command-timeout=30s txn <"$f" >/dev/null; done; rm -rf "$d"')
+    dep.sandbox.ssh(host, command, input=buf.getvalue(), timeout=600)
+
+
+def fields(out: bytes, name: str) -> list[str]:
+    return [line.split(" : ", 1)[1].strip('"') for line in out.decode().splitlines() if line.startswith(f'"{name}"')]
+
+
+def cluster_state(dep: Deployment) -> tuple[set[str], set[str]]:
+    """(revisions, hashkvs at the lowest revision) over all members."""
+    revs = fields(dep.etcdctl(dep.members[0], "endpoint", "status", "-w", "fields").stdout, "Revision")
+    low = min(int(r) for r in revs)
+    hashes = fields(dep.etcdctl(dep.members[0], "endpoint", "hashkv", f"--rev={low}", "-w", "fields").stdout, "Hash")
+    return set(revs), set(hashes)
+
+
+def backup_dir(dep: Deployment) -> str:
+    bm = dep.config["baremetal"]
+    return f"{bm['backupHost']['path'].rstrip('/')}/{dep.config['clusterName']}"
+
+
+def backups(dep: Deployment, sub: str = "") -> dict[str, dict[str, Any]]:
+    out = dep.sandbox.ssh(dep.backup_host, f'cd {backup_dir(dep)}/{sub} && for f in *-*.json; do [ -f "$f" ] && '
+                          '{ cat "$f"; printf "\\036"; }; done; true').stdout.decode()
+    metas = [json.loads(doc) for doc in out.split("\x1e") if doc.strip()]
+    return {m["name"]: m for m in metas}
+
+
+def run_backup_everywhere(dep: Deployment) -> dict[str, Any]:
+    """Start the timer's unit on every member at once, as the timer does; exactly one acts."""
+    before = set(backups(dep))
+    started = time.monotonic()
+    procs = [subprocess.Popen([*dep.sandbox.ssh_argv(m), "systemctl start etcd-backup.service"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in dep.members]
+    results = [p.communicate(timeout=600) for p in procs]
+    elapsed = time.monotonic() - started
+    assert all(p.returncode == 0 for p in procs), f"a backup unit failed: {results}"
+    new = set(backups(dep)) - before
+    assert len(new) == 1, f"expected one snapshot cluster-wide per run, got {sorted(new)}"
+    meta = backups(dep)[new.pop()]
+    meta["_seconds"] = elapsed
+    return meta
+
+
+def etcd_restore(dep: Deployment, *extra: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, str(ROOT / "scripts" / "etcd-restore"), "--stack", str(dep.stack_file), *SSH_OPTIONS,
+            "--json", *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_only_the_leader_takes_a_verified_snapshot_of_100mb(local_cluster: Deployment) -> None:
+    dep = local_cluster
+    load_keys(dep, dep.members[0], KEYS, PREFIX)
+    meta = run_backup_everywhere(dep)
+    assert meta["verified"] is True, meta
+    assert meta["keys"] >= KEYS and meta["size"] > 90 * 1024 * 1024, meta
+    revs, _ = cluster_state(dep)
+    assert {str(meta["revision"])} == revs, "nothing wrote after the snapshot, so the revision must match"
+    status = json.loads(dep.sandbox.ssh(dep.backup_host, f"cat {backup_dir(dep)}/status.json").stdout)
+    assert status["last_snapshot"] == meta["name"] and status["last_verified"]
+    print(f"\nbackup of {meta['size'] / 1e6:.0f} MB: {meta['_seconds']:.2f}s total, "
+          f"snapshot {meta['snapshot_seconds']}s, verify {meta['verify_seconds']}s")
+    state["backup"] = meta
+
+
+@pytest.mark.parametrize("damage", ["flip one byte", "truncate"])
+def test_corrupt_snapshot_is_refused_and_cluster_untouched(local_cluster: Deployment, damage: str) -> None:
+    dep = local_cluster
+    good = state["backup"]
+    bad = f"{dep.config['clusterName']}-20000101T00000{1 if damage == 'truncate' else 2}Z"
+    edit = ("printf '\\x00' | dd of=$f.db bs=1 seek=4096 count=1 conv=notrunc 2>/dev/null; "
+            "cmp -s $f.db $g.db && printf '\\x01' | dd of=$f.db bs=1 seek=4096 count=1 conv=notrunc 2>/dev/null"
+            if damage == "flip one byte" else "truncate -s -1000 $f.db")
+    d = backup_dir(dep)
+    dep.sandbox.ssh(dep.backup_host, f"cd {d} && f={bad} g={good['name']} && cp $g.db $f.db && "
+                    f"sed 's/{good['name']}/{bad}/' $g.json > $f.json && {edit}")
+    before = cluster_state(dep)
+    try:
+        proc = etcd_restore(dep, "--snapshot", bad, "--force")
+    finally:
+        dep.sandbox.ssh(dep.backup_host, f"rm -f {d}/{bad}.db {d}/{bad}.json")
+    assert proc.returncode == 1 and "REFUSED" in proc.stderr, proc.stderr
+    assert cluster_state(dep) == before, "a refused restore must leave the cluster as it was"
+    for m in dep.members:
+        aside = dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; ls -d $KCP_DATA_DIR.pre-restore-* 2>/dev/null; true")
+        assert not aside.stdout.strip(), f"{m}: data dir was moved although the snapshot was refused"
+
+
+def test_restore_refuses_while_the_cluster_has_a_healthy_quorum(local_cluster: Deployment) -> None:
+    dep = local_cluster
+    before = cluster_state(dep)
+    proc = etcd_restore(dep)
+    assert proc.returncode == 1 and "healthy quorum" in proc.stderr, proc.stderr
+    assert cluster_state(dep) == before
+
+
+def bare_restore_seconds(dep: Deployment, host: str, name: str) -> float:
+    """What `etcdctl snapshot restore` of the same file alone takes on one member (host clock)."""
+    script = (f"f=/var/lib/etcd-restore/{name}.db; d=/var/lib/etcd/bare-restore-test; rm -rf $d; "
+              "s=$(date +%s.%N); etcdctl snapshot restore $f --data-dir $d >/dev/null 2>&1; e=$(date +%s.%N); "
+              "rm -rf $d; echo \"$s $e\"")
+    start, end = dep.sandbox.ssh(host, script).stdout.decode().split()
+    return float(end) - float(start)
+
+
+def test_restore_after_every_member_lost_its_data_finds_every_key(local_cluster: Deployment) -> None:
+    dep = local_cluster
+    meta = state["backup"]
+    dep.etcdctl(dep.members[0], "put", "/after-backup/k", "lost")
+    for m in dep.members:
+        dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; systemctl stop etcd; rm -rf \"$KCP_DATA_DIR\"")
+    proc = etcd_restore(dep)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["snapshot"] == meta["name"] and report["hashkv"] == meta["hashkv"]
+    out = dep.etcdctl(dep.members[1], "get", PREFIX, "--prefix", timeout=300).stdout.decode().split("\n")
+    found = dict(zip(out[0::2], out[1::2], strict=False))
+    wanted = [f"{PREFIX}k{i:05d}" for i in range(KEYS)]
+    missing = [k for k in wanted if found.get(k) != value_of(k)]
+    assert not missing, f"{len(missing)} keys missing or wrong after restore, e.g. {missing[:3]}"
+    after = dep.etcdctl(dep.members[2], "get", "/after-backup/k").stdout.strip()
+    assert not after, "a write made after the backup came back"
+    bare = bare_restore_seconds(dep, dep.members[0], meta["name"])
+    ratio = report["rto_seconds"] / bare
+    print(f"\nrestore RTO {report['rto_seconds']:.2f}s (steps {report['steps']}) vs bare snapshot restore "
+          f"{bare:.2f}s on one member: ratio {ratio:.1f}")
+    assert ratio <= 3, f"restore RTO {report['rto_seconds']:.2f}s is {ratio:.1f}x a bare restore ({bare:.2f}s)"
+
+
+def receiver(dep: Deployment, request: str, payload: bytes, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Talk to the backup host exactly as an etcd host does: its key, the forced command."""
+    command = (". /etc/etcd/backup.env; d=${KCP_BACKUP_DEST#ssh://}; ssh -i \"$KCP_BACKUP_SSH_KEY\" -o BatchMode=yes "
+               "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
+               f"\"${{d%%/*}}\" {shlex.quote(request)}")
+    return dep.sandbox.ssh(dep.members[0], command, input=payload, check=check)
+
+
+def fake_pair(name: str, verified: bool = True) -> tuple[bytes, bytes]:
+    db = name.encode() * 100
+    meta = (f'{{\n  "name": "{name}",\n  "sha256": "{hashlib.sha256(db).hexdigest()}",\n  '
+            f'"verified": {"true" if verified else "false"},\n  "verify_error": "",\n  "format": 1\n}}\n')
+    return db, meta.encode()
+
+
+def expected_kept(names: list[str], recent: int, daily: int, cluster: str) -> set[str]:
+    """docs/backups.md: the newest `recent`, plus the first snapshot of each of the newest `daily` days."""
+    ordered = sorted(names, reverse=True)
+    first_of_day: dict[str, str] = {}
+    for n in sorted(names):
+        first_of_day.setdefault(n[len(cluster) + 1:][:8], n)
+    days = sorted(first_of_day, reverse=True)[:daily]
+    return set(ordered[:recent]) | {first_of_day[d] for d in days}
+
+
+def test_backup_host_retention_keeps_exactly_the_configured_counts(local_cluster: Deployment) -> None:
+    dep = local_cluster
+    cluster = dep.config["clusterName"]
+    retain = dep.config["backup"]["retain"]
+    offered = set(backups(dep))
+    for day in range(1, 7):
+        for hour in (1, 2, 3):
+            name = f"{cluster}-200101{day:02d}T{hour:02d}0000Z"
+            db, meta = fake_pair(name)
+            receiver(dep, f"put {name}.db", db)
+            receiver(dep, f"put {name}.json", meta)
+            offered.add(name)
+    kept = set(backups(dep))
+    want = expected_kept(list(offered), retain["recent"], retain["daily"], cluster)
+    assert kept == want, f"kept {sorted(kept)}, expected {sorted(want)}"
+    newest = sorted(offered, reverse=True)[: retain["recent"]]
+    days = sorted({n[len(cluster) + 1:][:8] for n in offered}, reverse=True)[: retain["daily"]]
+    assert len(newest) == retain["recent"] and len(days) == retain["daily"], "the test must fill every slot"
+    status = json.loads(dep.sandbox.ssh(dep.backup_host, f"cat {backup_dir(dep)}/status.json").stdout)
+    assert (status["kept_recent"], status["kept_daily"]) == (retain["recent"], retain["daily"])
+
+
+def test_backup_key_is_write_only_and_bad_snapshots_are_set_apart(local_cluster: Deployment) -> None:
+    dep = local_cluster
+    cluster = dep.config["clusterName"]
+    existing = next(iter(backups(dep)))
+    assert receiver(dep, f"put {existing}.json", b"{}", check=False).returncode != 0, "overwrote a backup"
+    for request in ("cat /etc/passwd", f"put ../{cluster}-20010101T000000Z.db", "put x.db", "get status.json"):
+        assert receiver(dep, request, b"x", check=False).returncode != 0, f"receiver accepted {request!r}"
+    name = f"{cluster}-20010201T000000Z"
+    db, meta = fake_pair(name, verified=False)
+    receiver(dep, f"put {name}.db", db)
+    assert receiver(dep, f"put {name}.json", meta, check=False).returncode != 0, "a bad snapshot must fail loudly"
+    assert name in backups(dep, "bad") and name not in backups(dep)
+    status = json.loads(dep.sandbox.ssh(dep.backup_host, f"cat {backup_dir(dep)}/status.json").stdout)
+    assert name in status["last_failure_reason"]
+
+
+def test_verification_catches_a_wrong_recorded_key_count(local_cluster: Deployment) -> None:
+    dep = local_cluster
+    meta = run_backup_everywhere(dep)
+    script = (f'set -e; db=/var/lib/etcd-backup/{meta["name"]}.db; m=${{db%.db}}.json; cp "$m" /tmp/wrong.json; '
+              'k=$(sed -nE \'s/^  "keys": ([0-9]+),$/\\1/p\' /tmp/wrong.json); '
+              'sed -i -E "s/^  \\"keys\\": [0-9]+,/  \\"keys\\": $((k + 1)),/" /tmp/wrong.json; '
+              f'rc=0; {LIB}/etcd-backup-verify --update "$db" /tmp/wrong.json || rc=$?; echo "rc=$rc"; '
+              'cat /tmp/wrong.json; (exec 3<>/dev/tcp/127.0.0.1/23790) 2>/dev/null && echo PORT-STILL-OPEN; '
+              'ls -d /var/lib/etcd-backup/verify.* 2>/dev/null || true')
+    out = dep.sandbox.ssh(meta["member"], script).stdout.decode()
+    assert "rc=1" in out, out
+    assert '"verified": false,' in out and "key count" in out, out
+    assert "PORT-STILL-OPEN" not in out and "verify." not in out.split("}")[-1], "throwaway etcd or scratch dir left"
