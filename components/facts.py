@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from components.config import ClusterConfig
 from components.render import etcd, kubernetes
-from components.render.hostfiles import Cluster
+from components.render.hostfiles import BackupPlan, Cluster
 from components.topology import Topology
 
 
 def cluster_facts(cfg: ClusterConfig, topology: Topology, addresses: dict[str, str],
-                  api_host: str) -> Cluster:
+                  api_host: str, backup_dest: str, backup_ssh_key: str | None = None) -> Cluster:
     """Resolved, provider-neutral facts for the renderer; targets call it inside an apply."""
     members = tuple(etcd.Member(m.name, addresses[m.name]) for m in topology.etcd_members)
     spares = tuple(etcd.Member(m.name, addresses[m.name]) for m in topology.spares)
@@ -23,4 +23,6 @@ def cluster_facts(cfg: ClusterConfig, topology: Topology, addresses: dict[str, s
     )
     settings = etcd.EtcdSettings(cfg.cluster_name, cfg.etcd.heartbeat_ms, cfg.etcd.election_ms,
                                  cluster_token=f"{cfg.cluster_name}-etcd")
-    return Cluster(cfg.cluster_name, settings, members, spares, api)
+    plan = BackupPlan(backup_dest, cfg.backup.interval_minutes, cfg.backup.retain.recent,
+                      cfg.backup.retain.daily, cfg.backup.verify, backup_ssh_key)
+    return Cluster(cfg.cluster_name, settings, members, spares, api, plan)

@@ -15,7 +15,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from components.render import etcd, kubernetes, loadbalancer
+from components.render import backup, etcd, kubernetes, loadbalancer, recovery
 from components.render.etcd import Member
 from components.render.firewall import FirewallPeers, nftables_config
 
@@ -29,6 +29,18 @@ class HostFile:
 
 
 @dataclass(frozen=True)
+class BackupPlan:
+    """Where and how often members snapshot; `dest` is ssh://, gs:// or s3:// by target."""
+
+    dest: str
+    interval_minutes: int
+    retain_recent: int
+    retain_daily: int
+    verify: bool
+    ssh_key_path: str | None = None
+
+
+@dataclass(frozen=True)
 class Cluster:
     """Resolved facts shared by every host of one cluster (plain strings, no Outputs)."""
 
@@ -37,6 +49,7 @@ class Cluster:
     members: tuple[Member, ...]
     spares: tuple[Member, ...]
     api: kubernetes.ApiServerSettings
+    backup: BackupPlan
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,7 @@ class Credentials:
 
 
 def etcd_member_files(cluster: Cluster, me: Member, creds: Credentials) -> list[HostFile]:
-    """Config, TLS material and units of one etcd member (or a spare ready to take a slot)."""
+    """Config, TLS material, backup and self-healing units of one etcd member (or a spare)."""
     server_cert, server_key = creds.certs[f"etcd-server-{me.name}"]
     peer_cert, peer_key = creds.certs[f"etcd-peer-{me.name}"]
     backup_cert, backup_key = creds.certs["etcd-backup-client"]
@@ -68,7 +81,19 @@ def etcd_member_files(cluster: Cluster, me: Member, creds: Credentials) -> list[
         HostFile(f"{pki}/peer.key", peer_key, 0o600, "etcd"),
         HostFile(f"{pki}/backup-client.crt", backup_cert, 0o600),
         HostFile(f"{pki}/backup-client.key", backup_key, 0o600),
+        *_text_files(recovery.member_recovery_files()),
+        *_text_files(_backup_files(cluster)),
     ]
+
+
+def _backup_files(cluster: Cluster) -> dict[str, str]:
+    plan = cluster.backup
+    return backup.backup_host_files(cluster.name, plan.dest, plan.interval_minutes, plan.retain_recent,
+                                    plan.retain_daily, plan.verify, plan.ssh_key_path)
+
+
+def _text_files(files: dict[str, str]) -> list[HostFile]:
+    return [HostFile(path, content) for path, content in files.items()]
 
 
 def _kubeconfig(cluster: Cluster, creds: Credentials, cert_name: str, user: str) -> str:

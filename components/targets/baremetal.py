@@ -56,7 +56,8 @@ class BareMetalTarget:
         self._parent = parent
         self._scripts_digest = _scripts_digest()
         addresses = {m.name: m.address or "" for m in (*topology.machines, *topology.spares)}
-        self._cluster = cluster_facts(cfg, topology, addresses, self._bm.api_vip)
+        self._cluster = cluster_facts(cfg, topology, addresses, self._bm.api_vip, self._backup_dest,
+                                      BACKUP_SSH_KEY)
 
     def endpoints(self) -> Endpoints:
         addresses = {m.name: m.address or "" for m in (*self._topology.machines, *self._topology.spares)}
@@ -74,7 +75,7 @@ class BareMetalTarget:
 
     def _command(self, host: Machine | str, step: str, create: str, *, address: str | None = None,
                  stdin: pulumi.Input[str] | None = None, update: str | None = None,
-                 delete: str | None = None, depends_on: list[pulumi.Resource] | None = None,
+                 delete: pulumi.Input[str] | None = None, depends_on: list[pulumi.Resource] | None = None,
                  triggers: list[object] | None = None) -> remote.Command:
         """One idempotent step on one host; `update` runs instead of `create` when inputs change."""
         name = host.name if isinstance(host, Machine) else host
@@ -88,11 +89,17 @@ class BareMetalTarget:
         )
 
     def _files(self, host: Machine, step: str, files: pulumi.Output[list[HostFile]], then: str,
-               update_then: str | None = None, depends_on: list[pulumi.Resource] | None = None) -> remote.Command:
-        """Ship a bundle on stdin; its content is secret, so it never shows in logs or diffs."""
+               update_then: str | None = None, depends_on: list[pulumi.Resource] | None = None,
+               undo: str = "true") -> remote.Command:
+        """Ship a bundle on stdin; its content is secret, so it never shows in logs or diffs.
+
+        On delete, `undo` runs (stop what the files configured), then the files are removed.
+        """
         payload = pulumi.Output.secret(files.apply(bundle))
+        removal = files.apply(lambda fs: f"{undo}; rm -f " + " ".join(sorted(f.path for f in fs)))
         return self._command(host, step, f"{UNPACK_BUNDLE} && {then}", stdin=payload,
-                             update=f"{UNPACK_BUNDLE} && {update_then or then}", depends_on=depends_on)
+                             update=f"{UNPACK_BUNDLE} && {update_then or then}", delete=removal,
+                             depends_on=depends_on)
 
     def _install_scripts(self, host: Machine | str, address: str) -> remote.Command:
         prepare = self._command(host, "staging", f"mkdir -p {STAGING}", address=address)
@@ -138,7 +145,8 @@ class BareMetalTarget:
         for machine in (*t.machines, *t.spares):
             self._files(machine, "firewall", pulumi.Output.from_input(firewall_files(self._firewall_peers())),
                         "systemctl enable nftables && systemctl reload-or-restart nftables",
-                        depends_on=[scripts[machine.name], *started])
+                        depends_on=[scripts[machine.name], *started],
+                        undo="systemctl disable nftables; nft delete table inet kcp 2>/dev/null || true")
         members = [f"https://{m.address}:2379" for m in t.etcd_members]
         return Deployed(
             api_endpoint=pulumi.Output.from_input(f"https://{self._bm.api_vip}:6443"),
@@ -155,10 +163,7 @@ class BareMetalTarget:
     def _etcd(self, assets: SharedAssets, scripts: dict[str, remote.Command],
               receiver: remote.Command) -> list[remote.Command]:
         """Configure every member before any starts (initial-cluster-state=new), then wait for health."""
-        t, cfg = self._topology, self._cfg
-        backup_files = backup.backup_host_files(
-            cfg.cluster_name, self._backup_dest, cfg.backup.interval_minutes, cfg.backup.retain.recent,
-            cfg.backup.retain.daily, cfg.backup.verify, BACKUP_SSH_KEY)
+        t = self._topology
         spare_files = recovery.spare_watch_files(self._bm.spare_takeover_after_seconds, 30)
         configured: list[remote.Command] = []
         for host in (*t.etcd_members, *t.spares):
@@ -166,7 +171,6 @@ class BareMetalTarget:
             files = pulumi.Output.all(assets.credentials, assets.backup_private_key_openssh).apply(
                 lambda v, host=host: [
                     *etcd_member_files(self._cluster, Member(host.name, host.address or ""), v[0]),
-                    *[HostFile(p, c) for p, c in backup_files.items()],
                     HostFile(BACKUP_SSH_KEY, v[1], 0o600),
                     *([HostFile(p, c) for p, c in spare_files.items()] if host in t.spares else []),
                 ])
@@ -174,7 +178,7 @@ class BareMetalTarget:
             configured.append(self._files(
                 host, "etcd-config", files, "systemctl daemon-reload",
                 update_then=f"systemctl daemon-reload && {KCP_LIB}/etcd-rolling-restart",
-                depends_on=[installed, receiver, *configured[-1:]]))
+                depends_on=[installed, receiver, *configured[-1:]], undo="systemctl disable --now etcd"))
         starts = [self._command(m, "etcd-start", "systemctl enable etcd && systemctl start --no-block etcd",
                                 delete=f"{KCP_LIB}/etcd-member-leave", depends_on=configured)
                   for m in t.etcd_members]
@@ -217,5 +221,6 @@ class BareMetalTarget:
             [member(m) for m in t.api_servers], [member(m) for m in t.load_balancers]))
         self._files(host, "loadbalancer", files,
                     "systemctl enable haproxy keepalived "
-                    "&& systemctl reload-or-restart haproxy keepalived", depends_on=after)
+                    "&& systemctl reload-or-restart haproxy keepalived", depends_on=after,
+                    undo="systemctl disable --now haproxy keepalived")
 

@@ -119,6 +119,7 @@ def local_cluster() -> Iterator[Deployment]:
     hosts = {h["name"]: h["address"].replace("10.250.0.", f"{subnet}.")
              for h in [*cfg0["baremetal"]["hosts"], *cfg0["baremetal"]["spares"]]}
     hosts["backup"] = cfg0["baremetal"]["backupHost"]["address"].replace("10.250.0.", f"{subnet}.")
+    hosts["outsider"] = f"{subnet}.30"  # in no role: what the firewall must keep out
     with Sandbox(name=name, subnet=subnet, hosts=hosts) as sandbox, \
             tempfile.TemporaryDirectory(prefix="kcp-deploy-") as tmp:
         sandbox.up()
