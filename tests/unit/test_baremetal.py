@@ -1,0 +1,77 @@
+"""Policies of the bare-metal target, on what the program declares for the `local` stack."""
+
+from __future__ import annotations
+
+import re
+
+from tests.integration.realtls import SECRET_SIG
+from tests.program import Program
+
+COMMAND = "command:remote:Command"
+
+
+def _commands(program: Program) -> list:
+    return program.of_type(COMMAND)
+
+
+def test_every_command_receives_its_payload_on_stdin_as_a_secret(declared) -> None:
+    for command in _commands(declared("local")):
+        stdin = command.inputs.get("stdin")
+        if stdin is not None and command.name.endswith(("-config", "-loadbalancer", "-firewall")):
+            assert isinstance(stdin, dict) and SECRET_SIG in stdin, f"{command.name}: stdin is not a secret"
+
+
+def test_no_command_line_carries_key_material(declared) -> None:
+    for command in _commands(declared("local")):
+        for field in ("create", "update", "delete"):
+            line = command.inputs.get(field)
+            if isinstance(line, str):
+                assert "PRIVATE KEY" not in line and not re.search(r"[A-Za-z0-9+/]{200,}", line), \
+                    f"{command.name}.{field} carries key material"
+
+
+def test_ssh_connection_key_is_a_secret(declared) -> None:
+    for command in _commands(declared("local")):
+        assert SECRET_SIG in command.inputs["connection"], f"{command.name}: connection (with key) not secret"
+
+
+def test_every_member_is_configured_before_any_member_starts(declared) -> None:
+    names = [r.name for r in declared("local").resources]
+    last_config = max(names.index(f"local-{h}-etcd-config") for h in ("h1", "h2", "h3", "spare1"))
+    first_start = min(names.index(f"local-{h}-etcd-start") for h in ("h1", "h2", "h3"))
+    assert last_config < first_start
+
+
+def test_things_that_need_etcd_wait_for_a_healthy_cluster(declared) -> None:
+    names = [r.name for r in declared("local").resources]
+    healthy = names.index("local-h1-etcd-healthy")
+    for dependent in ("local-h1-apiserver-config", "local-h2-loadbalancer", "local-h1-backup-timer",
+                      "local-spare1-spare-watch"):
+        assert names.index(dependent) > healthy, f"{dependent} may run before etcd is healthy"
+
+
+def test_etcd_is_installed_from_the_pinned_source(declared) -> None:
+    install = declared("local").named("local-h1-install-etcd").inputs["create"]
+    assert install.endswith("etcd-install distro 3.4.23 -")
+
+
+def test_config_changes_restart_members_one_at_a_time(declared) -> None:
+    program = declared("local")
+    for host in ("h1", "h2", "h3"):
+        update = program.named(f"local-{host}-etcd-config").inputs["update"]
+        assert update.endswith("etcd-rolling-restart"), f"local-{host}-etcd-config restarts without the guard"
+
+
+def test_removing_a_member_goes_through_the_quorum_guard(declared) -> None:
+    for host in ("h1", "h2", "h3"):
+        assert declared("local").named(f"local-{host}-etcd-start").inputs["delete"].endswith("etcd-member-leave")
+
+
+def test_backup_host_key_is_restricted_to_the_receiver(declared) -> None:
+    receiver = declared("local").named("local-backup-receiver")
+    assert "backup-host-setup etcd-backup /srv/etcd-backups/local" in receiver.inputs["create"]
+
+
+def test_spares_watch_but_do_not_start_etcd(declared) -> None:
+    names = {r.name for r in _commands(declared("local"))}
+    assert "local-spare1-spare-watch" in names and "local-spare1-etcd-start" not in names
