@@ -48,7 +48,9 @@ def load_keys(dep: Deployment, host: str, count: int, prefix: str) -> None:
             tar.addfile(info, io.BytesIO(data))
     command = ('set -e; d=$(mktemp -d); tar -C "$d" -x; . /etc/etcd/cluster.env; for f in "$d"/*; do '
                'etcdctl --endpoints="$KCP_CLIENT_ENDPOINTS" --cacert="$KCP_ETCD_CA" --cert="$KCP_ETCD_CERT" '
-               '--key="$KCP_ETCD_KEY" --command-timeout=30s txn <"$f" >/dev/null; done; rm -rf "$d"')
+               '--key="$KCP_ETCD_KEY" --command-timeout=30s txn <"$f" >/dev/null || { sleep 2; etcdctl '
+               '--endpoints="$KCP_CLIENT_ENDPOINTS" --cacert="$KCP_ETCD_CA" --cert="$KCP_ETCD_CERT" '
+               '--key="$KCP_ETCD_KEY" --command-timeout=30s txn <"$f" >/dev/null; }; done; rm -rf "$d"')
     dep.sandbox.ssh(host, command, input=buf.getvalue(), timeout=600)
 
 
@@ -119,11 +121,11 @@ def test_corrupt_snapshot_is_refused_and_cluster_untouched(local_cluster: Deploy
     good = state["backup"]
     bad = f"{dep.config['clusterName']}-20000101T00000{1 if damage == 'truncate' else 2}Z"
     edit = ("printf '\\x00' | dd of=$f.db bs=1 seek=4096 count=1 conv=notrunc 2>/dev/null; "
-            "cmp -s $f.db $g.db && printf '\\x01' | dd of=$f.db bs=1 seek=4096 count=1 conv=notrunc 2>/dev/null"
+            "{ ! cmp -s $f.db $g.db || printf '\\x01' | dd of=$f.db bs=1 seek=4096 count=1 conv=notrunc 2>/dev/null; }"
             if damage == "flip one byte" else "truncate -s -1000 $f.db")
     d = backup_dir(dep)
     dep.sandbox.ssh(dep.backup_host, f"cd {d} && f={bad} g={good['name']} && cp $g.db $f.db && "
-                    f"sed 's/{good['name']}/{bad}/' $g.json > $f.json && {edit}")
+                    f"sed 's/{good['name']}/{bad}/' $g.json > $f.json && {edit} && ! cmp -s $f.db $g.db")
     before = cluster_state(dep)
     try:
         proc = etcd_restore(dep, "--snapshot", bad, "--force")
