@@ -186,9 +186,11 @@ def election_timeout_s(cluster: Deployment) -> float:
     return cluster.config["etcd"]["electionMs"] / 1000
 
 
-def recovery_journal(cluster: Deployment, host: str) -> str:
-    out = cluster.sandbox.ssh(host, "journalctl -b -u etcd.service -u etcd-member-promote.service -o cat "
-                                    "| grep -E 'etcd-member-(recovery|promote)' | tail -n 20", check=False)
+def recovery_journal(cluster: Deployment, host: str, since: float) -> str:
+    """What the recovery and promote programs logged on `host` since `since` (epoch seconds)."""
+    out = cluster.sandbox.ssh(host, f"journalctl -b --since @{int(since) - 1} -u etcd.service "
+                                    "-u etcd-member-promote.service -o cat | grep -E 'etcd-member-(recovery|promote)'",
+                              check=False)
     return out.stdout.decode()
 
 
@@ -204,6 +206,7 @@ def test_cluster_starts_whole_and_every_member_records_its_id(local_cluster: Dep
 
 
 def test_killed_follower_restarts_on_its_own_data(local_cluster: Deployment) -> None:
+    since = time.time()
     hosts = local_cluster.members
     with under_load(local_cluster, "follower-kill", hosts):
         follower = next(h for h in hosts if h != leader(local_cluster, hosts))
@@ -212,7 +215,7 @@ def test_killed_follower_restarts_on_its_own_data(local_cluster: Deployment) -> 
         time.sleep(7)  # RestartSec=5s, then etcd-member-recovery decides
     assert {m["ID"] for m in member_list(local_cluster, hosts[0], hosts)} == ids_before, \
         "a follower with intact data must come back as the same member"
-    assert "local data of a current member" in recovery_journal(local_cluster, follower)
+    assert "local data of a current member" in recovery_journal(local_cluster, follower, since)
 
 
 def test_killed_leader_write_gap_is_within_two_election_timeouts(local_cluster: Deployment) -> None:
@@ -242,7 +245,22 @@ def test_partitioned_leader_is_replaced_and_rejoins_after_heal(local_cluster: De
     print(f"KCP-MEASURE leader-partition write gap {longest_stall_after(load.acks(), cut_at):.2f}s")
 
 
+def test_all_members_killed_at_once_restart_on_their_own_data(local_cluster: Deployment) -> None:
+    """No quorum while they come back: members with data must just start, not wait for one."""
+    since = time.time()
+    hosts = local_cluster.members
+    with under_load(local_cluster, "all-killed", hosts):
+        ids_before = {m["ID"] for m in member_list(local_cluster, hosts[0], hosts)}
+        for host in hosts:
+            local_cluster.sandbox.kill_process(host, "etcd.service")
+        time.sleep(7)
+    assert {m["ID"] for m in member_list(local_cluster, hosts[0], hosts)} == ids_before
+    for host in hosts:
+        assert "decision: start etcd (local data" in recovery_journal(local_cluster, host, since), host
+
+
 def test_member_with_wiped_data_rejoins_as_learner_and_is_promoted(local_cluster: Deployment) -> None:
+    since = time.time()
     hosts, sandbox = local_cluster.members, local_cluster.sandbox
     with under_load(local_cluster, "wiped-data", hosts):
         victim = next(h for h in hosts if h != leader(local_cluster, hosts))
@@ -256,12 +274,25 @@ def test_member_with_wiped_data_rejoins_as_learner_and_is_promoted(local_cluster
     new_id = next(m["ID"] for m in member_list(local_cluster, hosts[0], hosts) if m["name"] == victim)
     print(f"KCP-MEASURE wiped-data member replaced in {took:.1f}s from reboot")
     assert new_id != old_id, "an empty data dir must join as a new member, never reuse the old identity"
-    assert "decision: replace this member (data: empty)" in recovery_journal(local_cluster, victim)
+    assert "decision: replace this member (data: empty)" in recovery_journal(local_cluster, victim, since)
+
+
+def test_corrupt_data_dir_is_moved_aside_and_member_replaced(local_cluster: Deployment) -> None:
+    since = time.time()
+    hosts, sandbox = local_cluster.members, local_cluster.sandbox
+    with under_load(local_cluster, "corrupt-data", hosts):
+        victim = next(h for h in hosts if h != leader(local_cluster, hosts))
+        sandbox.ssh(victim, "systemctl stop etcd && dd if=/dev/urandom of=/var/lib/etcd/data/member/snap/db "
+                            "bs=4096 count=2 conv=notrunc status=none && systemctl start etcd", timeout=120)
+    kept = sandbox.ssh(victim, "ls -d /var/lib/etcd/data.bad-db-*", check=False)
+    assert kept.returncode == 0, "the corrupt data dir must be kept aside, not deleted"
+    assert "decision: replace this member (data: bad-db)" in recovery_journal(local_cluster, victim, since)
 
 
 def test_interrupted_join_and_stale_learners_are_cleaned_up_on_retry(local_cluster: Deployment) -> None:
     """A learner nobody starts (a foreign leftover, then this host's own from a join that died
     before writing join.env) must not block the next attempt, which must converge."""
+    since = time.time()
     hosts, sandbox = local_cluster.members, local_cluster.sandbox
     subnet = sandbox.address(hosts[0]).rsplit(".", 1)[0]
     with under_load(local_cluster, "interrupted-join", hosts):
@@ -282,7 +313,7 @@ def test_interrupted_join_and_stale_learners_are_cleaned_up_on_retry(local_clust
         sandbox.ssh(victim, "systemctl start etcd", timeout=120)
     members = member_list(local_cluster, hosts[0], hosts)
     assert sorted(m.get("name", "") for m in members) == sorted(hosts), f"leftover members: {members}"
-    assert "stale member in this host's slot" in recovery_journal(local_cluster, victim)
+    assert "stale member in this host's slot" in recovery_journal(local_cluster, victim, since)
 
 
 def test_replacement_host_with_empty_disk_is_promoted_within_30s(local_cluster: Deployment) -> None:
@@ -321,6 +352,7 @@ def test_recovery_refuses_without_quorum_and_changes_nothing(local_cluster: Depl
 
 def test_spare_takes_over_a_dead_member_and_reports_it(local_cluster: Deployment) -> None:
     """Last: it leaves the cluster as spare + two members, as a real takeover would."""
+    since = time.time()
     assert local_cluster.spares, "the local stack has a spare"
     sandbox, spare = local_cluster.sandbox, local_cluster.spares[0]
     dead = local_cluster.members[0]
@@ -341,3 +373,7 @@ def test_spare_takes_over_a_dead_member_and_reports_it(local_cluster: Deployment
     journal = sandbox.ssh(spare, "journalctl -u etcd-spare-watch.service -o cat", check=False).stdout.decode()
     assert f"TAKEOVER: spare {spare}" in journal
     assert sandbox.ssh(spare, "systemctl is-enabled etcd", check=False).stdout.strip() == b"enabled"
+    sandbox.start_host(dead)  # the old machine returns with its data: its slot is gone
+    time.sleep(3)
+    assert "this slot was taken over" in recovery_journal(local_cluster, dead, since)
+    assert sorted(m["name"] for m in member_list(local_cluster, after[0], after)) == sorted(after)
