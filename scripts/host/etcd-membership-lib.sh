@@ -322,13 +322,17 @@ kcp_write_join_env() {
 kcp_with_lock() {
 	local rcfile rc
 	rcfile=$(mktemp)
-	echo 1 >"$rcfile"
+	echo unlocked >"$rcfile"
 	KCP_LOCKED_RC_FILE=$rcfile timeout --kill-after=5 "$KCP_LOCK_WAIT_SECONDS" \
 		"$KCP_ETCDCTL" --endpoints="$KCP_LOCK_ENDPOINTS" --cacert="$KCP_ETCD_CA" \
 		--cert="$KCP_ETCD_CERT" --key="$KCP_ETCD_KEY" --dial-timeout=2s \
 		lock --ttl="$KCP_LOCK_TTL_SECONDS" "$KCP_LOCK_NAME" -- "$@" || true
 	rc=$(cat "$rcfile")
 	rm -f "$rcfile"
+	if [[ $rc == unlocked ]]; then
+		kcp_log "ERROR: could not take the replacement lock $KCP_LOCK_NAME within ${KCP_LOCK_WAIT_SECONDS}s"
+		return 5
+	fi
 	return "$rc"
 }
 
