@@ -159,6 +159,21 @@ def test_killing_the_vip_holder_moves_the_vip_and_readyz_answers_again(
     local_cluster.etcdctl(holder, "endpoint", "health", timeout=90)
 
 
+def test_member_removal_is_refused_when_it_would_lose_quorum(local_cluster: Deployment) -> None:
+    """With h3 down, removing h1 would leave h2 alone out of two members: no quorum."""
+    before = local_cluster.etcdctl("h2", "member", "list").stdout
+    local_cluster.sandbox.kill_process("h3", "etcd")
+    local_cluster.sandbox.ssh("h3", "systemctl stop etcd")
+    try:
+        refused = local_cluster.sandbox.ssh("h1", "/usr/local/lib/kcp/etcd-member-leave", check=False)
+        assert refused.returncode != 0 and b"refusing" in refused.stderr, refused.stderr.decode()
+        assert local_cluster.etcdctl("h2", "member", "list").stdout == before
+        assert local_cluster.sandbox.ssh("h1", "systemctl is-active etcd", check=False).stdout.strip() == b"active"
+    finally:
+        local_cluster.sandbox.ssh("h3", "systemctl start etcd")
+    local_cluster.etcdctl("h3", "endpoint", "health", timeout=90)
+
+
 def test_replaying_the_delete_steps_leaves_the_hosts_clean(local_cluster: Deployment) -> None:
     local_cluster.replay.delete()
     for host in [*local_cluster.members, *local_cluster.spares]:
