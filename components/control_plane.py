@@ -10,6 +10,7 @@ from components.config import ClusterConfig
 from components.pki import ClusterPki
 from components.render import kubernetes
 from components.render.hostfiles import Credentials
+from components.report import resilience_report
 from components.summary import resilience_summary
 from components.targets import SharedAssets, target_for
 from components.topology import plan
@@ -58,10 +59,12 @@ class ControlPlane(pulumi.ComponentResource):
             self.pki.certs["admin"].cert_pem, self.pki.certs["admin"].key_pem,
         ).apply(lambda v: kubernetes.kubeconfig(cfg.cluster_name, v[0], "kubernetes-admin", v[1], v[2], v[3])))
         self.summary = resilience_summary(cfg, topology)
+        self.report = resilience_report(cfg)
         self.register_outputs({
             "apiEndpoint": self.api_endpoint,
             "etcdClientEndpoints": self.etcd_client_endpoints,
             "backupLocation": self.backup_location,
             "adminKubeconfig": self.admin_kubeconfig,
             "resilienceSummary": self.summary,
+            "resilienceReport": self.report,
         })

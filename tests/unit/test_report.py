@@ -7,13 +7,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pulumi
 import pytest
 
 from components.config import ClusterConfig
 from components.report import membership_change, resilience_report
 from components.validation import load
 from tests.conftest import ALL_STACKS, stack_for_tests
-from tests.program import ROOT, stack_config
+from tests.program import ROOT, run_program, stack_config
 
 
 def _raw(stack: str) -> dict[str, Any]:
@@ -204,3 +205,11 @@ def test_growing_and_unchanged_are_safe() -> None:
     assert "- added: prod-etcd-3 (europe-west1-b)" in grown and "- added: prod-etcd-4 (europe-west1-c)" in grown
     assert "Safe: no member is removed or replaced" in grown
     assert "No member is added, removed or replaced." in membership_change(old, old)
+
+
+def test_the_report_is_a_stack_output(throwaway_ssh_key: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exported: dict[str, Any] = {}
+    monkeypatch.setattr(pulumi, "export", lambda name, value: exported.__setitem__(name, value))
+    raw = stack_for_tests(ROOT / "stacks" / "Pulumi.local.yaml", throwaway_ssh_key)
+    run_program(raw, stack="local")
+    assert exported["resilienceReport"] == resilience_report(load(raw))
