@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -213,3 +215,23 @@ def test_the_report_is_a_stack_output(throwaway_ssh_key: Path, monkeypatch: pyte
     raw = stack_for_tests(ROOT / "stacks" / "Pulumi.local.yaml", throwaway_ssh_key)
     run_program(raw, stack="local")
     assert exported["resilienceReport"] == resilience_report(load(raw))
+
+
+def test_scripts_report_runs_offline_for_the_local_stack() -> None:
+    done = subprocess.run([str(ROOT / "scripts" / "report"), "local"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("# Resilience report: local (baremetal, resilience: default)")
+
+
+def test_scripts_report_adds_the_membership_change_and_refuses_a_bad_config(tmp_path: Path) -> None:
+    base = tmp_path / "Pulumi.local.yaml"
+    base.write_text((ROOT / "stacks" / "Pulumi.local.yaml").read_text().replace("10.250.0.12", "10.250.0.42"))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "report"), "local", "--old-config", str(base)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "- replaced: h2 (10.250.0.42, rack-b): address 10.250.0.42 -> 10.250.0.12" in done.stdout
+    base.write_text(base.read_text().replace("members: 3", "members: 2"))
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "report"), "local", "--old-config", str(base)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "config key 'etcd.members': value 2 is not allowed" in bad.stderr
