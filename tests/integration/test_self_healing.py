@@ -4,9 +4,9 @@ Each fault runs while tests/integration/writeload.py puts sequential keys throug
 member's client URL (from the backup host's network namespace, which the firewall lets
 reach etcd). After each fault: every member is a started, promoted, healthy voter, all
 members hash their key space alike at one revision (`endpoint hashkv`), and every key
-the writer saw acknowledged is there with its value. Printed figures ("KCP-MEASURE")
-are for this local test bed: the write gap after leader loss and the time for a
-replacement member to be promoted. Tests share one cluster and run in file order.
+the writer saw acknowledged is there with its value. Figures (tests/figures.py) are for
+this local test bed: the write gap after leader loss and the time for a replacement
+member to be promoted. Tests share one cluster and run in file order.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.figures import record
 from tests.integration.conftest import Deployment
 
 pytestmark = pytest.mark.integration
@@ -225,8 +226,9 @@ def test_killed_leader_write_gap_is_within_two_election_timeouts(local_cluster: 
         killed_at = time.time()
         local_cluster.sandbox.kill_process(old, "etcd.service")
         time.sleep(8)
-    gap, limit = longest_stall_after(load.acks(), killed_at), 2 * election_timeout_s(local_cluster)
-    print(f"KCP-MEASURE leader-loss write gap {gap:.2f}s (election timeout {election_timeout_s(local_cluster):.1f}s)")
+    election = election_timeout_s(local_cluster)
+    gap, limit = longest_stall_after(load.acks(), killed_at), 2 * election
+    record("etcd leader-loss write gap (SIGKILL)", gap, "election timeout", election, "<= 2x election timeout")
     assert 0 < gap <= limit, f"write gap after SIGKILL of the leader {old}: {gap:.2f}s > {limit:.1f}s"
 
 
@@ -242,7 +244,8 @@ def test_partitioned_leader_is_replaced_and_rejoins_after_heal(local_cluster: De
             assert leader(local_cluster, others) != old
         finally:
             local_cluster.sandbox.heal(old)
-    print(f"KCP-MEASURE leader-partition write gap {longest_stall_after(load.acks(), cut_at):.2f}s")
+    record("etcd leader-partition write gap", longest_stall_after(load.acks(), cut_at),
+           "election timeout", election_timeout_s(local_cluster))
 
 
 def test_all_members_killed_at_once_restart_on_their_own_data(local_cluster: Deployment) -> None:
@@ -272,7 +275,7 @@ def test_member_with_wiped_data_rejoins_as_learner_and_is_promoted(local_cluster
         wait_promoted_and_healthy(local_cluster, hosts)
         took = time.monotonic() - started
     new_id = next(m["ID"] for m in member_list(local_cluster, hosts[0], hosts) if m["name"] == victim)
-    print(f"KCP-MEASURE wiped-data member replaced in {took:.1f}s from reboot")
+    record("etcd wiped-data member promoted, from reboot", took, "election timeout", election_timeout_s(local_cluster))
     assert new_id != old_id, "an empty data dir must join as a new member, never reuse the old identity"
     assert "decision: replace this member (data: empty)" in recovery_journal(local_cluster, victim, since)
 
@@ -328,8 +331,10 @@ def test_replacement_host_with_empty_disk_is_promoted_within_30s(local_cluster: 
         deployed = time.monotonic()
         wait_promoted_and_healthy(local_cluster, hosts)
         done = time.monotonic()
-    print(f"KCP-MEASURE member replacement {done - started:.1f}s from the replacement host's start "
-          f"(boot {booted - started:.1f}s, redeploy {deployed - booted:.1f}s, join+promote {done - deployed:.1f}s)")
+    print(f"\nreplacement: boot {booted - started:.1f}s, redeploy {deployed - booted:.1f}s, "
+          f"join+promote {done - deployed:.1f}s")
+    record("etcd member replacement, from the replacement host's start to a promoted healthy member",
+           done - started, "replacement host boot", booted - started, "<= 30 s")
     assert done - started <= REPLACEMENT_LIMIT_S, f"replacement took {done - started:.1f}s"
 
 
