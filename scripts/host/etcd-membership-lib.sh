@@ -32,6 +32,7 @@ kcp_load_env() {
 	done
 	KCP_JOIN_ENV=${KCP_JOIN_ENV:-/run/etcd/join.env}
 	KCP_CLUSTER_FORMED_FILE=${KCP_CLUSTER_FORMED_FILE:-/etc/etcd/cluster-formed}
+	KCP_RESTORED_FILE=${KCP_RESTORED_FILE:-/run/etcd/restored}
 	KCP_STATE_DIR=${KCP_STATE_DIR:-/var/lib/kcp}
 	KCP_ETCDCTL=${KCP_ETCDCTL:-etcdctl}
 	KCP_LOCK_TTL_SECONDS=${KCP_LOCK_TTL_SECONDS:-30}

@@ -65,6 +65,7 @@ class Host:
             "KCP_ETCD_CA=/nonexistent/ca.crt", "KCP_ETCD_CERT=/nonexistent/c.crt", "KCP_ETCD_KEY=/nonexistent/c.key",
             f"KCP_DATA_DIR={self.data}", f"KCP_JOIN_ENV={self.root / 'join.env'}",
             f"KCP_CLUSTER_FORMED_FILE={self.root / 'cluster-formed'}", f"KCP_STATE_DIR={self.root / 'state'}",
+            f"KCP_RESTORED_FILE={self.root / 'restored'}",
             f"KCP_ETCDCTL={etcdctl}", "",
         ]))
 
@@ -84,6 +85,10 @@ class Host:
 
     def formed(self) -> Host:
         (self.root / "cluster-formed").write_text("")
+        return self
+
+    def restored(self) -> Host:
+        (self.root / "restored").write_text("new-cluster-token\n")
         return self
 
     def peers(self, *lines: str, healthy: tuple[str, ...] = ()) -> Host:

@@ -37,6 +37,12 @@ def test_local_data_and_nobody_answering_starts_at_once(host: Host) -> None:
     decided(recovery(host.with_data().formed()), 0, "decision: start etcd (local data; no other member answered)")
 
 
+def test_freshly_restored_data_starts_without_asking_the_other_members(host: Host) -> None:
+    result = recovery(host.with_data().formed().restored())
+    decided(result, 0, "decision: start etcd (data restored from a snapshot)")
+    assert "member list" not in host.calls(), "a restored member waited for its peers"
+
+
 def test_local_data_of_a_listed_member_starts(host: Host) -> None:
     result = recovery(host.with_data(member_id="a1").formed().peers(
         started("a1", "h1"), started("a2", "h2"), started("a3", "h3"), healthy=("h2", "h3")))
