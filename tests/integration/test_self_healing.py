@@ -319,6 +319,25 @@ def test_interrupted_join_and_stale_learners_are_cleaned_up_on_retry(local_clust
     assert "stale member in this host's slot" in recovery_journal(local_cluster, victim, since)
 
 
+def bare_member_add_and_start(cluster: Deployment, hosts: list[str], victim: str) -> float:
+    """Baseline: what an operator does by hand on an already-booted host, timed from
+    `member add` to a healthy cluster: remove the member, empty its data, add it back as a
+    voter, write the initial-cluster settings, start etcd."""
+    others = [h for h in hosts if h != victim]
+    cluster.sandbox.ssh(victim, "systemctl stop etcd")
+    victim_id = next(m["ID"] for m in member_list(cluster, others[0], others) if m.get("name") == victim)
+    ctl(cluster, others[0], others, "member", "remove", format(victim_id, "x"))
+    cluster.sandbox.ssh(victim, '. /etc/etcd/cluster.env && mv "$KCP_DATA_DIR" "$KCP_DATA_DIR.baseline-$(date +%s)"')
+    peer = f"https://{cluster.sandbox.address(victim)}:2380"
+    started = time.monotonic()
+    added = ctl(cluster, others[0], others, "member", "add", victim, f"--peer-urls={peer}").stdout.decode()
+    join = "".join(f"{line}\n" for line in added.splitlines() if line.startswith("ETCD_INITIAL_CLUSTER"))
+    cluster.sandbox.ssh(victim, "mkdir -p /run/etcd && cat > /run/etcd/join.env && systemctl start etcd",
+                        input=join.encode(), timeout=120)
+    wait_promoted_and_healthy(cluster, hosts)
+    return time.monotonic() - started
+
+
 def test_replacement_host_with_empty_disk_is_promoted_within_30s(local_cluster: Deployment) -> None:
     hosts, sandbox = local_cluster.members, local_cluster.sandbox
     with under_load(local_cluster, "replacement-host", hosts):
@@ -333,9 +352,11 @@ def test_replacement_host_with_empty_disk_is_promoted_within_30s(local_cluster: 
         done = time.monotonic()
     print(f"\nreplacement: boot {booted - started:.1f}s, redeploy {deployed - booted:.1f}s, "
           f"join+promote {done - deployed:.1f}s")
-    record("etcd member replacement, from the replacement host's start to a promoted healthy member",
-           done - started, "replacement host boot", booted - started, "<= 30 s")
     assert done - started <= REPLACEMENT_LIMIT_S, f"replacement took {done - started:.1f}s"
+    bare = bare_member_add_and_start(local_cluster, hosts, victim)
+    record("etcd member replacement, replacement host start to promoted healthy member (boot "
+           f"{booted - started:.1f} s, redeploy {deployed - booted:.1f} s, join+promote {done - deployed:.1f} s)",
+           done - started, "bare member add + start by hand on a booted host", bare, "<= 30 s")
 
 
 def test_recovery_refuses_without_quorum_and_changes_nothing(local_cluster: Deployment) -> None:
