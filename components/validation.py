@@ -215,7 +215,8 @@ def _zone_spread(cfg: ClusterConfig) -> None:
                               f"a spread where no zone holds a quorum: zone {zone} would hold {count} of "
                               f"{members} etcd members, so losing it loses quorum ({quorum(members)} needed); "
                               "use at least 3 zones")
-    api_total = len(topology.api_servers)
-    for zone, count in sorted(topology.count_per_zone("apiserver").items()):
-        if count == api_total:
-            raise ConfigError("zones", cfg.zones, f"API servers in more than one zone (all are in {zone})")
+    for role, what in (("apiserver", "API servers"), ("loadbalancer", "load balancers (API VIP holders)")):
+        per_zone = topology.count_per_zone(role)
+        if len(per_zone) == 1:
+            zone = next(iter(per_zone))
+            raise ConfigError("zones", cfg.zones, f"{what} in more than one zone (all are in {zone})")

@@ -169,6 +169,18 @@ def test_zone_error_says_which_zone_holds_a_quorum() -> None:
         load(cfg)
 
 
+def test_load_balancers_must_not_share_one_zone() -> None:
+    cfg = copy.deepcopy(LOCAL)
+    cfg["baremetal"]["hosts"] = [
+        {"name": "h1", "address": "10.250.0.11", "zone": "rack-a", "roles": ["etcd", "apiserver", "loadbalancer"]},
+        {"name": "h2", "address": "10.250.0.12", "zone": "rack-b", "roles": ["etcd", "apiserver"]},
+        {"name": "h3", "address": "10.250.0.13", "zone": "rack-c", "roles": ["etcd", "apiserver"]},
+        {"name": "lb2", "address": "10.250.0.15", "zone": "rack-a", "roles": ["loadbalancer"]},
+    ]
+    with pytest.raises(ConfigError, match=r"load balancers \(API VIP holders\) .* \(all are in rack-a\)"):
+        load(cfg)
+
+
 def test_minimal_allows_one_member_and_one_api_server() -> None:
     cfg = copy.deepcopy(GCE)
     cfg.update(resilience="minimal", zones=["europe-west1-b"])
