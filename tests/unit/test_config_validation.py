@@ -195,3 +195,15 @@ def test_ssh_private_key_is_kept_as_a_secret_string() -> None:
     cfg["baremetal"]["sshPrivateKey"] = "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n"
     model = load(cfg)
     assert model.baremetal is not None and "secret" not in repr(model.baremetal)
+
+
+def test_pulumi_yaml_declares_every_config_key_with_a_description() -> None:
+    import yaml
+
+    from components.config import TOP_LEVEL_KEYS
+    project = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
+    declared = project["config"]
+    assert project["name"] == "resilient-control-plane" and project["stackConfigDir"] == "stacks"
+    assert set(declared) == set(TOP_LEVEL_KEYS), set(declared) ^ set(TOP_LEVEL_KEYS)
+    for key, declaration in declared.items():
+        assert declaration.get("description"), f"Pulumi.yaml config key {key} has no description"
