@@ -34,6 +34,7 @@ def load(raw: Mapping[str, Any]) -> ClusterConfig:
         rule(cfg)
     if cfg.baremetal is not None:
         _baremetal(cfg, cfg.baremetal)
+    _cloud_networks(cfg)
     _zone_spread(cfg)
     return cfg
 
@@ -201,6 +202,27 @@ def _baremetal_addresses(cfg: ClusterConfig, bm: BareMetal) -> None:
         raise ConfigError("baremetal.backupHost.path", bm.backup_host.path, "an absolute path")
     for i, cidr in enumerate(bm.operator_cidrs):
         _network(f"baremetal.operatorCidrs[{i}]", cidr)
+
+
+_AWS_SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+
+
+def _cloud_networks(cfg: ClusterConfig) -> None:
+    """An existing network is named completely: GCE network with its subnetwork, AWS one subnet per zone."""
+    if cfg.gce is not None:
+        _network("gce.subnetCidr", cfg.gce.subnet_cidr)
+        if (cfg.gce.network is None) != (cfg.gce.subnetwork is None):
+            raise ConfigError("gce.subnetwork", cfg.gce.subnetwork,
+                              "set together with gce.network (an existing network and its subnetwork), or neither")
+    if cfg.aws is not None:
+        _network("aws.vpcCidr", cfg.aws.vpc_cidr)
+        ids = cfg.aws.subnet_ids
+        if ids and len(ids) != len(cfg.zones):
+            raise ConfigError("aws.subnetIds", ids,
+                              f"one private subnet per zone, in the order of zones ({len(cfg.zones)})")
+        for i, subnet in enumerate(ids):
+            if not _AWS_SUBNET.match(subnet):
+                raise ConfigError(f"aws.subnetIds[{i}]", subnet, "a subnet ID such as subnet-0123456789abcdef0")
 
 
 def _zone_spread(cfg: ClusterConfig) -> None:

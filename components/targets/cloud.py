@@ -1,0 +1,178 @@
+"""What the GCE and AWS targets share: slots, secret and object names, bundles, retention, boot.
+
+Both clouds run the same machines: one group per etcd member (its *slot*, named after the
+topology's machine) and one group for the API servers (one shared slot). A slot's secret is
+a bundle of its host files, named like the slot, so a booting machine needs to know only
+its slot. Nothing here declares a resource; the targets turn these facts into their cloud's
+resources, so the two target modules differ only where the clouds do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+
+from components import versions
+from components.config import ClusterConfig
+from components.facts import cluster_facts
+from components.naming import resource_name
+from components.pki import Endpoints
+from components.render import boot
+from components.render.etcd import CLIENT_PORT, METRICS_PORT
+from components.render.hostfiles import Cluster, Credentials, HostFile, apiserver_files, bundle, etcd_member_files
+from components.render.kubernetes import API_PORT
+from components.topology import Machine, Topology
+
+# Both secret stores hold at most 64 KiB per version (Secret Manager: 64 KiB; Secrets Manager: 65,536 bytes).
+SECRET_MAX_BYTES = 65_536
+# Boot to healthy, measured from the boot path's steps: etcd = release download + join;
+# API servers add containerd, kubelet and image pulls. Autohealing and ASG grace wait this long.
+ETCD_BOOT_SECONDS = 600
+API_BOOT_SECONDS = 900
+ETCD_DATA_DEVICE = "etcd-data"
+ETCD_LB_PORTS = (CLIENT_PORT, METRICS_PORT)  # client traffic and the /health probes
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One identity that a group keeps filled: an etcd member, or the API servers' shared one."""
+
+    name: str
+    roles: tuple[str, ...]
+    machine: Machine | None = None  # None for the API server group (instances are interchangeable)
+
+    def has(self, role: str) -> bool:
+        return role in self.roles
+
+
+def slots(cfg: ClusterConfig, topology: Topology) -> list[Slot]:
+    """etcd member slots (carrying the API server too when colocated), then the API group's slot."""
+    colocated = cfg.etcd.placement == "colocated"
+    roles = ("etcd", "apiserver") if colocated else ("etcd",)
+    result = [Slot(m.name, roles, m) for m in topology.etcd_members]
+    if not colocated:
+        result.append(Slot(api_slot(cfg.cluster_name), ("apiserver",)))
+    return result
+
+
+def api_slot(cluster: str) -> str:
+    return resource_name(cluster, "api")
+
+
+def programs_secret(cluster: str) -> str:
+    """The host programs (scripts/host) travel as a bundle too: same fetch path, no size limit of user data."""
+    return resource_name(cluster, "host-programs")
+
+
+def role_tag(cluster: str, role: str) -> str:
+    """Network tag / tag value that firewall rules and policies select machines by."""
+    return resource_name(cluster, role)
+
+
+def backup_prefix(cluster: str) -> str:
+    return f"{cluster}/backups"
+
+
+def marker_key(cluster: str) -> str:
+    """Outside the backup prefix, so hosts that may overwrite backups cannot delete it."""
+    return f"{cluster}/cluster-formed"
+
+
+def resolved_cluster(cfg: ClusterConfig, topology: Topology, endpoints: Endpoints,
+                     backup_url: pulumi.Input[str]) -> pulumi.Output[Cluster]:
+    """The renderer's facts once the cloud has allocated the addresses the certificates name."""
+    names = list(endpoints.member_addresses)
+    values = [endpoints.member_addresses[n] for n in names]
+    return pulumi.Output.all(endpoints.api_host, backup_url, *values).apply(
+        lambda v: cluster_facts(cfg, topology, dict(zip(names, v[2:], strict=True)), v[0], v[1]))
+
+
+def slot_files(cluster: Cluster, slot: Slot, creds: Credentials) -> list[HostFile]:
+    files: list[HostFile] = []
+    if slot.has("etcd"):
+        me = next(m for m in cluster.members if m.name == slot.name)
+        files += etcd_member_files(cluster, me, creds)
+    if slot.has("apiserver"):
+        files += apiserver_files(cluster, creds)
+    return files
+
+
+def checked_bundle(name: str, files: list[HostFile]) -> str:
+    payload = bundle(files)
+    if len(payload) > SECRET_MAX_BYTES:
+        raise ValueError(f"bundle {name} is {len(payload)} bytes, over the secret stores' {SECRET_MAX_BYTES}")
+    return payload
+
+
+def secret_payloads(cfg: ClusterConfig, topology: Topology, cluster: pulumi.Output[Cluster],
+                    credentials: pulumi.Output[Credentials]) -> dict[str, pulumi.Output[str]]:
+    """Secret name -> bundle: the host programs, then one bundle per slot (secret: it holds keys)."""
+    payloads = {programs_secret(cfg.cluster_name): pulumi.Output.from_input(
+        checked_bundle("host-programs", boot.host_program_files()))}
+    for slot in slots(cfg, topology):
+        payloads[slot.name] = pulumi.Output.secret(pulumi.Output.all(cluster, credentials).apply(
+            lambda v, slot=slot: checked_bundle(slot.name, slot_files(v[0], slot, v[1]))))
+    return payloads
+
+
+def boot_settings(cfg: ClusterConfig, slot: Slot, marker_url: pulumi.Input[str],
+                  forward_ports: tuple[int, ...]) -> dict[str, pulumi.Input[str]]:
+    """KCP_BOOT_* values common to both clouds; each target adds its provider's few."""
+    settings: dict[str, pulumi.Input[str]] = {
+        "KCP_BOOT_CLUSTER": cfg.cluster_name,
+        "KCP_BOOT_ROLES": " ".join(slot.roles),
+        "KCP_BOOT_PROGRAMS_SECRET": programs_secret(cfg.cluster_name),
+        "KCP_BOOT_DISK": cfg.etcd.disk,
+        "KCP_BOOT_MARKER": marker_url,
+        "KCP_BOOT_WAIT_SECONDS": str(ETCD_BOOT_SECONDS),
+        "KCP_BOOT_FORWARD_PORTS": " ".join(str(p) for p in forward_ports),
+    }
+    if slot.has("etcd"):
+        sha = versions.ETCD_SHA256["amd64"][cfg.etcd.version]
+        settings["KCP_BOOT_ETCD_INSTALL"] = f"release {cfg.etcd.version} {sha}"
+    if slot.has("apiserver"):
+        settings["KCP_BOOT_KUBELET_INSTALL"] = versions.kubelet_release_args(cfg.kubernetes_version)
+    return settings
+
+
+def lb_ports(slot: Slot) -> tuple[int, ...]:
+    """Ports that a destination-preserving load balancer delivers to a slot's machines."""
+    return (*(ETCD_LB_PORTS if slot.has("etcd") else ()), *((API_PORT,) if slot.has("apiserver") else ()))
+
+
+def startup_script(provider: str, settings: dict[str, pulumi.Input[str]],
+                   max_bytes: int | None = None) -> pulumi.Output[str]:
+    keys = list(settings)
+    return pulumi.Output.all(*settings.values()).apply(
+        lambda v: boot.boot_script(provider, dict(zip(keys, v, strict=True)), max_bytes))
+
+
+@dataclass(frozen=True)
+class VersionRule:
+    """Lifecycle of the objects under `prefix`: keep the newest `keep_versions` (live included),
+    or delete objects `expire_days` after creation. docs/backups.md has the layout."""
+
+    prefix: str
+    keep_versions: int | None = None
+    expire_days: int | None = None
+
+
+def retention_rules(cfg: ClusterConfig) -> list[VersionRule]:
+    prefix, retain = backup_prefix(cfg.cluster_name), cfg.backup.retain
+    return [
+        VersionRule(f"{prefix}/recent/", keep_versions=retain.recent),
+        VersionRule(f"{prefix}/daily/", keep_versions=max(retain.daily, 1)),
+        VersionRule(f"{prefix}/daily-markers/", expire_days=retain.daily + 1),
+        VersionRule(f"{prefix}/bad/", keep_versions=3),
+        VersionRule(f"{prefix}/status.json", keep_versions=11),
+    ]
+
+
+def client_endpoints(endpoints: Endpoints, topology: Topology) -> pulumi.Output[list[str]]:
+    addresses = [endpoints.member_addresses[m.name] for m in topology.etcd_members]
+    return pulumi.Output.all(*addresses).apply(lambda a: [f"https://{x}:{CLIENT_PORT}" for x in a])
+
+
+def api_endpoint(endpoints: Endpoints) -> pulumi.Output[str]:
+    return pulumi.Output.from_input(endpoints.api_host).apply(lambda h: f"https://{h}:{API_PORT}")

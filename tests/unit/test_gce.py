@@ -1,0 +1,267 @@
+"""Policies of the GCE target, on what the program declares for every shipped GCE stack (issue 7).
+
+Each stack is declared once per test session (the `declared` fixture caches it); every test
+names the resource it found at fault.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import pytest
+
+from components.render.etcd import CLIENT_PORT, METRICS_PORT, PEER_PORT
+from components.render.kubernetes import API_PORT
+from components.targets.gce_network import AUTOHEALING_AND_INTERNAL_LB_PROBES, EXTERNAL_PASSTHROUGH_LB_PROBES
+from components.topology import quorum
+from tests.conftest import ALL_STACKS
+from tests.integration.realtls import SECRET_SIG
+from tests.program import ROOT, Declared, Program, stack_config
+
+GCE_STACKS = [s for s in ALL_STACKS if stack_config(ROOT / "stacks" / f"Pulumi.{s}.yaml")["target"] == "gce"]
+T = "gcp:compute/"
+IGM, RIGM, PIC = f"{T}instanceGroupManager:InstanceGroupManager", \
+    f"{T}regionInstanceGroupManager:RegionInstanceGroupManager", f"{T}perInstanceConfig:PerInstanceConfig"
+CHECK, FIREWALL, TEMPLATE = f"{T}regionHealthCheck:RegionHealthCheck", f"{T}firewall:Firewall", \
+    f"{T}instanceTemplate:InstanceTemplate"
+BACKEND, RULE = f"{T}regionBackendService:RegionBackendService", f"{T}forwardingRule:ForwardingRule"
+SECRET_IAM = "gcp:secretmanager/secretIamMember:SecretIamMember"
+BUCKET, BUCKET_IAM = "gcp:storage/bucket:Bucket", "gcp:storage/bucketIAMMember:BucketIAMMember"
+
+
+@pytest.fixture(params=GCE_STACKS)
+def stack(request: pytest.FixtureRequest, declared) -> tuple[dict[str, Any], Program]:
+    name = request.param
+    return stack_config(ROOT / "stacks" / f"Pulumi.{name}.yaml"), declared(name)
+
+
+def _check_of(program: Program, reference: str) -> Declared:
+    """The health check an autohealing policy or backend service points at (mock ids are `<name>-id`)."""
+    return program.named(reference.removesuffix("-id"))
+
+
+def _ports(rule: Declared) -> set[int]:
+    return {int(p) for allow in rule.inputs["allows"] for p in allow.get("ports", [])}
+
+
+def test_gce_stacks_are_tested() -> None:
+    assert set(GCE_STACKS) >= {"gce-example", "gce-five"}
+
+
+def test_api_group_autoheals_on_https_readyz_6443(stack) -> None:
+    program = stack[1]
+    for group in program.of_type(RIGM):
+        policy = group.inputs["autoHealingPolicies"]
+        check = _check_of(program, policy["healthCheck"])
+        https = check.inputs.get("httpsHealthCheck")
+        assert https == {"port": API_PORT, "requestPath": "/readyz"}, f"{group.name}: autoheals on {check.name} {https}"
+        assert policy["initialDelaySec"] >= 600, f"{group.name}: initial delay {policy['initialDelaySec']}s < boot time"
+    assert len(program.of_type(RIGM)) == 1
+
+
+def test_etcd_member_groups_autoheal_on_health_2381(stack) -> None:
+    cfg, program = stack
+    groups = program.of_type(IGM)
+    assert len(groups) == cfg["etcd"]["members"], "one group per etcd member"
+    for group in groups:
+        policy = group.inputs["autoHealingPolicies"]
+        check = _check_of(program, policy["healthCheck"])
+        assert check.inputs.get("httpHealthCheck") == {"port": METRICS_PORT, "requestPath": "/health"}, \
+            f"{group.name}: autoheals on {check.name}"
+        assert policy["initialDelaySec"] >= 300, f"{group.name}: initial delay too short for a join"
+
+
+def test_one_zone_lost_leaves_an_etcd_quorum_and_an_api_server(stack) -> None:
+    program = stack[1]
+    members = [g.inputs["zone"] for g in program.of_type(IGM)]
+    for zone in set(members):
+        left = sum(1 for z in members if z != zone)
+        assert left >= quorum(len(members)), f"losing {zone} leaves {left} of {len(members)} etcd members"
+    (api,) = program.of_type(RIGM)
+    zones, size = api.inputs["distributionPolicyZones"], api.inputs["targetSize"]
+    assert api.inputs["distributionPolicyTargetShape"] == "EVEN", f"{api.name}: not spread evenly"
+    assert len(zones) >= 2 and size - math.ceil(size / len(zones)) >= 1, \
+        f"{api.name}: {size} API servers over {zones} do not survive a zone"
+
+
+def test_members_keep_their_address_and_persistent_members_their_disk(stack) -> None:
+    cfg, program = stack
+    persistent = cfg["etcd"]["disk"] == "persistent"
+    for config in program.of_type(PIC):
+        member, state = config.name.removesuffix("-instance-config"), config.inputs["preservedState"]
+        (ip,) = state["internalIps"]
+        assert ip["autoDelete"] == "NEVER" and ip["ipAddress"]["address"] == f"https://mock/{member}-address", \
+            f"{config.name}: the member's reserved address is not preserved"
+        assert state["metadata"] == {"kcp-slot": member}, f"{config.name}: slot metadata"
+        disks = state.get("disks") or []
+        if persistent:
+            assert disks == [{"deviceName": "etcd-data", "source": f"{member}-data-id", "mode": "READ_WRITE",
+                              "deleteRule": "NEVER"}], f"{config.name}: data disk not preserved: {disks}"
+        else:
+            assert not disks, f"{config.name}: local mode keeps no disk"
+    for group in program.of_type(IGM):
+        stateful = [d["deviceName"] for d in group.inputs.get("statefulDisks") or []]
+        assert stateful == (["etcd-data"] if persistent else []), f"{group.name}: stateful disks {stateful}"
+        assert "targetSize" not in group.inputs, f"{group.name}: the per-instance config sizes the group"
+
+
+def test_local_mode_puts_etcd_on_local_ssd(stack) -> None:
+    cfg, program = stack
+    template = program.named(f"{cfg['clusterName']}-etcd-template")
+    scratch = [d for d in template.inputs["disks"] if d.get("type") == "SCRATCH"]
+    assert bool(scratch) == (cfg["etcd"]["disk"] == "local"), f"{template.name}: local SSD {scratch}"
+
+
+def test_members_are_never_rolled_together(stack) -> None:
+    for group in stack[1].of_type(IGM):
+        assert group.inputs["updatePolicy"]["type"] == "OPPORTUNISTIC", f"{group.name} rolls on template change"
+
+
+def _firewall(program: Program, kind: str) -> Declared:
+    return next(r for r in program.of_type(FIREWALL) if r.name.endswith(f"-allow-{kind}"))
+
+
+def test_api_port_open_only_to_admins_probes_and_cluster_hosts(stack) -> None:
+    cfg, program = stack
+    rule, c = _firewall(program, "api"), cfg["clusterName"]
+    expected = set(cfg["network"]["adminCidrs"]) | set(EXTERNAL_PASSTHROUGH_LB_PROBES) | \
+        set(AUTOHEALING_AND_INTERNAL_LB_PROBES) | {"10.0.0.10"}  # the mocked Cloud NAT addresses
+    assert _ports(rule) == {API_PORT} and set(rule.inputs["sourceRanges"]) == expected, rule.name
+    assert set(rule.inputs["sourceTags"]) == {f"{c}-apiserver", f"{c}-etcd"}, rule.name
+
+
+def test_etcd_client_port_only_from_api_servers_and_members(stack) -> None:
+    cfg, program = stack
+    rule, c = _firewall(program, "etcd-client"), cfg["clusterName"]
+    assert _ports(rule) == {CLIENT_PORT} and "sourceRanges" not in rule.inputs, rule.name
+    assert set(rule.inputs["sourceTags"]) == {f"{c}-apiserver", f"{c}-etcd"}, rule.name
+    assert rule.inputs["targetTags"] == [f"{c}-etcd"], rule.name
+
+
+def test_etcd_peer_port_only_between_members(stack) -> None:
+    cfg, program = stack
+    rule, c = _firewall(program, "etcd-peer"), cfg["clusterName"]
+    assert _ports(rule) == {PEER_PORT} and "sourceRanges" not in rule.inputs, rule.name
+    assert rule.inputs["sourceTags"] == [f"{c}-etcd"] and rule.inputs["targetTags"] == [f"{c}-etcd"], rule.name
+
+
+def test_etcd_health_port_only_from_probe_ranges(stack) -> None:
+    rule = _firewall(stack[1], "etcd-health")
+    assert _ports(rule) == {METRICS_PORT} and "sourceTags" not in rule.inputs, rule.name
+    assert set(rule.inputs["sourceRanges"]) == set(AUTOHEALING_AND_INTERNAL_LB_PROBES), rule.name
+
+
+def test_no_other_rule_opens_etcd_ports_and_none_opens_everything(stack) -> None:
+    cfg, program = stack
+    for rule in program.of_type(FIREWALL):
+        assert rule.inputs["direction"] == "INGRESS" and "denies" not in rule.inputs, rule.name
+        if _ports(rule) & {CLIENT_PORT, PEER_PORT}:
+            assert rule.name.endswith(("-allow-etcd-client", "-allow-etcd-peer")), f"{rule.name} opens etcd"
+        assert all(a.get("ports") for a in rule.inputs["allows"]), f"{rule.name} opens every port"
+        if "0.0.0.0/0" in (rule.inputs.get("sourceRanges") or []):
+            assert "0.0.0.0/0" in cfg["network"]["adminCidrs"], f"{rule.name} is open to the internet"
+
+
+def test_etcd_load_balancer_is_internal_with_client_ip_affinity(stack) -> None:
+    cfg, program = stack
+    backend = next(b for b in program.of_type(BACKEND) if b.inputs["loadBalancingScheme"] == "INTERNAL")
+    assert backend.inputs["sessionAffinity"] == "CLIENT_IP", f"{backend.name}: {backend.inputs['sessionAffinity']}"
+    assert len(backend.inputs["backends"]) == cfg["etcd"]["members"], f"{backend.name}: not every member behind it"
+    check = _check_of(program, backend.inputs["healthChecks"])
+    assert check.inputs["httpHealthCheck"]["requestPath"] == "/health", backend.name
+    rule = next(r for r in program.of_type(RULE) if r.inputs["loadBalancingScheme"] == "INTERNAL")
+    assert rule.inputs["ports"] == [str(CLIENT_PORT)], rule.name
+
+
+def test_api_load_balancer_is_passthrough_on_a_static_address_checked_like_autohealing(stack) -> None:
+    cfg, program = stack
+    backend = next(b for b in program.of_type(BACKEND) if b.inputs["loadBalancingScheme"] == "EXTERNAL")
+    assert backend.inputs["protocol"] == "TCP", backend.name
+    (group,) = program.of_type(RIGM)
+    assert backend.inputs["healthChecks"] == group.inputs["autoHealingPolicies"]["healthCheck"], backend.name
+    rule = next(r for r in program.of_type(RULE) if r.inputs["loadBalancingScheme"] == "EXTERNAL")
+    assert rule.inputs["portRange"] == str(API_PORT), rule.name
+    assert rule.inputs["ipAddress"] == program.outputs[f"{cfg['clusterName']}-api-lb"]["address"], rule.name
+
+
+def test_vms_are_shielded_with_no_external_address(stack) -> None:
+    for template in stack[1].of_type(TEMPLATE):
+        assert all(v for v in template.inputs["shieldedInstanceConfig"].values()), template.name
+        for nic in template.inputs["networkInterfaces"]:
+            assert not nic.get("accessConfigs"), f"{template.name} has an external address"
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_no_secret_in_any_metadata_value(stack) -> None:
+    program = stack[1]
+    encryption_key = program.outputs[f"{stack[0]['clusterName']}-secrets-encryption-key"]["base64"]
+    holders = [(t.name, t.inputs["metadata"]) for t in program.of_type(TEMPLATE)]
+    holders += [(p.name, p.inputs["preservedState"]["metadata"]) for p in program.of_type(PIC)]
+    for name, metadata in holders:
+        for value in _strings(metadata):
+            assert SECRET_SIG not in value and "PRIVATE KEY" not in value, f"{name}: key material in metadata"
+            assert encryption_key not in value, f"{name}: the encryption key is in metadata"
+            assert not re.search(r"[A-Za-z0-9+/=]{400,}", value), f"{name}: a bundle-sized blob is in metadata"
+
+
+def test_secret_access_is_bound_only_to_the_control_plane_service_account(stack) -> None:
+    cfg, program = stack
+    account = f"serviceAccount:{cfg['clusterName']}-control-plane-sa@mock.iam.gserviceaccount.com"
+    secrets = program.of_type("gcp:secretmanager/secret:Secret")
+    grants = program.of_type(SECRET_IAM)
+    assert len(grants) == len(secrets), "exactly one accessor binding per secret"
+    for grant in grants:
+        assert grant.inputs["member"] == account and grant.inputs["role"] == "roles/secretmanager.secretAccessor", \
+            f"{grant.name}: {grant.inputs['member']} {grant.inputs['role']}"
+    for kind in ("secretmanager/secretIamBinding:SecretIamBinding", "secretmanager/secretIamPolicy:SecretIamPolicy"):
+        assert not program.of_type(f"gcp:{kind}"), f"unexpected {kind}"
+    for version in program.of_type("gcp:secretmanager/secretVersion:SecretVersion"):
+        if "host-programs" not in version.name:
+            assert SECRET_SIG in version.inputs["secretData"], f"{version.name}: bundle is not a Pulumi secret"
+
+
+def test_backup_bucket_is_versioned_private_and_keeps_exact_counts(stack) -> None:
+    cfg, program = stack
+    (bucket,) = program.of_type(BUCKET)
+    i = bucket.inputs
+    assert i["versioning"] == {"enabled": True}, f"{bucket.name}: versioning"
+    assert i["publicAccessPrevention"] == "enforced" and i["uniformBucketLevelAccess"], f"{bucket.name}: public"
+    assert "encryption" not in i, f"{bucket.name}: Google-managed encryption at rest expected"
+    assert i["softDeletePolicy"]["retentionDurationSeconds"] >= 86_400, f"{bucket.name}: soft delete"
+    keep = {r["condition"]["matchesPrefixes"][0]: r["condition"].get("numNewerVersions", r["condition"].get("age"))
+            for r in i["lifecycleRules"]}
+    prefix = f"{cfg['clusterName']}/backups"
+    retain = {"recent": 6, "daily": 7} | cfg.get("backup", {}).get("retain", {})
+    assert keep[f"{prefix}/recent/"] == retain["recent"] and keep[f"{prefix}/daily/"] == retain["daily"], keep
+    assert keep[f"{prefix}/daily-markers/"] == retain["daily"] + 1, keep
+    assert all(r["action"]["type"] == "Delete" for r in i["lifecycleRules"]), bucket.name
+
+
+def test_hosts_may_only_add_backups_under_their_prefix(stack) -> None:
+    cfg, program = stack
+    c = cfg["clusterName"]
+    role = program.named(f"{c}-backup-writer-role")
+    assert sorted(role.inputs["permissions"]) == ["storage.objects.create", "storage.objects.delete"], role.name
+    grants = {g.name: g.inputs for g in program.of_type(BUCKET_IAM)}
+    assert set(grants) == {f"{c}-backup-writer", f"{c}-marker-creator", f"{c}-marker-reader"}, grants
+    objects = f"projects/_/buckets/{c}-etcd-backups/objects"
+    assert grants[f"{c}-backup-writer"]["condition"]["expression"] == \
+        f'resource.name.startsWith("{objects}/{c}/backups/")'
+    for name in (f"{c}-marker-creator", f"{c}-marker-reader"):
+        assert grants[name]["condition"]["expression"] == f'resource.name == "{objects}/{c}/cluster-formed"', name
+    for name, grant in grants.items():
+        assert grant["member"].startswith(f"serviceAccount:{c}-control-plane-sa@"), name
+
+
+def test_service_account_has_only_logging_and_metrics_project_roles(stack) -> None:
+    roles = {r.inputs["role"] for r in stack[1].of_type("gcp:projects/iAMMember:IAMMember")}
+    assert roles == {"roles/logging.logWriter", "roles/monitoring.metricWriter"}, roles
