@@ -215,8 +215,12 @@ def _cloud_networks(cfg: ClusterConfig) -> None:
             raise ConfigError("gce.subnetwork", cfg.gce.subnetwork,
                               "set together with gce.network (an existing network and its subnetwork), or neither")
     if cfg.aws is not None:
-        _network("aws.vpcCidr", cfg.aws.vpc_cidr)
+        if _network("aws.vpcCidr", cfg.aws.vpc_cidr).prefixlen > 24:
+            raise ConfigError("aws.vpcCidr", cfg.aws.vpc_cidr, "a prefix of /24 or shorter (16 subnets come from it)")
         ids = cfg.aws.subnet_ids
+        if ids and cfg.aws.public_api:
+            raise ConfigError("aws.publicApi", True, "false with aws.subnetIds (an internet-facing NLB needs "
+                              "public subnets, which the program only creates in its own VPC)")
         if ids and len(ids) != len(cfg.zones):
             raise ConfigError("aws.subnetIds", ids,
                               f"one private subnet per zone, in the order of zones ({len(cfg.zones)})")

@@ -87,9 +87,12 @@ class Mocks(pulumi_mocks.Mocks):
             return {"certRequestPem": _pem("CERTIFICATE REQUEST", name)}
         if typ == "random:index/randomBytes:RandomBytes":
             return {"base64": "c2VjcmV0LWVuY3J5cHRpb24ta2V5LW9mLTMyLWJ5dGVzIQ==", "hex": "00" * 32}
+        if typ == "aws:s3/bucket:Bucket":  # AWS names a bucket from its prefix
+            return {"bucket": f"{args.inputs.get('bucketPrefix', name)}0001", "arn": f"arn:aws:s3:::{name}"}
         return {"id": f"{name}-id", "name": args.inputs.get("name", name), "selfLink": f"https://mock/{name}",
                 "arn": f"arn:aws:mock:::{name}", "address": "10.0.0.10", "dnsName": f"{name}.mock",
-                "email": f"{name}@mock.iam.gserviceaccount.com", "privateIp": "10.0.0.10"}
+                "email": f"{name}@mock.iam.gserviceaccount.com", "privateIp": "10.0.0.10",
+                "publicIp": "198.51.100.10", "latestVersion": 1}
 
     def call(self, args: pulumi_mocks.MockCallArgs) -> dict[str, Any]:
         if args.token == "aws:ec2/getAmi:getAmi":
@@ -98,6 +101,10 @@ class Mocks(pulumi_mocks.Mocks):
             return {"accountId": "123456789012", "arn": "arn:aws:iam::123456789012:root", "userId": "x"}
         if args.token == "aws:index/getPartition:getPartition":
             return {"partition": "aws", "dnsSuffix": "amazonaws.com"}
+        if args.token == "aws:ec2/getSubnet:getSubnet":
+            return {"id": args.args.get("id"), "vpcId": "vpc-0123456789abcdef0", "cidrBlock": "10.30.0.0/20"}
+        if args.token == "aws:ec2/getVpc:getVpc":
+            return {"id": args.args.get("id"), "cidrBlock": "10.30.0.0/16"}
         if args.token == "gcp:compute/getImage:getImage":
             return {"selfLink": "projects/debian-cloud/global/images/debian-12-bookworm-v20260101", "name": "debian-12"}
         return {}
