@@ -98,3 +98,33 @@ def _methods(cls: type) -> list[str]:
 def test_gce_and_aws_targets_have_the_same_shape() -> None:
     assert _methods(GceTarget) == _methods(AwsTarget)
     assert _methods(GceTarget)[:2] == ["_child", "endpoints"]
+
+
+COLOCATED = {"gce-example": {"members": 3, "placement": "colocated", "disk": "persistent", "version": "3.5.33"},
+             "aws-five": {"members": 3, "placement": "colocated", "disk": "local", "version": "3.6.14"}}
+
+
+@pytest.mark.parametrize("stack", sorted(COLOCATED))
+def test_colocated_members_serve_the_api_behind_its_load_balancer(declared, stack: str) -> None:
+    program = declared(stack, etcd=COLOCATED[stack])
+    c = stack_config(ROOT / "stacks" / f"Pulumi.{stack}.yaml")["clusterName"]
+    if stack.startswith("gce"):
+        (api,) = [b for b in program.of_type("gcp:compute/regionBackendService:RegionBackendService")
+                  if b.inputs["loadBalancingScheme"] == "EXTERNAL"]
+        assert len(api.inputs["backends"]) == 3, f"{api.name}: the member groups are the API backends"
+        assert not program.of_type("gcp:compute/regionInstanceGroupManager:RegionInstanceGroupManager")
+    else:
+        for group in program.of_type("aws:autoscaling/group:Group"):
+            assert f"arn:aws:mock:::{c}-api-tg" in group.inputs["targetGroupArns"], f"{group.name} serves no API"
+        assert len(program.of_type("aws:autoscaling/group:Group")) == 3
+
+
+def test_existing_networks_are_used_not_created(declared) -> None:
+    gce = declared("gce-five", gce={"project": "my-project", "region": "us-central1", "network": "shared",
+                                    "subnetwork": "cp"})
+    assert not gce.of_type("gcp:compute/network:Network") and not gce.of_type("gcp:compute/subnetwork:Subnetwork")
+    subnets = ["subnet-0123456789abcdef0", "subnet-0123456789abcdef1", "subnet-0123456789abcdef2"]
+    aws = declared("aws-example", aws={"region": "eu-west-1", "publicApi": False, "subnetIds": subnets})
+    assert not aws.of_type("aws:ec2/vpc:Vpc") and not aws.of_type("aws:ec2/natGateway:NatGateway")
+    assert aws.named("prod-etcd-0-interface").inputs["subnetId"] == subnets[0]
+    assert aws.named("prod-api-nlb").inputs["internal"] is True
