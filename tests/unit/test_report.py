@@ -115,7 +115,9 @@ def test_bare_metal_counts_load_balancers_and_names_the_backup_host() -> None:
 
 
 def test_a_bare_metal_zone_holding_every_load_balancer_is_fatal() -> None:
+    """Validation refuses this layout unless resilience is minimal; the report still says why."""
     raw = _raw("local")
+    raw["resilience"] = "minimal"
     for host in raw["baremetal"]["hosts"][1:]:
         host["roles"] = ["etcd", "apiserver"]
     raw["baremetal"]["hosts"].append({"name": "lb2", "address": "10.250.0.15", "zone": "rack-a",
