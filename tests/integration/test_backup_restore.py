@@ -2,6 +2,9 @@
 
 One module-scoped deployment; the tests run in file order and build on each other:
 load ~100 MB, back up, refuse bad snapshots, restore after every member lost its data.
+The tests start etcd-backup.service themselves, so the timer's wall-clock slots are paused
+for the module (after checking the timer is active): a slot that fired mid-test would add
+a snapshot that no test asked for.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.figures import record
 from tests.integration.conftest import Deployment
 from tests.program import ROOT
 
@@ -29,6 +33,21 @@ PREFIX = "/bench/"
 SSH_OPTIONS = ["--ssh-option", "StrictHostKeyChecking=no", "--ssh-option", "UserKnownHostsFile=/dev/null",
                "--ssh-option", "LogLevel=ERROR"]
 state: dict[str, Any] = {}
+# systemd's "could not put the process into the unit's cgroup" (the program never ran).
+EXIT_CGROUP = "219"
+
+
+def pause_backup_timers(dep: Deployment) -> None:
+    """Check the deployed timer runs on every member, then pause it for this module's tests."""
+    for m in dep.members:
+        state_now = dep.sandbox.ssh(m, "systemctl is-active etcd-backup.timer", check=False).stdout.decode().strip()
+        assert state_now in ("active", "inactive"), f"{m}: etcd-backup.timer is {state_now}"
+        dep.sandbox.ssh(m, "systemctl stop etcd-backup.timer")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backups_on_demand(local_cluster: Deployment) -> None:
+    pause_backup_timers(local_cluster)
 
 
 def value_of(key: str) -> str:
@@ -78,15 +97,38 @@ def backups(dep: Deployment, sub: str = "") -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in metas}
 
 
+def start_backup_units(dep: Deployment, members: list[str]) -> dict[str, tuple[int, str, str]]:
+    """`systemctl start etcd-backup.service` on these members at once: (exit, stderr, ExecMainStatus)."""
+    command = ("systemctl start etcd-backup.service; rc=$?; "
+               "echo \"$rc $(systemctl show -p ExecMainStatus --value etcd-backup.service)\"")
+    procs = {m: subprocess.Popen([*dep.sandbox.ssh_argv(m), command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for m in members}
+    results = {}
+    for m, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        rc, _, status = out.decode().strip().partition(" ")
+        results[m] = (int(rc or proc.returncode), err.decode().strip(), status)
+    return results
+
+
 def run_backup_everywhere(dep: Deployment) -> dict[str, Any]:
-    """Start the timer's unit on every member at once, as the timer does; exactly one acts."""
+    """Start the timer's unit on every member at once, as the timer does; exactly one acts.
+
+    On these test hosts all containers share one cgroup-v1 `name=systemd` tree (nspawn
+    without a host systemd), so a unit of the same name starting in two containers at once
+    can lose its cgroup directory to the other container's cleanup: systemd then fails the
+    start with status 219/CGROUP before etcd-backup runs at all. Only such a start, in which
+    the program never ran, is started again (once); any failure of etcd-backup itself fails.
+    """
     before = set(backups(dep))
     started = time.monotonic()
-    procs = [subprocess.Popen([*dep.sandbox.ssh_argv(m), "systemctl start etcd-backup.service"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in dep.members]
-    results = [p.communicate(timeout=600) for p in procs]
+    results = start_backup_units(dep, dep.members)
+    never_ran = [m for m, (rc, _, status) in results.items() if rc != 0 and status == EXIT_CGROUP]
+    if never_ran:
+        print(f"\n(test hosts' shared cgroup tree: etcd-backup.service never ran on {never_ran}; starting it again)")
+        results.update(start_backup_units(dep, never_ran))
     elapsed = time.monotonic() - started
-    assert all(p.returncode == 0 for p in procs), f"a backup unit failed: {results}"
+    assert all(rc == 0 for rc, _, _ in results.values()), f"a backup unit failed: {results}"
     new = set(backups(dep)) - before
     assert len(new) == 1, f"expected one snapshot cluster-wide per run, got {sorted(new)}"
     meta = backups(dep)[new.pop()]
@@ -146,13 +188,23 @@ def test_restore_refuses_while_the_cluster_has_a_healthy_quorum(local_cluster: D
     assert cluster_state(dep) == before
 
 
-def bare_restore_seconds(dep: Deployment, host: str, name: str) -> float:
-    """What `etcdctl snapshot restore` of the same file alone takes on one member (host clock)."""
-    script = (f"f=/var/lib/etcd-restore/{name}.db; d=/var/lib/etcd/bare-restore-test; rm -rf $d; "
-              "s=$(date +%s.%N); etcdctl snapshot restore $f --data-dir $d >/dev/null 2>&1; e=$(date +%s.%N); "
-              "rm -rf $d; echo \"$s $e\"")
-    start, end = dep.sandbox.ssh(host, script).stdout.decode().split()
-    return float(end) - float(start)
+def bare_restore_seconds(dep: Deployment, host: str, name: str, runs: int = 3) -> list[float]:
+    """`etcdctl snapshot restore` of the same file, alone, on one member, as a user would run it.
+
+    The restore a user runs for this member: the file the restore staged there, this
+    member's name, peer URL and the cluster's --initial-cluster, etcd's default hash check
+    (not skipped), a data dir on the same disk as the member's. Timed on the host's clock
+    around that one command only (not the clean-up); `runs` times, the file in the page
+    cache as it is for the restore itself.
+    """
+    script = (f"set -e; . /etc/etcd/cluster.env; f=/var/lib/etcd-restore/{name}.db; "
+              "d=$KCP_DATA_DIR.bare-restore-test; for i in $(seq 1 " + str(runs) + "); do rm -rf \"$d\"; "
+              "s=$EPOCHREALTIME; etcdctl snapshot restore \"$f\" --data-dir \"$d\" --name \"$KCP_MEMBER_NAME\" "
+              "--initial-cluster \"$(tr ' ' ',' <<<\"$KCP_MEMBERS\")\" --initial-advertise-peer-urls \"$KCP_PEER_URL\" "
+              "--initial-cluster-token bare-restore-test >/dev/null 2>&1; e=$EPOCHREALTIME; "
+              "echo \"$s $e\"; done; rm -rf \"$d\"")
+    out = dep.sandbox.ssh(host, f"bash -c {shlex.quote(script)}").stdout.decode().split()
+    return [float(e) - float(s) for s, e in zip(out[0::2], out[1::2], strict=True)]
 
 
 def test_restore_after_every_member_lost_its_data_finds_every_key(local_cluster: Deployment) -> None:
@@ -172,11 +224,14 @@ def test_restore_after_every_member_lost_its_data_finds_every_key(local_cluster:
     assert not missing, f"{len(missing)} keys missing or wrong after restore, e.g. {missing[:3]}"
     after = dep.etcdctl(dep.members[2], "get", "/after-backup/k").stdout.strip()
     assert not after, "a write made after the backup came back"
-    bare = bare_restore_seconds(dep, dep.members[0], meta["name"])
-    ratio = report["rto_seconds"] / bare
-    print(f"\nrestore RTO {report['rto_seconds']:.2f}s (steps {report['steps']}) vs bare snapshot restore "
-          f"{bare:.2f}s on one member: ratio {ratio:.1f}")
-    assert ratio <= 3, f"restore RTO {report['rto_seconds']:.2f}s is {ratio:.1f}x a bare restore ({bare:.2f}s)"
+    bares = bare_restore_seconds(dep, dep.members[0], meta["name"])
+    bare = sorted(bares)[len(bares) // 2]
+    rto = report["rto_seconds"]
+    ratio = rto / bare
+    print(f"\nrestore RTO {rto:.2f}s, steps {report['steps']}, members {report['members']}; bare snapshot restore "
+          f"on {dep.members[0]}: {', '.join(f'{b:.2f}s' for b in bares)} (median {bare:.2f}s); ratio {ratio:.1f}")
+    record("restore RTO (100 MB, 3 members)", rto, "bare snapshot restore on one member", bare, "ratio <= 3")
+    assert ratio <= 3, f"restore RTO {rto:.2f}s is {ratio:.1f}x a bare restore ({bare:.2f}s)"
 
 
 def receiver(dep: Deployment, request: str, payload: bytes, check: bool = True) -> subprocess.CompletedProcess[bytes]:

@@ -9,10 +9,16 @@ import sys
 import pytest
 
 from tests.integration.conftest import Deployment
-from tests.integration.test_backup_restore import SSH_OPTIONS, load_keys, run_backup_everywhere
+from tests.integration.test_backup_restore import SSH_OPTIONS, load_keys, pause_backup_timers, run_backup_everywhere
 from tests.program import ROOT
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backups_on_demand(local_cluster: Deployment) -> None:
+    """The drill must restore the backup this module took, not one a timer slot added meanwhile."""
+    pause_backup_timers(local_cluster)
 
 
 def test_drill_rebuilds_the_cluster_from_the_newest_backup_and_reports_rpo_and_rto(local_cluster: Deployment) -> None:
