@@ -25,11 +25,11 @@ import pulumi
 import pulumi_aws as aws
 
 from components.config import ClusterConfig
-from components.naming import resource_name, short_name
+from components.naming import short_name
 from components.pki import Endpoints
 from components.render.etcd import CLIENT_PORT, METRICS_PORT
 from components.render.kubernetes import API_PORT
-from components.targets import Deployed, SharedAssets, cloud
+from components.targets import SharedAssets, cloud
 from components.targets.aws_access import (
     attach_policy,
     backup_bucket,
@@ -46,17 +46,13 @@ API_HEALTH_PATH, ETCD_HEALTH_PATH = "/readyz", "/health"
 UBUNTU_OWNER, UBUNTU_IMAGES = "099720109477", "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"
 
 
-class AwsTarget:
+class AwsTarget(cloud.CloudTarget):
     """Declares one cluster's instances, load balancers, security groups, secrets and backups on AWS."""
 
     def __init__(self, name: str, cfg: ClusterConfig, topology: Topology, parent: pulumi.Resource) -> None:
+        super().__init__(name, cfg, topology, parent)
         assert cfg.aws is not None
-        self._name, self._cfg, self._aws, self._topology = name, cfg, cfg.aws, topology
-        self._opts = pulumi.ResourceOptions(parent=parent)
-        self._slots = cloud.slots(cfg, topology)
-
-    def _child(self, *kind: str) -> str:
-        return resource_name(self._cfg.cluster_name, *kind)
+        self._aws = cfg.aws
 
     # -- what certificates name ------------------------------------------------------
     def endpoints(self) -> Endpoints:
@@ -82,17 +78,6 @@ class AwsTarget:
             api_host=self._api_nlb.dns_name, etcd_lb_host=self._etcd_nlb.dns_name,
             member_addresses={n: i.private_ip for n, i in self._interfaces.items()}, hosts_are_ips=False)
         return self._endpoints
-
-    def deploy(self, assets: SharedAssets) -> Deployed:
-        self._backup_bucket()
-        self._secrets(assets)
-        self._health_checks()
-        members = self._etcd_member_groups()
-        api = self._api_server_group()
-        self._load_balancers(members, api)
-        return Deployed(api_endpoint=cloud.api_endpoint(self._endpoints),
-                        etcd_client_endpoints=cloud.client_endpoints(self._endpoints, self._topology),
-                        backup_location=self._backup_url)
 
     # -- network and firewall --------------------------------------------------------
     def _network(self) -> None:

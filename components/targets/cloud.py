@@ -9,7 +9,9 @@ resources, so the two target modules differ only where the clouds do.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 
@@ -22,6 +24,7 @@ from components.render import boot
 from components.render.etcd import CLIENT_PORT, METRICS_PORT
 from components.render.hostfiles import Cluster, Credentials, HostFile, apiserver_files, bundle, etcd_member_files
 from components.render.kubernetes import API_PORT
+from components.targets import Deployed, SharedAssets
 from components.topology import Machine, Topology
 
 # Both secret stores hold at most 64 KiB per version (Secret Manager: 64 KiB; Secrets Manager: 65,536 bytes).
@@ -176,3 +179,50 @@ def client_endpoints(endpoints: Endpoints, topology: Topology) -> pulumi.Output[
 
 def api_endpoint(endpoints: Endpoints) -> pulumi.Output[str]:
     return pulumi.Output.from_input(endpoints.api_host).apply(lambda h: f"https://{h}:{API_PORT}")
+
+
+class CloudTarget(ABC):
+    """The order in which every cloud target declares its resources; each cloud fills in the steps.
+
+    Keeping the sequence here is what makes the GCE and AWS modules line up step by step.
+    """
+
+    _endpoints: Endpoints
+    _backup_url: pulumi.Output[str]
+
+    def __init__(self, name: str, cfg: ClusterConfig, topology: Topology, parent: pulumi.Resource) -> None:
+        self._name, self._cfg, self._topology = name, cfg, topology
+        self._opts = pulumi.ResourceOptions(parent=parent)
+        self._slots = slots(cfg, topology)
+
+    def _child(self, *kind: str) -> str:
+        return resource_name(self._cfg.cluster_name, *kind)
+
+    def deploy(self, assets: SharedAssets) -> Deployed:
+        self._backup_bucket()
+        self._secrets(assets)
+        self._health_checks()
+        members = self._etcd_member_groups()
+        api = self._api_server_group()
+        self._load_balancers(members, api)
+        return Deployed(api_endpoint=api_endpoint(self._endpoints),
+                        etcd_client_endpoints=client_endpoints(self._endpoints, self._topology),
+                        backup_location=self._backup_url)
+
+    @abstractmethod
+    def _backup_bucket(self) -> None: ...
+
+    @abstractmethod
+    def _secrets(self, assets: SharedAssets) -> None: ...
+
+    @abstractmethod
+    def _health_checks(self) -> None: ...
+
+    @abstractmethod
+    def _etcd_member_groups(self) -> list[Any]: ...
+
+    @abstractmethod
+    def _api_server_group(self) -> Any | None: ...
+
+    @abstractmethod
+    def _load_balancers(self, members: list[Any], api: Any | None) -> None: ...

@@ -20,11 +20,10 @@ import pulumi
 import pulumi_gcp as gcp
 
 from components.config import ClusterConfig
-from components.naming import resource_name
 from components.pki import Endpoints
 from components.render.etcd import CLIENT_PORT, METRICS_PORT
 from components.render.kubernetes import API_PORT
-from components.targets import Deployed, SharedAssets, cloud
+from components.targets import SharedAssets, cloud
 from components.targets.gce_access import backup_bucket_access, control_plane_identity
 from components.targets.gce_network import firewall_rules, network
 from components.topology import Machine, Topology
@@ -33,17 +32,13 @@ PROVIDER = "gce"
 API_HEALTH_PATH, ETCD_HEALTH_PATH = "/readyz", "/health"
 
 
-class GceTarget:
+class GceTarget(cloud.CloudTarget):
     """Declares one cluster's machines, load balancers, firewall, secrets and backups on GCE."""
 
     def __init__(self, name: str, cfg: ClusterConfig, topology: Topology, parent: pulumi.Resource) -> None:
+        super().__init__(name, cfg, topology, parent)
         assert cfg.gce is not None
-        self._name, self._cfg, self._gce, self._topology = name, cfg, cfg.gce, topology
-        self._opts = pulumi.ResourceOptions(parent=parent)
-        self._slots = cloud.slots(cfg, topology)
-
-    def _child(self, *kind: str) -> str:
-        return resource_name(self._cfg.cluster_name, *kind)
+        self._gce = cfg.gce
 
     # -- what certificates name ------------------------------------------------------
     def endpoints(self) -> Endpoints:
@@ -65,17 +60,6 @@ class GceTarget:
             api_host=self._api_lb_address.address, etcd_lb_host=self._etcd_lb_address.address,
             member_addresses={n: a.address for n, a in self._member_addresses.items()})
         return self._endpoints
-
-    def deploy(self, assets: SharedAssets) -> Deployed:
-        self._backup_bucket()
-        self._secrets(assets)
-        self._health_checks()
-        members = self._etcd_member_groups()
-        api = self._api_server_group()
-        self._load_balancers(members, api)
-        return Deployed(api_endpoint=cloud.api_endpoint(self._endpoints),
-                        etcd_client_endpoints=cloud.client_endpoints(self._endpoints, self._topology),
-                        backup_location=self._backup_url)
 
     # -- network and firewall --------------------------------------------------------
     def _network(self) -> None:
