@@ -75,3 +75,17 @@ def test_backup_host_key_is_restricted_to_the_receiver(declared) -> None:
 def test_spares_watch_but_do_not_start_etcd(declared) -> None:
     names = {r.name for r in _commands(declared("local"))}
     assert "local-spare1-spare-watch" in names and "local-spare1-etcd-start" not in names
+
+
+def test_a_second_run_declares_identical_commands_so_pulumi_up_changes_nothing(throwaway_ssh_key) -> None:
+    """Bundles are reproducible (fixed tar timestamps, sorted files): same config, same bytes, no diff."""
+    from tests.conftest import stack_for_tests
+    from tests.program import ROOT, run_program
+
+    cfg = stack_for_tests(ROOT / "stacks" / "Pulumi.local.yaml", throwaway_ssh_key)
+    first, second = run_program(cfg, stack="local"), run_program(cfg, stack="local")
+    before = {r.name: r.inputs for r in first.of_type(COMMAND)}
+    after = {r.name: r.inputs for r in second.of_type(COMMAND)}
+    assert before.keys() == after.keys()
+    changed = [name for name in before if before[name] != after[name]]
+    assert not changed, f"commands whose inputs change between identical runs: {changed}"
