@@ -24,7 +24,7 @@ def recovery(host: Host, version: str = "3.4.23") -> subprocess.CompletedProcess
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
     if shutil.which("bash") is None or shutil.which("od") is None:
-        pytest.skip("needs bash and od")
+        pytest.skip("runs the real member-recovery script: needs bash and od (coreutils) on PATH")
     return Host(tmp_path)
 
 
