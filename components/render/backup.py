@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 
-LIB = "/usr/local/lib/kcp"
+from components.render.layout import HOST_LIB as LIB
+
 BACKUP_ENV = "/etc/etcd/backup.env"
 SERVICE = "/etc/systemd/system/etcd-backup.service"
 TIMER = "/etc/systemd/system/etcd-backup.timer"

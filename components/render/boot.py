@@ -13,12 +13,11 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping
-from pathlib import Path
 
 from components.render.hostfiles import UNPACK_BUNDLE, HostFile
+from components.render.layout import HOST_LIB as LIB
+from components.render.layout import HOST_SCRIPTS
 
-HOST_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "host"
-LIB = "/usr/local/lib/kcp"
 BOOT_ENV = "/etc/kcp/boot.env"
 BOOT_UNIT = "/etc/systemd/system/kcp-boot.service"
 PROVIDERS = ("gce", "aws")

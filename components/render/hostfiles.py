@@ -81,8 +81,8 @@ def etcd_member_files(cluster: Cluster, me: Member, creds: Credentials) -> list[
         HostFile(f"{pki}/peer.key", peer_key, 0o600, "etcd"),
         HostFile(f"{pki}/backup-client.crt", backup_cert, 0o600),
         HostFile(f"{pki}/backup-client.key", backup_key, 0o600),
-        *_text_files(recovery.member_recovery_files()),
-        *_text_files(_backup_files(cluster)),
+        *text_files(recovery.member_recovery_files()),
+        *text_files(_backup_files(cluster)),
     ]
 
 
@@ -92,7 +92,7 @@ def _backup_files(cluster: Cluster) -> dict[str, str]:
                                     plan.retain_daily, plan.verify, plan.ssh_key_path)
 
 
-def _text_files(files: dict[str, str]) -> list[HostFile]:
+def text_files(files: dict[str, str]) -> list[HostFile]:
     return [HostFile(path, content) for path, content in files.items()]
 
 

@@ -9,7 +9,8 @@ the promote unit after every start. docs/self-healing.md has the decision table.
 
 from __future__ import annotations
 
-LIB = "/usr/local/lib/kcp"
+from components.render.layout import HOST_LIB as LIB
+
 UNIT_DIR = "/etc/systemd/system"
 PROMOTE_SERVICE = f"{UNIT_DIR}/etcd-member-promote.service"
 SPARE_SERVICE = f"{UNIT_DIR}/etcd-spare-watch.service"

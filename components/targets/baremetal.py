@@ -29,14 +29,14 @@ from components.render.hostfiles import (
     etcd_member_files,
     firewall_files,
     loadbalancer_files,
+    text_files,
 )
+from components.render.layout import HOST_LIB, HOST_SCRIPTS
 from components.targets import Deployed, SharedAssets
 from components.topology import Machine, Topology
 from components.versions import kubelet_release_args
 
-HOST_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "host"
 STAGING = "/var/lib/kcp-staging"
-KCP_LIB = "/usr/local/lib/kcp"
 BACKUP_SSH_KEY = "/etc/etcd/backup-ssh/id_ed25519"
 
 
@@ -56,6 +56,9 @@ class BareMetalTarget:
         self._parent = parent
         self._scripts_digest = _scripts_digest()
         addresses = {m.name: m.address or "" for m in (*topology.machines, *topology.spares)}
+        key = self._bm.ssh_private_key
+        self._ssh_key = pulumi.Output.secret(
+            key.get_secret_value() if key is not None else Path(self._bm.ssh_private_key_path or "").read_text())
         self._cluster = cluster_facts(cfg, topology, addresses, self._bm.api_vip, self._backup_dest,
                                       BACKUP_SSH_KEY)
 
@@ -66,11 +69,7 @@ class BareMetalTarget:
 
     # -- helpers ---------------------------------------------------------------------
     def _connection(self, address: str) -> remote.ConnectionArgsDict:
-        if self._bm.ssh_private_key is not None:
-            key: pulumi.Input[str] = pulumi.Output.secret(self._bm.ssh_private_key.get_secret_value())
-        else:
-            key = pulumi.Output.secret(Path(self._bm.ssh_private_key_path or "").read_text())
-        return {"host": address, "user": self._bm.user, "private_key": key,
+        return {"host": address, "user": self._bm.user, "private_key": self._ssh_key,
                 "dial_error_limit": 20, "per_dial_timeout": 10}
 
     def _command(self, host: Machine | str, step: str, create: str, *, address: str | None = None,
@@ -111,8 +110,8 @@ class BareMetalTarget:
         )
         return self._command(
             host, "install-scripts",
-            f"install -d -m 0755 {KCP_LIB} && install -m 0755 {STAGING}/host/* {KCP_LIB}/",
-            address=address, delete=f"rm -rf {KCP_LIB} {STAGING}", depends_on=[copy],
+            f"install -d -m 0755 {HOST_LIB} && install -m 0755 {STAGING}/host/* {HOST_LIB}/",
+            address=address, delete=f"rm -rf {HOST_LIB} {STAGING}", depends_on=[copy],
             triggers=[self._scripts_digest])
 
     def _firewall_peers(self) -> FirewallPeers:
@@ -157,7 +156,7 @@ class BareMetalTarget:
     def _install_etcd(self, host: Machine, after: remote.Command) -> remote.Command:
         version, source = self._cfg.etcd.version, self._cfg.etcd.source
         checksum = "-" if source == "distro" else versions.ETCD_SHA256["amd64"][version]
-        return self._command(host, "install-etcd", f"{KCP_LIB}/etcd-install {source} {version} {checksum}",
+        return self._command(host, "install-etcd", f"{HOST_LIB}/etcd-install {source} {version} {checksum}",
                              depends_on=[after])
 
     def _etcd(self, assets: SharedAssets, scripts: dict[str, remote.Command],
@@ -172,18 +171,18 @@ class BareMetalTarget:
                 lambda v, host=host: [
                     *etcd_member_files(self._cluster, Member(host.name, host.address or ""), v[0]),
                     HostFile(BACKUP_SSH_KEY, v[1], 0o600),
-                    *([HostFile(p, c) for p, c in spare_files.items()] if host in t.spares else []),
+                    *(text_files(spare_files) if host in t.spares else []),
                 ])
             # Serial on update: each member restarts and is healthy before the next one.
             configured.append(self._files(
                 host, "etcd-config", files, "systemctl daemon-reload",
-                update_then=f"systemctl daemon-reload && {KCP_LIB}/etcd-rolling-restart",
+                update_then=f"systemctl daemon-reload && {HOST_LIB}/etcd-rolling-restart",
                 depends_on=[installed, receiver, *configured[-1:]], undo="systemctl disable --now etcd"))
         starts = [self._command(m, "etcd-start", "systemctl enable etcd && systemctl start --no-block etcd",
-                                delete=f"{KCP_LIB}/etcd-member-leave", depends_on=configured)
+                                delete=f"{HOST_LIB}/etcd-member-leave", depends_on=configured)
                   for m in t.etcd_members]
         first = t.etcd_members[0]
-        healthy = self._command(first, "etcd-healthy", f"{KCP_LIB}/etcd-wait-healthy 180", depends_on=starts)
+        healthy = self._command(first, "etcd-healthy", f"{HOST_LIB}/etcd-wait-healthy 180", depends_on=starts)
         formed = [self._command(h, "etcd-formed", "touch /etc/etcd/cluster-formed",
                                 delete="rm -f /etc/etcd/cluster-formed", depends_on=[healthy])
                   for h in (*t.etcd_members, *t.spares)]
@@ -203,7 +202,7 @@ class BareMetalTarget:
                 key, bh.path, cfg.cluster_name, cfg.backup.retain.recent, cfg.backup.retain.daily))
         return self._command(
             "backup", "receiver",
-            f"{KCP_LIB}/backup-host-setup {bh.user} {backup.receiver_root(bh.path, cfg.cluster_name)}",
+            f"{HOST_LIB}/backup-host-setup {bh.user} {backup.receiver_root(bh.path, cfg.cluster_name)}",
             address=bh.address, stdin=line, depends_on=[scripts])
 
     def _apiserver(self, host: Machine, assets: SharedAssets, after: list[pulumi.Resource]) -> None:
@@ -211,7 +210,7 @@ class BareMetalTarget:
         placed = self._files(host, "apiserver-config", files, "true", depends_on=after)
         if self._bm.install_kubelet:
             release = kubelet_release_args(self._cfg.kubernetes_version)
-            self._command(host, "install-kubelet", f"{KCP_LIB}/kubelet-install {release}", depends_on=[placed])
+            self._command(host, "install-kubelet", f"{HOST_LIB}/kubelet-install {release}", depends_on=[placed])
 
     def _loadbalancer(self, host: Machine, after: list[pulumi.Resource]) -> None:
         t = self._topology
