@@ -16,14 +16,14 @@ from typing import Any
 
 import pulumi
 import pulumi.runtime
-import yaml
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import settings as pulumi_settings
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
+from components.stack_file import PROJECT, project_config
+
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = "resilient-control-plane"
 STACKS = sorted(ROOT.glob("stacks/Pulumi.*.yaml"))
 
 
@@ -31,10 +31,7 @@ def stack_name(path: Path) -> str:
     return path.name.removeprefix("Pulumi.").removesuffix(".yaml")
 
 
-def stack_config(path: Path) -> dict[str, Any]:
-    """The project's keys of one stack file, unprefixed: `{"target": "gce", ...}`."""
-    raw = yaml.safe_load(path.read_text())["config"]
-    return {k.split(":", 1)[1]: v for k, v in raw.items() if k.startswith(f"{PROJECT}:")}
+stack_config = project_config
 
 
 @dataclass
