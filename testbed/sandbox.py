@@ -34,7 +34,6 @@ from testbed.system import SYSTEM_PATH, ProcessId, children_of, keygen, log, run
 
 STATE_ROOT = image.STATE_ROOT
 DEFAULT_NAME = "kcp"
-CGROUP_ROOT = Path("/sys/fs/cgroup/systemd")
 DEFAULT_SUBNET = "10.250.0"
 
 #: The hosts of the project's `local` stack: etcd+API+LB on h1-h3, a backup host, a spare.
@@ -298,11 +297,9 @@ class Sandbox:
             # transparent bind need CAP_NET_ADMIN there, and it reaches nothing else.
             "--capability=CAP_NET_ADMIN",
         ]  # fmt: skip
-        cgroup = self._own_cgroup(host)
         with open(log_file, "ab") as out:
             child = subprocess.Popen(
                 argv,
-                preexec_fn=None if cgroup is None else lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -312,20 +309,6 @@ class Sandbox:
         self._children[host] = child
         self._save_host(host, ProcessId.of(child.pid))
         log(f"{host}: booting {self.address(host)} (nspawn pid {child.pid})")
-
-    def _own_cgroup(self, host: str) -> Path | None:
-        """A cgroup (v1 name=systemd hierarchy) of this host's own for its nspawn.
-
-        With no systemd as PID 1 here, every container would otherwise share the root
-        cgroup, so their inner systemds race on the same `payload/system.slice/<unit>`
-        directories: one container's unit start then fails with 219/CGROUP when another
-        removes it. One cgroup per container keeps the trees apart.
-        """
-        if not CGROUP_ROOT.is_dir():
-            return None  # a unified (v2) hierarchy: systemd-nspawn delegates there itself
-        path = CGROUP_ROOT / f"kcp-{self.name}-{host}"
-        path.mkdir(exist_ok=True)
-        return path
 
     def _prepare_disk(self, host: str, base: Path, wipe: bool) -> None:
         """Copy the image if needed, then give the host its identity and our key."""
@@ -376,7 +359,6 @@ class Sandbox:
         if child is not None:
             child.wait(timeout=STOP_TIMEOUT)  # reap, so no zombie stays behind
         self._lock_file(host).unlink(missing_ok=True)
-        _remove_cgroup_tree(CGROUP_ROOT / f"kcp-{self.name}-{host}")
         if host in self._load_state():
             self._save_host(host, None)
 
@@ -564,17 +546,6 @@ class Sandbox:
                  "ssh": answers}
             )  # fmt: skip
         return rows
-
-
-def _remove_cgroup_tree(path: Path) -> None:
-    """Remove an emptied cgroup and its children, deepest first (cgroups are rmdir'ed, not deleted)."""
-    if not path.is_dir():
-        return
-    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            child.rmdir()
-    with contextlib.suppress(OSError):
-        path.rmdir()
 
 
 __all__ = ["LOCAL_STACK_HOSTS", "Sandbox", "SshError"]
