@@ -189,6 +189,21 @@ def test_restore_refuses_while_the_cluster_has_a_healthy_quorum(local_cluster: D
     assert cluster_state(dep) == before
 
 
+def test_restore_refuses_when_a_member_cannot_take_part(local_cluster: Deployment) -> None:
+    """A host that cannot run the restore (here one without the etcd programs) stops it before any byte moves."""
+    dep = local_cluster
+    before = cluster_state(dep)
+    hosts = [f"{m}={dep.sandbox.address(m)}" for m in dep.members[:2]] + [f"outsider={dep.sandbox.address('outsider')}"]
+    proc = etcd_restore(dep, "--hosts", ",".join(hosts), "--force")
+    assert proc.returncode == 1, proc.stderr
+    assert "outsider did not answer" in proc.stderr and "etcd-restore-member" in proc.stderr, proc.stderr
+    assert cluster_state(dep) == before
+    for m in dep.members[:2]:
+        left = dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; ls -d /var/lib/etcd-restore/*.part "
+                               "$KCP_DATA_DIR.restoring-* 2>/dev/null; true").stdout.strip()
+        assert not left, f"{m}: a refused restore left {left!r}"
+
+
 def bare_restore_seconds(dep: Deployment, host: str, name: str, runs: int = 3) -> list[float]:
     """`etcdctl snapshot restore` of the same file, alone, on one member, as a user would run it.
 
