@@ -12,20 +12,26 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shlex
+import socket
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from testbed.network import gateway_address
 from tests.figures import record
 from tests.integration.conftest import Deployment
 from tests.program import ROOT
 
 pytestmark = pytest.mark.integration
+VENV_BIN = Path(sys.executable).parent
 REGRESSION_RATIO = 8.0
 
 LIB = "/usr/local/lib/kcp"
@@ -331,3 +337,98 @@ def test_verification_catches_a_wrong_recorded_key_count(local_cluster: Deployme
     assert "rc=1" in out, out
     assert '"verified": false,' in out and "key count" in out, out
     assert "PORT-STILL-OPEN" not in out and "verify." not in out.split("}")[-1], "throwaway etcd or scratch dir left"
+
+
+# --- the S3 destination and the restore from a bucket, against moto's S3 server -------------------
+# moto (a local S3 API, named as the stand-in it is) runs on the sandbox bridge's address, reachable
+# from the host namespaces. etcd-backup itself runs on this machine inside the backup host's network
+# namespace (which the firewall lets reach etcd), with the member's etcd binaries and backup
+# certificate and the AWS CLI from the test venv: the same script and the same `aws` commands that
+# run on AWS hosts. A real bucket's lifecycle rules are not exercised here (moto does not expire).
+
+BUCKET = "kcp-test-etcd-backups"
+
+
+@pytest.fixture(scope="module")
+def s3(local_cluster: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """moto's S3 server with a versioned bucket; the environment that points the AWS CLI at it."""
+    address = gateway_address(local_cluster.sandbox.subnet)
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", address, "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{address}:{port}",
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["aws", "s3api", "list-buckets"], env=env, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and server.poll() is None, log.read_text()
+            time.sleep(0.2)
+        for args in (["create-bucket", "--bucket", BUCKET],
+                     ["put-bucket-versioning", "--bucket", BUCKET, "--versioning-configuration", "Status=Enabled"]):
+            subprocess.run(["aws", "s3api", *args], env=env, capture_output=True, check=True)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def backup_to_s3(dep: Deployment, env: dict[str, str], work: Path) -> dict[str, Any]:
+    """Run etcd-backup with an s3:// destination, as h1 would; the metadata of the snapshot it made."""
+    if not (work / "bin" / "etcd").exists():
+        (work / "bin").mkdir(parents=True)
+        for source, target in (("/usr/local/bin/etcd", "bin/etcd"), ("/usr/local/bin/etcdctl", "bin/etcdctl"),
+                               ("/etc/etcd/pki/ca.crt", "ca.crt"), ("/etc/etcd/pki/backup-client.crt", "backup.crt"),
+                               ("/etc/etcd/pki/backup-client.key", "backup.key")):
+            (work / target).write_bytes(dep.sandbox.ssh(dep.members[0], f"cat {source}").stdout)
+            (work / target).chmod(0o700)
+        h1 = dep.sandbox.address(dep.members[0])
+        (work / "cluster.env").write_text(f"KCP_CLUSTER_NAME={dep.config['clusterName']}\nKCP_MEMBER_NAME=h1\n"
+                                          f"KCP_CLIENT_URL=https://{h1}:2379\nKCP_ETCD_CA={work}/ca.crt\n")
+        (work / "backup.env").write_text(f"KCP_BACKUP_DEST=s3://{BUCKET}/local\nKCP_BACKUP_CERT={work}/backup.crt\n"
+                                         f"KCP_BACKUP_KEY={work}/backup.key\nKCP_BACKUP_WORK_DIR={work}/work\n"
+                                         "KCP_BACKUP_VERIFY=true\n")
+    run_env = {**env, "PATH": f"{work}/bin:{env['PATH']}", "KCP_CLUSTER_ENV": str(work / "cluster.env"),
+               "KCP_BACKUP_ENV": str(work / "backup.env")}
+    env_args = [f"{k}={v}" for k, v in run_env.items() if k.startswith(("AWS_", "KCP_")) or k == "PATH"]
+    proc = dep.sandbox.run_in_netns(dep.backup_host, ["env", *env_args, "bash", str(ROOT / "scripts/host/etcd-backup"),
+                                                      "--any-member"], timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    name = json.loads((work / "work" / "status.json").read_text())["last_snapshot"]
+    return json.loads((work / "work" / f"{name}.json").read_text())
+
+
+def s3api(env: dict[str, str], *args: str) -> Any:
+    proc = subprocess.run(["aws", "s3api", *args, "--bucket", BUCKET, "--output", "json"], env=env,
+                          capture_output=True, text=True, check=False)
+    return json.loads(proc.stdout or "null") if proc.returncode == 0 else proc.stderr
+
+
+def test_s3_destination_keeps_versions_with_their_metadata(local_cluster: Deployment, s3: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    dep = local_cluster
+    work = tmp_path / "s3-backup"
+    dep.etcdctl(dep.members[0], "put", "/s3/first", "1")
+    first = backup_to_s3(dep, s3, work)
+    dep.etcdctl(dep.members[0], "put", "/s3/second", "2")
+    time.sleep(1)  # snapshot names have one-second resolution
+    second = backup_to_s3(dep, s3, work)
+    assert first["verified"] is True and second["verified"] is True and second["revision"] > first["revision"]
+    versions = s3api(s3, "list-object-versions", "--prefix", "local/")["Versions"]
+    count = {key: sum(v["Key"] == key for v in versions)
+             for key in ("local/recent/snapshot.db", "local/recent/snapshot.json", "local/daily/snapshot.db",
+                         "local/status.json")}
+    # Both runs land in recent/; only the first of the UTC day also in daily/ (create-only marker).
+    assert count == {"local/recent/snapshot.db": 2, "local/recent/snapshot.json": 2, "local/daily/snapshot.db": 1,
+                     "local/status.json": 2}, count
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert s3api(s3, "head-object", "--key", f"local/daily-markers/{today}")["ContentLength"] > 0
+    head = s3api(s3, "head-object", "--key", "local/recent/snapshot.db")
+    assert head["Metadata"]["name"] == second["name"] and head["Metadata"]["sha256"] == second["sha256"], head
+    assert head["Metadata"]["verified"] == "true" and int(head["Metadata"]["revision"]) == second["revision"]
+    state["s3"] = (first, second)
+
