@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -432,3 +433,21 @@ def test_s3_destination_keeps_versions_with_their_metadata(local_cluster: Deploy
     assert head["Metadata"]["verified"] == "true" and int(head["Metadata"]["revision"]) == second["revision"]
     state["s3"] = (first, second)
 
+
+def test_restore_from_s3_picks_the_newest_or_the_named_version(local_cluster: Deployment, s3: dict[str, str]) -> None:
+    dep = local_cluster
+    first, second = state["s3"]
+    for wanted, meta in ((None, second), (first["name"], first)):
+        for m in dep.members:
+            dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; systemctl stop etcd; rm -rf \"$KCP_DATA_DIR\"")
+        extra = ("--snapshot", wanted) if wanted else ()
+        argv = [sys.executable, str(ROOT / "scripts" / "etcd-restore"), "--stack", str(dep.stack_file), *SSH_OPTIONS,
+                "--json", "--bucket", f"s3://{BUCKET}/local", *extra]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False, env=s3)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert (report["snapshot"], report["revision"], report["hashkv"]) == \
+            (meta["name"], meta["revision"], meta["hashkv"]), report
+        second_key = dep.etcdctl(dep.members[1], "get", "/s3/second", "--print-value-only").stdout.strip()
+        assert second_key == (b"2" if meta is second else b""), f"restored {meta['name']}: /s3/second={second_key!r}"
+        assert not list(Path(tempfile.gettempdir()).glob("kcp-restore-download-*")), "downloaded snapshot left behind"
