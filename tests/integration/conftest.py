@@ -36,10 +36,12 @@ LOCAL_STACK = ROOT / "stacks" / "Pulumi.local.yaml"
 
 def _require_testbed() -> None:
     if os.geteuid() != 0:
-        pytest.skip("integration tests boot systemd-nspawn test hosts, which needs root: run `sudo scripts/test`")
+        pytest.skip(reason="integration tests boot systemd-nspawn test hosts, which needs root: "
+                           "run `sudo scripts/test`")
     for tool in ("systemd-nspawn", "debootstrap", "ip", "ssh"):
         if shutil.which(tool) is None:
-            pytest.skip(f"integration tests need {tool} to build test hosts: `sudo scripts/install-deps` installs it")
+            pytest.skip(reason=f"integration tests need {tool} to build test hosts: "
+                               "`sudo scripts/install-deps` installs it")
 
 
 def sandbox_identity() -> tuple[str, str]:

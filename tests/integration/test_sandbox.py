@@ -31,8 +31,10 @@ MISSING_TOOLS = [t for t in ("systemd-nspawn", "debootstrap", "ip", "ssh") if no
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, bridges, systemd-nspawn"),
-    pytest.mark.skipif(bool(MISSING_TOOLS), reason=f"missing tools: {MISSING_TOOLS}"),
+    pytest.mark.skipif(os.geteuid() != 0,
+                       reason="needs root for netns, bridges and systemd-nspawn: run `sudo scripts/test`"),
+    pytest.mark.skipif(bool(MISSING_TOOLS),
+                       reason=f"missing tools {MISSING_TOOLS}: `sudo scripts/install-deps` installs them"),
 ]
 
 

@@ -24,7 +24,8 @@ def recovery(host: Host, version: str = "3.4.23") -> subprocess.CompletedProcess
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
     if shutil.which("bash") is None or shutil.which("od") is None:
-        pytest.skip("runs the real member-recovery script: needs bash and od (coreutils) on PATH")
+        pytest.skip(reason="runs the real member-recovery script: needs bash and od on PATH "
+                    "(install bash and coreutils to run it)")
     return Host(tmp_path)
 
 

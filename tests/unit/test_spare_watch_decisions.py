@@ -22,7 +22,7 @@ MEMBERS = (started("a1", "h1"), started("a2", "h2"), started("a3", "h3"))
 @pytest.fixture
 def spare(tmp_path: Path) -> Host:
     if shutil.which("bash") is None or shutil.which("awk") is None:
-        pytest.skip("runs the real spare-watch script: needs bash and awk on PATH (install them to run it)")
+        pytest.skip(reason="runs the real spare-watch script: needs bash and awk on PATH (install them to run it)")
     return Host(tmp_path, name="spare1").formed()
 
 
