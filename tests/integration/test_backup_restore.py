@@ -144,10 +144,15 @@ def run_backup_everywhere(dep: Deployment) -> dict[str, Any]:
     return meta
 
 
-def etcd_restore(dep: Deployment, *extra: str) -> subprocess.CompletedProcess[str]:
+def etcd_restore(dep: Deployment, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, str(ROOT / "scripts" / "etcd-restore"), "--stack", str(dep.stack_file), *SSH_OPTIONS,
             "--json", *extra]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False, env=env)
+
+
+def lose_every_members_data(dep: Deployment) -> None:
+    for m in dep.members:
+        dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; systemctl stop etcd; rm -rf \"$KCP_DATA_DIR\"")
 
 
 def test_only_the_leader_takes_a_verified_snapshot_of_100mb(local_cluster: Deployment) -> None:
@@ -234,8 +239,7 @@ def test_restore_after_every_member_lost_its_data_finds_every_key(local_cluster:
     dep = local_cluster
     meta = state["backup"]
     dep.etcdctl(dep.members[0], "put", "/after-backup/k", "lost")
-    for m in dep.members:
-        dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; systemctl stop etcd; rm -rf \"$KCP_DATA_DIR\"")
+    lose_every_members_data(dep)
     proc = etcd_restore(dep)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -438,12 +442,9 @@ def test_restore_from_s3_picks_the_newest_or_the_named_version(local_cluster: De
     dep = local_cluster
     first, second = state["s3"]
     for wanted, meta in ((None, second), (first["name"], first)):
-        for m in dep.members:
-            dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; systemctl stop etcd; rm -rf \"$KCP_DATA_DIR\"")
+        lose_every_members_data(dep)
         extra = ("--snapshot", wanted) if wanted else ()
-        argv = [sys.executable, str(ROOT / "scripts" / "etcd-restore"), "--stack", str(dep.stack_file), *SSH_OPTIONS,
-                "--json", "--bucket", f"s3://{BUCKET}/local", *extra]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False, env=s3)
+        proc = etcd_restore(dep, "--bucket", f"s3://{BUCKET}/local", *extra, env=s3)
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
         assert (report["snapshot"], report["revision"], report["hashkv"]) == \
