@@ -1,11 +1,17 @@
-"""The base root filesystem that every sandbox host is copied from.
+"""The base root filesystems that sandbox hosts are copied from, one per Debian suite.
 
-Built once with debootstrap (about a minute or two) and cached under
-/var/lib/kcp-sandbox/image.  A stamp file inside the image holds a hash of the
-recipe (this file, the package lists and the mirror), so editing the recipe
-rebuilds it and nothing else does.  The build happens in a temporary directory
-that is renamed into place at the very end: an interrupted build never leaves a
-half image behind.
+Hosts run Debian trixie by default: its etcd 3.5 (with `etcdutl`) is the minor
+version the deployment's default `etcd.version` installs.  Bookworm stays
+available for tests that need Debian's etcd 3.4, whose `etcdctl` still does
+`snapshot status|restore` itself.
+
+Each suite's image is built once with debootstrap (a minute or two) and cached
+under /var/lib/kcp-sandbox/image-<suite>.  A stamp file inside the image holds a
+hash of its recipe (this file, the suite, the package and unit lists and the
+mirror), so editing the recipe rebuilds it and nothing else does.  The build
+happens in a temporary directory that is renamed into place at the very end: an
+interrupted build never leaves a half image behind.  Each suite has its own
+lock, so building one never waits for the other.
 """
 
 from __future__ import annotations
@@ -22,20 +28,25 @@ from testbed.system import log, run
 
 STATE_ROOT = Path("/var/lib/kcp-sandbox")
 STAMP_NAME = ".kcp-image-stamp"
-SUITE = "bookworm"
+
+#: The Debian suites hosts can run; the first is the default.
+SUITES = ("trixie", "bookworm")
+DEFAULT_SUITE = SUITES[0]
 
 #: What debootstrap installs: enough for a host that boots systemd and runs sshd.
 BOOTSTRAP_INCLUDE = ("systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2")
 
-#: What the deployment and the tests need on a host.  python3-minimal runs the
-#: stand-in HTTPS API server; openssh-sftp-server lets scp/sftp copy files.
+#: What the deployment and the tests need on a host.  The full python3 runs
+#: the host agent, a standard-library program, and the stand-in HTTPS API
+#: server: python3-minimal alone lacks json, concurrent.futures, urllib and
+#: tarfile.  openssh-sftp-server lets scp/sftp copy files.
 PACKAGES = (
     "etcd-server",
     "etcd-client",
     "haproxy",
     "keepalived",
     "nftables",
-    "python3-minimal",
+    "python3",
     "curl",
     "ca-certificates",
     "procps",
@@ -52,14 +63,19 @@ DISABLED_UNITS = (
     "nftables.service",
 )
 
-#: Units masked in the image (checked by booting it: with these masked,
-#: `systemctl is-system-running` reports `running`; nothing had failed before,
-#: they are masked so that hosts stay quiet and deterministic during tests):
+#: Units masked in the image of every suite (checked by booting each image:
+#: with these masked, `systemctl is-system-running` reports `running`; nothing
+#: had failed before, they are masked so that hosts stay quiet and deterministic
+#: during tests):
 #: - console-getty, getty@, container-getty@: hosts are reached over ssh only;
 #:   nspawn's console is read-only here (stdin is not a terminal).
-#: - apt-daily*, dpkg-db-backup, e2scrub_*, fstrim: periodic jobs that would
-#:   fire at random times; apt's would try to reach a mirror that hosts have no
-#:   route to, fail, and turn the system `degraded` in the middle of a test.
+#: - apt-daily*, dpkg-db-backup, fstrim: periodic jobs that would fire at
+#:   random times; apt's would try to reach a mirror that hosts have no route
+#:   to, fail, and turn the system `degraded` in the middle of a test.
+#: Booted, trixie starts no other periodic or failing unit than bookworm: both
+#: keep systemd-tmpfiles-clean.timer (it only cleans /tmp).  Trixie's systemd
+#: also listens for ssh on a local AF_UNIX socket (sshd-unix-local.socket, made
+#: by systemd-ssh-generator); it reaches nothing outside the host and stays.
 MASKED_UNITS = (
     "console-getty.service",
     "getty@.service",
@@ -67,10 +83,17 @@ MASKED_UNITS = (
     "apt-daily.timer",
     "apt-daily-upgrade.timer",
     "dpkg-db-backup.timer",
-    "e2scrub_all.timer",
-    "e2scrub_reap.service",
     "fstrim.timer",
 )
+
+#: Periodic units masked only where they exist: e2fsprogs, which brings the
+#: e2scrub_* jobs, is in bookworm's minbase but no longer in trixie's.  Masking
+#: a missing unit leaves a link to nothing and disabling one fails on trixie,
+#: so every unit listed for a suite must exist in it (checked at build time).
+SUITE_MASKED_UNITS: dict[str, tuple[str, ...]] = {
+    "bookworm": ("e2scrub_all.timer", "e2scrub_reap.service"),
+    "trixie": (),
+}
 
 SSHD_CONFIG = """\
 # kcp sandbox host: root by key only, one host key generated per host.
@@ -88,29 +111,54 @@ CHROOT_ENV = {
 }
 
 
-def image_dir(root: Path = STATE_ROOT) -> Path:
-    """Where the finished image lives."""
-    return root / "image"
+def masked_units(suite: str) -> tuple[str, ...]:
+    """Every unit masked in the suite's image."""
+    return MASKED_UNITS + SUITE_MASKED_UNITS[suite]
 
 
-def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
+def check_suite(suite: str) -> None:
+    """Refuse a suite early: debootstrap would only fail minutes into a build."""
+    if suite not in SUITES:
+        raise ValueError(f"suite {suite!r} is not one of {', '.join(SUITES)}")
+
+
+def image_dir(root: Path = STATE_ROOT, suite: str = DEFAULT_SUITE) -> Path:
+    """Where the finished image of a suite lives."""
+    check_suite(suite)
+    return root / f"image-{suite}"
+
+
+def debian_mirror(suite: str, apt_dir: Path = Path("/etc/apt")) -> str:
     """The Debian mirror that apt on this machine already uses.
 
     Read, never hard-coded: the project must not name a mirror host, and the
-    machine's own mirror is the one its network is known to reach.
+    machine's own mirror is the one its network is known to reach.  A suite the
+    machine does not list (trixie on a bookworm machine) comes from the archive
+    of one it does: one Debian archive serves every release.
     """
-    for sources in sorted((apt_dir / "sources.list.d").glob("*.sources")):
-        for stanza in re.split(r"\n\s*\n", sources.read_text()):
+    sources = _apt_sources(apt_dir)
+    for wanted in (suite, *SUITES):
+        for uri, suites in sources:
+            if wanted in suites:
+                return uri
+    raise RuntimeError(f"no Debian {' or '.join(SUITES)} mirror found in {apt_dir}")
+
+
+def _apt_sources(apt_dir: Path) -> list[tuple[str, list[str]]]:
+    """(URI, suites) of every `deb` source, deb822 files first, in file order."""
+    sources: list[tuple[str, list[str]]] = []
+    for path in sorted((apt_dir / "sources.list.d").glob("*.sources")):
+        for stanza in re.split(r"\n\s*\n", path.read_text()):
             fields = _deb822_fields(stanza)
-            if "deb" in fields.get("types", "").split() and SUITE in fields.get("suites", "").split():
-                return fields["uris"].split()[0]
+            if "deb" in fields.get("types", "").split() and "uris" in fields:
+                sources.append((fields["uris"].split()[0], fields.get("suites", "").split()))
     list_file = apt_dir / "sources.list"
     if list_file.exists():
         for line in list_file.read_text().splitlines():
             match = re.match(r"\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", line)
-            if match and match.group(2) == SUITE:
-                return match.group(1)
-    raise RuntimeError(f"no Debian {SUITE} mirror found in {apt_dir}")
+            if match:
+                sources.append((match.group(1), [match.group(2)]))
+    return sources
 
 
 def _deb822_fields(stanza: str) -> dict[str, str]:
@@ -124,15 +172,15 @@ def _deb822_fields(stanza: str) -> dict[str, str]:
     return fields
 
 
-def recipe_stamp(mirror: str) -> str:
+def recipe_stamp(suite: str, mirror: str) -> str:
     """Hash of everything that decides the image's content."""
     recipe = json.dumps(
         [
-            SUITE,
+            suite,
             BOOTSTRAP_INCLUDE,
             PACKAGES,
             DISABLED_UNITS,
-            MASKED_UNITS,
+            masked_units(suite),
             SSHD_CONFIG,
             mirror,
         ]
@@ -142,55 +190,55 @@ def recipe_stamp(mirror: str) -> str:
     return digest.hexdigest()
 
 
-def ensure_image(root: Path = STATE_ROOT) -> Path:
-    """Return the cached image, building it first when missing or outdated.
+def ensure_image(root: Path = STATE_ROOT, suite: str = DEFAULT_SUITE) -> Path:
+    """Return the suite's cached image, building it first when missing or outdated.
 
-    A lock file serialises concurrent callers (two test sessions, or the CLI
-    and a test), so only one of them builds.
+    A lock file per suite serialises concurrent callers (two test sessions, or
+    the CLI and a test), so only one of them builds.
     """
+    target = image_dir(root, suite)
     root.mkdir(parents=True, exist_ok=True)
-    mirror = debian_mirror()
-    stamp = recipe_stamp(mirror)
-    target = image_dir(root)
-    with open(root / ".image.lock", "w") as lock:
+    mirror = debian_mirror(suite)
+    stamp = recipe_stamp(suite, mirror)
+    with open(root / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         stamp_file = target / STAMP_NAME
         if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
             return target
-        _remove_stale_builds(root)
+        _remove_stale_builds(target)
         started = time.monotonic()
-        build = Path(tempfile.mkdtemp(prefix="image.build-", dir=root))
+        build = Path(tempfile.mkdtemp(prefix=f"{target.name}.build-", dir=root))
         try:
-            _build(build, mirror)
+            _build(build, suite, mirror)
         except BaseException:
             remove_tree(build)
             raise
         (build / STAMP_NAME).write_text(stamp + "\n")
         _swap_into_place(build, target)
-        log(f"image built in {time.monotonic() - started:.0f} s: {target}")
+        log(f"{suite} image built in {time.monotonic() - started:.0f} s: {target}")
     return target
 
 
-def _build(build: Path, mirror: str) -> None:
+def _build(build: Path, suite: str, mirror: str) -> None:
     """debootstrap, install the packages, then configure the image."""
-    log(f"building base image in {build} from {mirror} (takes a few minutes)")
+    log(f"building {suite} base image in {build} from {mirror} (takes a few minutes)")
     build.chmod(0o755)
     run(
         [
             "debootstrap",
             "--variant=minbase",
             f"--include={','.join(BOOTSTRAP_INCLUDE)}",
-            SUITE,
+            suite,
             str(build),
             mirror,
         ],
         timeout=1800,
     )
-    _install_packages(build)
+    _install_packages(build, suite)
     _configure(build)
 
 
-def _install_packages(build: Path) -> None:
+def _install_packages(build: Path, suite: str) -> None:
     """apt-get install inside the chroot, with services kept from starting."""
     policy = build / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\n# no service starts inside the image build\nexit 101\n")
@@ -206,11 +254,19 @@ def _install_packages(build: Path) -> None:
             timeout=1800,
         )
         run([*chroot, "apt-get", "clean"], env=CHROOT_ENV)
+        _require_units(build, suite, (*DISABLED_UNITS, *masked_units(suite)))
         run([*chroot, "systemctl", "disable", *DISABLED_UNITS], env=CHROOT_ENV)
-        run([*chroot, "systemctl", "mask", *MASKED_UNITS], env=CHROOT_ENV)
+        run([*chroot, "systemctl", "mask", *masked_units(suite)], env=CHROOT_ENV)
     finally:
         run(["umount", "--lazy", str(proc)], check=False)
     policy.unlink()
+
+
+def _require_units(build: Path, suite: str, units: tuple[str, ...]) -> None:
+    """Fail the build on a unit the suite lacks: its mask or disable would do nothing."""
+    missing = [unit for unit in units if not (build / "usr/lib/systemd/system" / unit).exists()]
+    if missing:
+        raise RuntimeError(f"{suite} has no unit {', '.join(missing)}: update the unit lists in {__file__}")
 
 
 def _configure(build: Path) -> None:
@@ -232,7 +288,7 @@ def _configure(build: Path) -> None:
 
 def _swap_into_place(build: Path, target: Path) -> None:
     """Replace the old image by the new one with renames only."""
-    old = target.with_name(f"image.old-{build.name}")
+    old = target.with_name(f"{target.name}.old-{build.name}")
     if target.exists():
         target.rename(old)
     build.rename(target)
@@ -240,9 +296,9 @@ def _swap_into_place(build: Path, target: Path) -> None:
         remove_tree(old)
 
 
-def _remove_stale_builds(root: Path) -> None:
-    """Delete what interrupted builds left (only called while holding the lock)."""
-    for stale in [*root.glob("image.build-*"), *root.glob("image.old-*")]:
+def _remove_stale_builds(target: Path) -> None:
+    """Delete what interrupted builds of this image left (only called while holding its lock)."""
+    for stale in [*target.parent.glob(f"{target.name}.build-*"), *target.parent.glob(f"{target.name}.old-*")]:
         log(f"removing interrupted image build {stale}")
         remove_tree(stale)
 

@@ -1,9 +1,11 @@
 """Real test hosts: systemd-nspawn containers in their own network namespaces.
 
 A `Sandbox` gives each host a full Debian root filesystem (a copy of the cached
-base image), a network namespace joined to a bridge, a booted systemd with sshd,
-and the fault injections the resilience tests need: crash a host, crash a
-process, partition a host, replace a host by one with an empty disk.
+base image of its suite: trixie unless asked otherwise), a network namespace
+joined to a bridge, a booted systemd with sshd, and the fault injections the
+resilience tests need: crash a host, crash a process, partition a host, replace
+a host by one with an empty disk.  All hosts of a sandbox run one suite, which
+is recorded with the sandbox: a replaced host comes back on the same release.
 
 Everything the sandbox creates is named after it (bridge `<name>br0`, netns
 `<name>-<host>`, directory /var/lib/kcp-sandbox/<name>), and every process it
@@ -27,7 +29,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from testbed import image, network
 from testbed.system import SYSTEM_PATH, ProcessId, children_of, keygen, log, run, wait_until
@@ -71,10 +73,13 @@ class Sandbox:
         hosts: Mapping[str, str] | None = None,
         root: Path = STATE_ROOT,
         boot_timeout: float = BOOT_TIMEOUT,
+        suite: str = image.DEFAULT_SUITE,
     ) -> None:
-        """Validate names and addresses now, before anything is created."""
+        """Validate names, addresses and suite now, before anything is created."""
+        image.check_suite(suite)
         self.name = name
         self.subnet = subnet
+        self.suite = suite
         self.hosts: dict[str, str] = dict(hosts or {})
         self.root = root
         self.dir = root / name
@@ -130,16 +135,25 @@ class Sandbox:
     def _state_path(self) -> Path:
         return self.dir / "state.json"
 
-    def _load_state(self) -> dict[str, dict[str, object]]:
-        """host -> {address, pid, start_ticks} as last written."""
+    def _read_state(self) -> dict[str, Any]:
+        """The state file as last written: subnet, suite and hosts (empty when none)."""
         try:
-            return dict(json.loads(self._state_path().read_text())["hosts"])
+            return dict(json.loads(self._state_path().read_text()))
         except FileNotFoundError:
             return {}
 
+    def _load_state(self) -> dict[str, dict[str, object]]:
+        """host -> {address, pid, start_ticks} as last written."""
+        return dict(self._read_state().get("hosts", {}))
+
     def _save_host(self, host: str, proc: ProcessId | None) -> None:
-        """Record a host before its resources exist, so a crash mid-up is cleanable."""
-        state = self._load_state()
+        """Record a host before its resources exist, so a crash mid-up is cleanable.
+
+        The suite recorded first is kept: an object made with another suite
+        (say, only to kill a host) must not change what a replacement boots.
+        """
+        recorded = self._read_state()
+        state = dict(recorded.get("hosts", {}))
         state[host] = {
             "address": self.address(host),
             "pid": proc.pid if proc else None,
@@ -147,7 +161,8 @@ class Sandbox:
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self._state_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps({"subnet": self.subnet, "hosts": state}, indent=2))
+        suite = recorded.get("suite", self.suite)
+        tmp.write_text(json.dumps({"subnet": self.subnet, "suite": suite, "hosts": state}, indent=2))
         tmp.rename(self._state_path())
 
     def _known_hosts(self) -> dict[str, str]:
@@ -173,7 +188,7 @@ class Sandbox:
         """
         self._refuse_conflicts()
         started = time.monotonic()
-        base = image.ensure_image(self.root)
+        base = image.ensure_image(self.root, self.suite)
         self.timings["image_s"] = round(time.monotonic() - started, 1)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._ensure_key()
@@ -188,13 +203,14 @@ class Sandbox:
         self._write_hosts_json()
 
     def _refuse_conflicts(self) -> None:
-        """A running sandbox of the same name must not change subnet or addresses."""
-        try:
-            recorded_subnet = json.loads(self._state_path().read_text())["subnet"]
-        except FileNotFoundError:
+        """A running sandbox of the same name must not change subnet, suite or addresses."""
+        recorded = self._read_state()
+        if not recorded:
             return
-        if recorded_subnet != self.subnet:
-            raise ValueError(f"sandbox {self.name} uses subnet {recorded_subnet}; run down first")
+        if recorded["subnet"] != self.subnet:
+            raise ValueError(f"sandbox {self.name} uses subnet {recorded['subnet']}; run down first")
+        if recorded.get("suite", self.suite) != self.suite:
+            raise ValueError(f"sandbox {self.name} runs Debian {recorded['suite']}; run down first")
         state = self._load_state()
         for host, address in self.hosts.items():
             if host in state and state[host]["address"] != address:
@@ -213,6 +229,7 @@ class Sandbox:
             "name": self.name,
             "address": self.gateway,
             "subnet": f"{self.subnet}.0/24",
+            "suite": self.suite,
             "ssh_key": str(self.ssh_key_path),
             "hosts": [{"name": h, "address": a} for h, a in self._known_hosts().items()],
         }
@@ -265,13 +282,14 @@ class Sandbox:
     def start_host(self, host: str, wipe: bool = False) -> None:
         """Boot a stopped host again and wait until it is up.
 
-        wipe=True first recreates its disk from the image: a replacement machine
-        with an empty disk (new machine-id and host key, same address, the
-        sandbox key installed again).
+        wipe=True first recreates its disk from the image of the sandbox's suite:
+        a replacement machine with an empty disk (new machine-id and host key,
+        same address and release, the sandbox key installed again).
         """
         if self._nspawn(host) is not None:
             raise RuntimeError(f"{host} is running; kill_host() it first")
-        self._start(host, image.ensure_image(self.root), wipe=wipe)
+        self._refuse_conflicts()
+        self._start(host, image.ensure_image(self.root, self.suite), wipe=wipe)
         self.wait_running(host, self.boot_timeout)
 
     def _start(self, host: str, base: Path, wipe: bool) -> None:

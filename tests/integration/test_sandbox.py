@@ -4,13 +4,19 @@ The other integration tests trust the sandbox's fault injections (a crashed
 host is really dead, a partition really drops traffic, a wiped host really has
 an empty disk); this file checks each of them against the real thing.
 
-Uses its own sandbox name and subnet, so a developer's `scripts/sandbox up`
+The hosts run the default suite, trixie; one extra bookworm host checks that
+the suite kept for Debian's etcd 3.4 still boots, and that replacing a host
+never changes its release.
+
+Uses its own sandbox names and subnets, so a developer's `scripts/sandbox up`
 (name `kcp`, 10.250.0.0/24) keeps running while it does.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -22,11 +28,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from testbed import Sandbox, SshError
+from testbed.image import image_dir
 from testbed.network import bridge_name, link_exists, netns_exists
 
 NAME = "kcptest"
 SUBNET = "10.250.9"
 HOSTS = {"t1": "10.250.9.11", "t2": "10.250.9.12"}
+BOOKWORM_NAME = "kcpbw"
+BOOKWORM_SUBNET = "10.250.6"
+BOOKWORM_HOSTS = {"b1": "10.250.6.11"}
+#: What the host agent imports (standard library; python3-minimal lacks json, concurrent.futures, urllib, tarfile).
+AGENT_MODULES = ("json", "argparse", "subprocess", "concurrent.futures", "urllib.request", "tarfile", "hashlib",
+                 "selectors", "fcntl", "ssl")
 MISSING_TOOLS = [t for t in ("systemd-nspawn", "debootstrap", "ip", "ssh") if not shutil.which(t)]
 
 pytestmark = [
@@ -57,12 +70,32 @@ def remote(sb: Sandbox, host: str, command: str) -> str:
     return sb.ssh(host, command).stdout.decode().strip()
 
 
+def codename(sb: Sandbox, host: str) -> str:
+    """The Debian release the host runs, from its own os-release."""
+    return remote(sb, host, ". /etc/os-release && echo $VERSION_CODENAME")
+
+
+def python_version(sb: Sandbox, host: str) -> tuple[int, ...]:
+    """python3's version, printed by a script that first imports all the agent needs."""
+    script = f"import {', '.join(AGENT_MODULES)}, sys; print(json.dumps(sys.version_info[:2]))"
+    return tuple(json.loads(remote(sb, host, f"python3 -c '{script}'")))
+
+
 def test_hosts_answer_ssh_and_boot_to_running(sandbox: Sandbox) -> None:
     for host, address in HOSTS.items():
         assert remote(sandbox, host, "hostname") == host
         assert remote(sandbox, host, "systemctl is-system-running") == "running"
         eth0 = remote(sandbox, host, "ip -4 -o addr show dev eth0")
         assert eth0.split()[3] == f"{address}/24"
+
+
+def test_trixie_is_the_default_with_etcd_35_etcdutl_and_python3(sandbox: Sandbox) -> None:
+    assert sandbox.suite == "trixie"
+    assert codename(sandbox, "t1") == "trixie"
+    assert re.search(r"^etcd Version: 3\.5\.\d+$", remote(sandbox, "t1", "etcd --version"), re.M)
+    assert re.search(r"^etcdutl version: 3\.5\.\d+$", remote(sandbox, "t1", "etcdutl version"), re.M)
+    assert re.search(r"^etcdctl version: 3\.5\.\d+$", remote(sandbox, "t1", "etcdctl version"), re.M)
+    assert python_version(sandbox, "t1") >= (3, 11)
 
 
 def test_hosts_differ_and_have_no_default_route(sandbox: Sandbox) -> None:
@@ -159,6 +192,7 @@ def test_up_again_keeps_running_hosts(sandbox: Sandbox) -> None:
     assert {row["name"]: row["pid"] for row in sandbox.status()} == pids
     inventory = (sandbox.dir / "hosts.json").read_text()
     assert '"10.250.9.12"' in inventory
+    assert json.loads(inventory)["suite"] == "trixie"
 
 
 def test_down_removes_everything_by_name(sandbox: Sandbox) -> None:
@@ -172,7 +206,7 @@ def test_down_removes_everything_by_name(sandbox: Sandbox) -> None:
         assert not netns_exists(sandbox.netns(host))
         assert not sandbox.host_dir(host).exists()
     assert not sandbox.ssh_key_path.exists()
-    assert (sandbox.root / "image").is_dir()  # the cached image stays
+    assert image_dir(sandbox.root, sandbox.suite).is_dir()  # the cached image stays
     sandbox.down()  # idempotent
 
 
@@ -195,5 +229,38 @@ def test_names_and_addresses_are_validated() -> None:
         Sandbox(NAME, SUBNET, {"a": "10.250.7.11"})
     with pytest.raises(ValueError, match="private"):
         Sandbox(NAME, "8.8.8", {"a": "8.8.8.11"})
+    with pytest.raises(ValueError, match="suite 'buster'"):
+        Sandbox(NAME, SUBNET, HOSTS, suite="buster")
     long_host = Sandbox(NAME, SUBNET, {"averyveryverylonghostname": "10.250.9.30"})
     assert len(long_host.veth("averyveryverylonghostname")) <= 15
+
+
+# ----- bookworm: last in the file, so its host is up only for these tests ----
+
+
+@pytest.fixture(scope="module")
+def bookworm() -> Iterator[Sandbox]:
+    """One bookworm host, the suite kept for tests that need Debian's etcd 3.4."""
+    with Sandbox(BOOKWORM_NAME, BOOKWORM_SUBNET, BOOKWORM_HOSTS, suite="bookworm") as sb:
+        yield sb
+
+
+def test_bookworm_hosts_keep_etcd_34_and_boot_to_running(bookworm: Sandbox) -> None:
+    assert remote(bookworm, "b1", "systemctl is-system-running") == "running"
+    assert codename(bookworm, "b1") == "bookworm"
+    assert re.search(r"^etcd Version: 3\.4\.\d+$", remote(bookworm, "b1", "etcd --version"), re.M)
+    assert re.search(r"^etcdctl version: 3\.4\.\d+$", remote(bookworm, "b1", "etcdctl version"), re.M)
+    assert bookworm.ssh("b1", "command -v etcdutl", check=False).returncode == 1  # 3.4 has none
+    assert python_version(bookworm, "b1") >= (3, 11)
+
+
+def test_a_replaced_host_keeps_the_sandbox_suite(bookworm: Sandbox) -> None:
+    attached = Sandbox(BOOKWORM_NAME, BOOKWORM_SUBNET)  # the default suite, trixie
+    with pytest.raises(ValueError, match="runs Debian bookworm"):
+        attached.up()
+    attached.kill_host("b1")  # killing needs no suite, and must not change the recorded one
+    with pytest.raises(ValueError, match="runs Debian bookworm"):
+        attached.start_host("b1", wipe=True)
+    bookworm.start_host("b1", wipe=True)
+    assert codename(bookworm, "b1") == "bookworm"
+    assert remote(bookworm, "b1", "systemctl is-system-running") == "running"
