@@ -23,6 +23,5 @@ def cluster_facts(cfg: ClusterConfig, topology: Topology, addresses: dict[str, s
     )
     settings = etcd.EtcdSettings(cfg.cluster_name, cfg.etcd.heartbeat_ms, cfg.etcd.election_ms,
                                  cluster_token=f"{cfg.cluster_name}-etcd")
-    plan = BackupPlan(backup_dest, cfg.backup.interval_minutes, cfg.backup.retain.recent,
-                      cfg.backup.retain.daily, cfg.backup.verify, backup_ssh_key)
+    plan = BackupPlan(backup_dest, cfg.backup.interval_minutes, cfg.backup.verify, backup_ssh_key)
     return Cluster(cfg.cluster_name, settings, members, spares, api, plan)

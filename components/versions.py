@@ -104,9 +104,9 @@ CRICTL_SHA256: Final[Checksums] = {
     },
 }
 # etcd from a distribution package instead of the release archive: the package
-# manager verifies the signature, so no checksum is pinned here. Debian bookworm
-# ships 3.4.23; the local test hosts run it.
-DISTRO_ETCD_PACKAGES: Final[dict[str, str]] = {"3.4.23": "etcd-server"}
+# manager verifies the signature, so no checksum is pinned here. Debian trixie ships
+# 3.5.16 (the local test hosts run it), bookworm 3.4.23 (kept for the tests of 3.4's tools).
+DISTRO_ETCD_PACKAGES: Final[dict[str, str]] = {"3.5.16": "etcd-server", "3.4.23": "etcd-server"}
 
 CONTAINERD_VERSION: Final = "2.3.4"
 RUNC_VERSION: Final = "1.4.3"
@@ -119,7 +119,7 @@ def crictl_version(kubernetes_version: str) -> str:
 
 
 def kubelet_release_args(k8s: str, arch: str = "amd64") -> str:
-    """Arguments of scripts/host/kubelet-install: each release with its pinned sha256."""
+    """Arguments of `kcp-host kubelet-install`: each release with its pinned sha256."""
     crictl = crictl_version(k8s)
     return " ".join([
         k8s, KUBELET_SHA256[arch][k8s],

@@ -3,23 +3,19 @@ backup host's forced-command key entry.
 
 Pure functions returning text, so every target ships the same backup job and the unit tests
 check the policy (one leader-only job per interval, write-only access) without Pulumi.
-The programs they start are scripts/host/etcd-backup{,-verify,-receive}; docs/backups.md
-describes the destination layouts these settings point at.
+The units start the host agent's `etcd-backup` (which runs `etcd-backup-verify`); the backup
+host's key runs its `etcd-backup-receive`. docs/backups.md describes the destination layouts
+these settings point at.
 """
 
 from __future__ import annotations
 
 import re
 
-from components.render.layout import HOST_LIB as LIB
+from kcp_host.contract import AGENT, PKI, BackupEnv, render_env
 
-BACKUP_ENV = "/etc/etcd/backup.env"
 SERVICE = "/etc/systemd/system/etcd-backup.service"
 TIMER = "/etc/systemd/system/etcd-backup.timer"
-BACKUP_CERT = "/etc/etcd/pki/backup-client.crt"
-BACKUP_KEY = "/etc/etcd/pki/backup-client.key"
-KNOWN_HOSTS = "/etc/etcd/backup-ssh/known_hosts"
-WORK_DIR = "/var/lib/etcd-backup"
 
 _SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
 _PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
@@ -87,12 +83,11 @@ def service_unit(cluster_name: str, interval_minutes: int) -> str:
         "# Rendered by resilient-control-plane: one etcd backup run.\n"
         "[Unit]\n"
         f"Description=etcd snapshot, verification and upload ({cluster_name} control plane)\n"
-        "Documentation=file:///usr/local/lib/kcp/etcd-backup\n"
         "After=network-online.target etcd.service\n"
         "Wants=network-online.target\n\n"
         "[Service]\n"
         "Type=oneshot\n"
-        f"ExecStart={LIB}/etcd-backup\n"
+        f"ExecStart={AGENT} etcd-backup\n"
         f"TimeoutStartSec={max(interval_minutes * 60, 900)}\n"
         "StateDirectory=etcd-backup\n"
         "StateDirectoryMode=0700\n"
@@ -105,36 +100,23 @@ def service_unit(cluster_name: str, interval_minutes: int) -> str:
     )
 
 
-def backup_env(dest: str, retain_recent: int, retain_daily: int, verify: bool,
-               ssh_key_path: str | None) -> str:
-    """/etc/etcd/backup.env: the KCP_BACKUP_* table of docs/host-layout.md."""
+def backup_env(dest: str, verify: bool, ssh_key_path: str | None) -> str:
+    """/etc/etcd/backup.env (kcp_host.contract.BackupEnv)."""
     _require(_DEST, "backup destination", dest)
-    if retain_recent < 1 or retain_daily < 0:
-        raise ValueError(f"backup retention: recent={retain_recent} daily={retain_daily} "
-                         "is not allowed (recent >= 1, daily >= 0)")
     if dest.startswith("ssh://") and not ssh_key_path:
         raise ValueError(f"backup destination {dest!r} needs ssh_key_path (the host's key for the receiver)")
-    values = {
-        "KCP_BACKUP_DEST": dest,
-        "KCP_BACKUP_RETAIN_RECENT": str(retain_recent),
-        "KCP_BACKUP_RETAIN_DAILY": str(retain_daily),
-        "KCP_BACKUP_VERIFY": "true" if verify else "false",
-        "KCP_BACKUP_CERT": BACKUP_CERT,
-        "KCP_BACKUP_KEY": BACKUP_KEY,
-        "KCP_BACKUP_WORK_DIR": WORK_DIR,
-    }
-    if ssh_key_path:
-        values["KCP_BACKUP_SSH_KEY"] = _require(_PATH, "backup ssh key path", ssh_key_path)
-        values["KCP_BACKUP_SSH_KNOWN_HOSTS"] = KNOWN_HOSTS
-    return "".join(f"{k}={v}\n" for k, v in values.items())
+    return render_env(BackupEnv(
+        dest=dest, cert=f"{PKI}/backup-client.crt", key=f"{PKI}/backup-client.key", verify=verify,
+        ssh_key=_require(_PATH, "backup ssh key path", ssh_key_path) if ssh_key_path else "",
+    ), "Rendered by resilient-control-plane; read by kcp-host etcd-backup (kcp_host/contract.py).")
 
 
-def backup_host_files(cluster_name: str, dest: str, interval_minutes: int, retain_recent: int,
-                      retain_daily: int, verify: bool, ssh_key_path: str | None) -> dict[str, str]:
+def backup_host_files(cluster_name: str, dest: str, interval_minutes: int, verify: bool,
+                      ssh_key_path: str | None) -> dict[str, str]:
     """Absolute path on an etcd host -> content, for the backup timer."""
     _require(_SAFE, "cluster name", cluster_name)
     return {
-        BACKUP_ENV: backup_env(dest, retain_recent, retain_daily, verify, ssh_key_path),
+        BackupEnv.PATH: backup_env(dest, verify, ssh_key_path),
         SERVICE: service_unit(cluster_name, interval_minutes),
         TIMER: timer_unit(cluster_name, interval_minutes),
     }
@@ -150,6 +132,6 @@ def backup_receiver_authorized_key(public_key_openssh: str, backup_path: str, cl
     key = _require(_PUBLIC_KEY, "backup public key", public_key_openssh.strip())
     if retain_recent < 1 or retain_daily < 0:
         raise ValueError(f"backup retention: recent={retain_recent} daily={retain_daily} is not allowed")
-    command = (f"{LIB}/etcd-backup-receive --root {receiver_root(backup_path, cluster_name)} "
+    command = (f"{AGENT} etcd-backup-receive --root {receiver_root(backup_path, cluster_name)} "
                f"--retain-recent {retain_recent} --retain-daily {retain_daily}")
     return f'restrict,command="{command}" {key}\n'

@@ -10,10 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from components.render.templating import render
+from kcp_host.contract import AGENT, DATA_DIR, ETCD_ENV, PKI, ClusterEnv, render_env
 
 CLIENT_PORT, PEER_PORT, METRICS_PORT = 2379, 2380, 2381
-DATA_DIR = "/var/lib/etcd/data"
-PKI = "/etc/etcd/pki"
 
 
 @dataclass(frozen=True)
@@ -91,25 +90,24 @@ def etcd_env(settings: EtcdSettings, me: Member, members: Sequence[Member]) -> s
 
 
 def cluster_env(settings: EtcdSettings, me: Member, members: Sequence[Member]) -> str:
-    """KCP_* variables that the host programs (recovery, backup, restore) source."""
-    return "# Rendered by resilient-control-plane; sourced by /usr/local/lib/kcp programs.\n" + _env_file({
-        "KCP_CLUSTER_NAME": settings.cluster_name,
-        "KCP_MEMBER_NAME": me.name,
-        "KCP_PEER_URL": me.peer_url,
-        "KCP_CLIENT_URL": me.client_url,
-        "KCP_MEMBERS": '"' + " ".join(f"{m.name}={m.peer_url}" for m in members) + '"',
-        "KCP_CLIENT_ENDPOINTS": client_endpoints(members),
-        "KCP_ETCD_CA": f"{PKI}/ca.crt",
-        "KCP_ETCD_CERT": f"{PKI}/server.crt",
-        "KCP_ETCD_KEY": f"{PKI}/server.key",
-        "KCP_DATA_DIR": DATA_DIR,
-        "KCP_METRICS_URL": f"http://127.0.0.1:{METRICS_PORT}",
-        "KCP_ELECTION_MS": str(settings.election_ms),
-    })
+    """/etc/etcd/cluster.env: what the host agent knows of this member's cluster (kcp_host.contract)."""
+    return render_env(ClusterEnv(
+        cluster_name=settings.cluster_name,
+        member_name=me.name,
+        peer_url=me.peer_url,
+        client_url=me.client_url,
+        members=tuple(f"{m.name}={m.peer_url}" for m in members),
+        client_endpoints=tuple(m.client_url for m in members),
+        etcd_ca=f"{PKI}/ca.crt",
+        etcd_cert=f"{PKI}/server.crt",
+        etcd_key=f"{PKI}/server.key",
+        data_dir=DATA_DIR,
+    ), "Rendered by resilient-control-plane; read by /usr/local/lib/kcp/kcp-host (kcp_host/contract.py).")
 
 
 def etcd_unit(cluster_name: str) -> str:
-    return render("etcd.service.j2", cluster_name=cluster_name)
+    return render("etcd.service.j2", cluster_name=cluster_name, agent=AGENT,
+                  join_env=ClusterEnv.join_env, etcd_env=ETCD_ENV)
 
 
 # Go's TLS 1.2 AEAD suites with forward secrecy (CIS 1.2.x / 2.x ask for strong suites only).

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from components.render import backup, etcd, kubernetes, loadbalancer, recovery
 from components.render.etcd import Member
 from components.render.firewall import FirewallPeers, nftables_config
+from kcp_host.contract import ETCD_ENV, ClusterEnv
 
 
 @dataclass(frozen=True)
 class HostFile:
     path: str
-    content: str
+    content: str | bytes
     mode: int = 0o644
     owner: str = "root"
 
@@ -34,8 +35,6 @@ class BackupPlan:
 
     dest: str
     interval_minutes: int
-    retain_recent: int
-    retain_daily: int
     verify: bool
     ssh_key_path: str | None = None
 
@@ -71,8 +70,8 @@ def etcd_member_files(cluster: Cluster, me: Member, creds: Credentials) -> list[
     backup_cert, backup_key = creds.certs["etcd-backup-client"]
     pki = etcd.PKI
     return [
-        HostFile("/etc/etcd/etcd.env", etcd.etcd_env(cluster.etcd, me, cluster.members)),
-        HostFile("/etc/etcd/cluster.env", etcd.cluster_env(cluster.etcd, me, cluster.members)),
+        HostFile(ETCD_ENV, etcd.etcd_env(cluster.etcd, me, cluster.members)),
+        HostFile(ClusterEnv.PATH, etcd.cluster_env(cluster.etcd, me, cluster.members)),
         HostFile("/etc/systemd/system/etcd.service", etcd.etcd_unit(cluster.name)),
         HostFile(f"{pki}/ca.crt", creds.ca_certs["etcd-ca"]),
         HostFile(f"{pki}/server.crt", server_cert, 0o600, "etcd"),
@@ -88,8 +87,7 @@ def etcd_member_files(cluster: Cluster, me: Member, creds: Credentials) -> list[
 
 def _backup_files(cluster: Cluster) -> dict[str, str]:
     plan = cluster.backup
-    return backup.backup_host_files(cluster.name, plan.dest, plan.interval_minutes, plan.retain_recent,
-                                    plan.retain_daily, plan.verify, plan.ssh_key_path)
+    return backup.backup_host_files(cluster.name, plan.dest, plan.interval_minutes, plan.verify, plan.ssh_key_path)
 
 
 def text_files(files: dict[str, str]) -> list[HostFile]:
@@ -152,7 +150,7 @@ def bundle(files: Sequence[HostFile]) -> str:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for f in sorted(files, key=lambda f: f.path):
-            data = f.content.encode()
+            data = f.content.encode() if isinstance(f.content, str) else f.content
             info = tarfile.TarInfo(f.path.lstrip("/"))
             info.size, info.mode, info.mtime = len(data), f.mode, 0
             info.uname = info.gname = f.owner

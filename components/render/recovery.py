@@ -1,24 +1,25 @@
 """Units for etcd self-healing: learner promotion on every etcd host, the spare watch on spares.
 
 Pure functions returning text (absolute host path -> content), so every target ships the same
-units and the unit tests check the policy without Pulumi. The programs they start are
-scripts/host/etcd-member-promote and scripts/host/etcd-spare-watch (installed under
-/usr/local/lib/kcp); etcd.service's ExecStartPre, scripts/host/etcd-member-recovery, queues
-the promote unit after every start. docs/self-healing.md has the decision table.
+units and the unit tests check the policy without Pulumi. The units start the host agent's
+`etcd-member-promote` and `etcd-spare-watch`; etcd.service's ExecStartPre,
+`kcp-host etcd-member-recovery`, queues the promote unit after every start.
+docs/self-healing.md has the decision table.
 """
 
 from __future__ import annotations
 
-from components.render.layout import HOST_LIB as LIB
+from kcp_host.contract import AGENT, ClusterEnv, env_name
 
 UNIT_DIR = "/etc/systemd/system"
 PROMOTE_SERVICE = f"{UNIT_DIR}/etcd-member-promote.service"
 SPARE_SERVICE = f"{UNIT_DIR}/etcd-spare-watch.service"
 SPARE_TIMER = f"{UNIT_DIR}/etcd-spare-watch.timer"
 
-# etcd-spare-watch waits up to KCP_LOCK_WAIT_SECONDS (90) for the replacement lock, then for
-# etcd.service to start (TimeoutStartSec=300 in etcd.service); its own limit covers both.
-_SPARE_RUN_LIMIT_SECONDS = 90 + 300 + 30
+# etcd's own TimeoutStartSec (templates/etcd.service.j2): a spare's takeover waits for it.
+ETCD_START_TIMEOUT_SECONDS = 300
+# etcd-spare-watch waits for the replacement lock, then for etcd.service to start; its limit covers both.
+_SPARE_RUN_LIMIT_SECONDS = ClusterEnv.lock_wait_seconds + ETCD_START_TIMEOUT_SECONDS + 30
 _MIN_CHECK_INTERVAL_SECONDS = 5
 
 
@@ -28,7 +29,7 @@ def _positive(what: str, value: int, minimum: int = 1) -> int:
     return value
 
 
-def promote_unit(promote_timeout_seconds: int = 300) -> str:
+def promote_unit(promote_timeout_seconds: int = ClusterEnv.promote_timeout_seconds) -> str:
     """The oneshot that promotes this member once it has caught up.
 
     It has no [Install] section: etcd-member-recovery queues it (`systemctl start --no-block`)
@@ -40,19 +41,22 @@ def promote_unit(promote_timeout_seconds: int = 300) -> str:
         "# Rendered by resilient-control-plane: queued by etcd-member-recovery before every etcd start.\n"
         "[Unit]\n"
         "Description=Record this etcd member's ID and promote it from learner once caught up\n"
-        f"Documentation=file://{LIB}/etcd-member-promote\n"
         "After=etcd.service\n"
         "PartOf=etcd.service\n"
         "\n"
         "[Service]\n"
         "Type=oneshot\n"
-        f"Environment=KCP_PROMOTE_TIMEOUT_SECONDS={timeout}\n"
-        f"ExecStart={LIB}/etcd-member-promote\n"
+        f"Environment={env_name(ClusterEnv, 'promote_timeout_seconds')}={timeout}\n"
+        f"ExecStart={AGENT} etcd-member-promote\n"
         f"TimeoutStartSec={timeout + 60}\n"
+        # A learner left unpromoted (a run that timed out, or one systemd failed to start) is
+        # retried now rather than at the next etcd start.
+        "Restart=on-failure\n"
+        "RestartSec=5s\n"
     )
 
 
-def member_recovery_files(promote_timeout_seconds: int = 300) -> dict[str, str]:
+def member_recovery_files(promote_timeout_seconds: int = ClusterEnv.promote_timeout_seconds) -> dict[str, str]:
     """Files every etcd host (members and spares) needs besides etcd.service itself."""
     return {PROMOTE_SERVICE: promote_unit(promote_timeout_seconds)}
 
@@ -65,15 +69,14 @@ def spare_watch_service(takeover_after_seconds: int) -> str:
         "[Unit]\n"
         "Description=Take over the slot of an etcd member unhealthy for over "
         f"{after}s\n"
-        f"Documentation=file://{LIB}/etcd-spare-watch\n"
         "Wants=network-online.target\n"
         "After=network-online.target\n"
-        "ConditionPathExists=/etc/etcd/cluster.env\n"
+        f"ConditionPathExists={ClusterEnv.PATH}\n"
         "\n"
         "[Service]\n"
         "Type=oneshot\n"
-        f"Environment=KCP_SPARE_TAKEOVER_AFTER_SECONDS={after}\n"
-        f"ExecStart={LIB}/etcd-spare-watch\n"
+        f"Environment={env_name(ClusterEnv, 'spare_takeover_after_seconds')}={after}\n"
+        f"ExecStart={AGENT} etcd-spare-watch\n"
         f"TimeoutStartSec={_SPARE_RUN_LIMIT_SECONDS}\n"
     )
 

@@ -1,7 +1,7 @@
 """AWS: Auto Scaling control plane behind Network Load Balancers, per-member volumes and interfaces.
 
 Only what is specific to AWS lives here; slots, bundles, retention and the boot path come from
-components/targets/cloud.py and scripts/host/cloud-boot. Shape, method for method the same as
+components/targets/cloud.py and kcp_host/cloudboot.py. Shape, method for method the same as
 components/targets/gce.py: endpoints, network, firewall, backup bucket, secrets, health checks,
 etcd member groups, API server group, load balancers.
 
@@ -135,7 +135,7 @@ class AwsTarget(cloud.CloudTarget):
         role = "etcd" if slot.has("etcd") else "api"
         settings = cloud.boot_settings(self._cfg, slot, self._marker_url, cloud.ETCD_LB_PORTS if slot.has("etcd")
                                        else ())
-        settings |= {"KCP_BOOT_AWS_REGION": self._aws.region, "KCP_BOOT_VPC_CIDR": self._net.vpc_cidr}
+        settings |= {"aws_region": self._aws.region, "vpc_cidr": self._net.vpc_cidr}
         user_data = cloud.startup_script(PROVIDER, settings).apply(_user_data)
         groups = [self._sg.etcd.id] if slot.has("etcd") else []
         groups += [self._sg.api.id] if slot.has("apiserver") else []

@@ -8,7 +8,6 @@ reach hosts on stdin (a bundle unpacked by tar), never on a command line.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pulumi
@@ -19,6 +18,7 @@ from components.config import ClusterConfig
 from components.facts import cluster_facts
 from components.pki import Endpoints
 from components.render import backup, recovery
+from components.render.agent import ENSURE_PYTHON, agent_files
 from components.render.etcd import Member
 from components.render.firewall import FirewallPeers
 from components.render.hostfiles import (
@@ -31,20 +31,10 @@ from components.render.hostfiles import (
     loadbalancer_files,
     text_files,
 )
-from components.render.layout import HOST_LIB, HOST_SCRIPTS
 from components.targets import Deployed, SharedAssets
 from components.topology import Machine, Topology
 from components.versions import kubelet_release_args
-
-STAGING = "/var/lib/kcp-staging"
-BACKUP_SSH_KEY = "/etc/etcd/backup-ssh/id_ed25519"
-
-
-def _scripts_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(HOST_SCRIPTS.iterdir()):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
+from kcp_host.contract import AGENT, BACKUP_SSH_KEY
 
 
 class BareMetalTarget:
@@ -54,7 +44,6 @@ class BareMetalTarget:
         assert cfg.baremetal is not None
         self._name, self._cfg, self._bm, self._topology = name, cfg, cfg.baremetal, topology
         self._parent = parent
-        self._scripts_digest = _scripts_digest()
         addresses = {m.name: m.address or "" for m in (*topology.machines, *topology.spares)}
         key = self._bm.ssh_private_key
         self._ssh_key = pulumi.Output.secret(
@@ -87,32 +76,26 @@ class BareMetalTarget:
             opts=pulumi.ResourceOptions(parent=self._parent, depends_on=depends_on or []),
         )
 
-    def _files(self, host: Machine, step: str, files: pulumi.Output[list[HostFile]], then: str,
+    def _files(self, host: Machine | str, step: str, files: pulumi.Output[list[HostFile]], then: str,
                update_then: str | None = None, depends_on: list[pulumi.Resource] | None = None,
-               undo: str = "true") -> remote.Command:
-        """Ship a bundle on stdin; its content is secret, so it never shows in logs or diffs.
+               undo: str = "true", address: str | None = None, secret: bool = True) -> remote.Command:
+        """Ship a bundle on stdin; a secret one never shows in logs or diffs.
 
-        On delete, `undo` runs (stop what the files configured), then the files are removed.
+        A new bundle updates the command in place (stdin changed): it unpacks again and runs
+        `update_then`. On delete, `undo` runs (stop what the files configured), then the files
+        are removed.
         """
-        payload = pulumi.Output.secret(files.apply(bundle))
+        payload = files.apply(bundle)
         removal = files.apply(lambda fs: f"{undo}; rm -f " + " ".join(sorted(f.path for f in fs)))
-        return self._command(host, step, f"{UNPACK_BUNDLE} && {then}", stdin=payload,
+        return self._command(host, step, f"{UNPACK_BUNDLE} && {then}",
+                             stdin=pulumi.Output.secret(payload) if secret else payload,
                              update=f"{UNPACK_BUNDLE} && {update_then or then}", delete=removal,
-                             depends_on=depends_on)
+                             depends_on=depends_on, address=address)
 
-    def _install_scripts(self, host: Machine | str, address: str) -> remote.Command:
-        prepare = self._command(host, "staging", f"mkdir -p {STAGING}", address=address)
-        copy = remote.CopyToRemote(
-            f"{self._name}-{host if isinstance(host, str) else host.name}-copy-scripts",
-            connection=self._connection(address), source=pulumi.FileArchive(str(HOST_SCRIPTS)),
-            remote_path=STAGING, triggers=[self._scripts_digest],
-            opts=pulumi.ResourceOptions(parent=self._parent, depends_on=[prepare]),
-        )
-        return self._command(
-            host, "install-scripts",
-            f"install -d -m 0755 {HOST_LIB} && install -m 0755 {STAGING}/host/* {HOST_LIB}/",
-            address=address, delete=f"rm -rf {HOST_LIB} {STAGING}", depends_on=[copy],
-            triggers=[self._scripts_digest])
+    def _install_agent(self, host: Machine | str, address: str) -> remote.Command:
+        """The host agent, shipped like any host file: a new build updates it in place."""
+        return self._files(host, "agent", pulumi.Output.from_input(agent_files()),
+                           f"{ENSURE_PYTHON} && {AGENT} --help >/dev/null", address=address, secret=False)
 
     def _firewall_peers(self) -> FirewallPeers:
         t = self._topology
@@ -132,20 +115,19 @@ class BareMetalTarget:
     # -- deploy ----------------------------------------------------------------------
     def deploy(self, assets: SharedAssets) -> Deployed:
         t = self._topology
-        scripts = {m.name: self._install_scripts(m, m.address or "") for m in (*t.machines, *t.spares)}
-        receiver = self._backup_host(assets, self._install_scripts("backup", self._bm.backup_host.address))
-        started = self._etcd(assets, scripts, receiver)
+        agents = {m.name: self._install_agent(m, m.address or "") for m in (*t.machines, *t.spares)}
+        # The firewall comes before etcd: connections opened before nftables starts tracking them
+        # stall once it loads (seen on Debian trixie: ~55 s without a leader), so every peer and
+        # client connection must be made under the final rules.
+        firewalls = {m.name: self._firewall(m, agents[m.name]) for m in (*t.machines, *t.spares)}
+        receiver = self._backup_host(assets, self._install_agent("backup", self._bm.backup_host.address))
+        started = self._etcd(assets, firewalls, receiver)
         for machine in t.machines:
-            after = [scripts[machine.name], *started]
+            after = [firewalls[machine.name], *started]
             if machine.has("apiserver"):
                 self._apiserver(machine, assets, after)
             if machine.has("loadbalancer"):
                 self._loadbalancer(machine, after)
-        for machine in (*t.machines, *t.spares):
-            self._files(machine, "firewall", pulumi.Output.from_input(firewall_files(self._firewall_peers())),
-                        "systemctl enable nftables && systemctl reload-or-restart nftables",
-                        depends_on=[scripts[machine.name], *started],
-                        undo="systemctl disable nftables; nft delete table inet kcp 2>/dev/null || true")
         members = [f"https://{m.address}:2379" for m in t.etcd_members]
         return Deployed(
             api_endpoint=pulumi.Output.from_input(f"https://{self._bm.api_vip}:6443"),
@@ -153,20 +135,25 @@ class BareMetalTarget:
             backup_location=pulumi.Output.from_input(self._backup_dest),
         )
 
+    def _firewall(self, host: Machine, after: remote.Command) -> remote.Command:
+        return self._files(host, "firewall", pulumi.Output.from_input(firewall_files(self._firewall_peers())),
+                           "systemctl enable nftables && systemctl reload-or-restart nftables", depends_on=[after],
+                           undo="systemctl disable nftables; nft delete table inet kcp 2>/dev/null || true")
+
     def _install_etcd(self, host: Machine, after: remote.Command) -> remote.Command:
         version, source = self._cfg.etcd.version, self._cfg.etcd.source
         checksum = "-" if source == "distro" else versions.ETCD_SHA256["amd64"][version]
-        return self._command(host, "install-etcd", f"{HOST_LIB}/etcd-install {source} {version} {checksum}",
+        return self._command(host, "install-etcd", f"{AGENT} etcd-install {source} {version} {checksum}",
                              depends_on=[after])
 
-    def _etcd(self, assets: SharedAssets, scripts: dict[str, remote.Command],
+    def _etcd(self, assets: SharedAssets, firewalls: dict[str, remote.Command],
               receiver: remote.Command) -> list[remote.Command]:
         """Configure every member before any starts (initial-cluster-state=new), then wait for health."""
         t = self._topology
         spare_files = recovery.spare_watch_files(self._bm.spare_takeover_after_seconds, 30)
         configured: list[remote.Command] = []
         for host in (*t.etcd_members, *t.spares):
-            installed = self._install_etcd(host, scripts[host.name])
+            installed = self._install_etcd(host, firewalls[host.name])
             files = pulumi.Output.all(assets.credentials, assets.backup_private_key_openssh).apply(
                 lambda v, host=host: [
                     *etcd_member_files(self._cluster, Member(host.name, host.address or ""), v[0]),
@@ -176,13 +163,13 @@ class BareMetalTarget:
             # Serial on update: each member restarts and is healthy before the next one.
             configured.append(self._files(
                 host, "etcd-config", files, "systemctl daemon-reload",
-                update_then=f"systemctl daemon-reload && {HOST_LIB}/etcd-rolling-restart",
+                update_then=f"systemctl daemon-reload && {AGENT} etcd-rolling-restart",
                 depends_on=[installed, receiver, *configured[-1:]], undo="systemctl disable --now etcd"))
         starts = [self._command(m, "etcd-start", "systemctl enable etcd && systemctl start --no-block etcd",
-                                delete=f"{HOST_LIB}/etcd-member-leave", depends_on=configured)
+                                delete=f"{AGENT} etcd-member-leave", depends_on=configured)
                   for m in t.etcd_members]
         first = t.etcd_members[0]
-        healthy = self._command(first, "etcd-healthy", f"{HOST_LIB}/etcd-wait-healthy 180", depends_on=starts)
+        healthy = self._command(first, "etcd-healthy", f"{AGENT} etcd-wait-healthy 180", depends_on=starts)
         formed = [self._command(h, "etcd-formed", "touch /etc/etcd/cluster-formed",
                                 delete="rm -f /etc/etcd/cluster-formed", depends_on=[healthy])
                   for h in (*t.etcd_members, *t.spares)]
@@ -195,22 +182,22 @@ class BareMetalTarget:
                           delete="systemctl disable --now etcd-backup.timer", depends_on=formed)
         return [healthy, *formed]
 
-    def _backup_host(self, assets: SharedAssets, scripts: remote.Command) -> remote.Command:
+    def _backup_host(self, assets: SharedAssets, agent: remote.Command) -> remote.Command:
         bh, cfg = self._bm.backup_host, self._cfg
         line = assets.backup_public_key_openssh.apply(
             lambda key: backup.backup_receiver_authorized_key(
                 key, bh.path, cfg.cluster_name, cfg.backup.retain.recent, cfg.backup.retain.daily))
         return self._command(
             "backup", "receiver",
-            f"{HOST_LIB}/backup-host-setup {bh.user} {backup.receiver_root(bh.path, cfg.cluster_name)}",
-            address=bh.address, stdin=line, depends_on=[scripts])
+            f"{AGENT} backup-host-setup {bh.user} {backup.receiver_root(bh.path, cfg.cluster_name)}",
+            address=bh.address, stdin=line, depends_on=[agent])
 
     def _apiserver(self, host: Machine, assets: SharedAssets, after: list[pulumi.Resource]) -> None:
         files = assets.credentials.apply(lambda creds: apiserver_files(self._cluster, creds))
         placed = self._files(host, "apiserver-config", files, "true", depends_on=after)
         if self._bm.install_kubelet:
             release = kubelet_release_args(self._cfg.kubernetes_version)
-            self._command(host, "install-kubelet", f"{HOST_LIB}/kubelet-install {release}", depends_on=[placed])
+            self._command(host, "install-kubelet", f"{AGENT} kubelet-install {release}", depends_on=[placed])
 
     def _loadbalancer(self, host: Machine, after: list[pulumi.Resource]) -> None:
         t = self._topology

@@ -9,6 +9,7 @@ resources, so the two target modules differ only where the clouds do.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +22,13 @@ from components.facts import cluster_facts
 from components.naming import resource_name
 from components.pki import Endpoints
 from components.render import boot
+from components.render.agent import agent_files
 from components.render.etcd import CLIENT_PORT, METRICS_PORT
 from components.render.hostfiles import Cluster, Credentials, HostFile, apiserver_files, bundle, etcd_member_files
 from components.render.kubernetes import API_PORT
 from components.targets import Deployed, SharedAssets
 from components.topology import Machine, Topology
+from kcp_host.contract import BootEnv
 
 # Both secret stores hold at most 64 KiB per version (Secret Manager: 64 KiB; Secrets Manager: 65,536 bytes).
 SECRET_MAX_BYTES = 65_536
@@ -63,9 +66,18 @@ def api_slot(cluster: str) -> str:
     return resource_name(cluster, "api")
 
 
-def programs_secret(cluster: str) -> str:
-    """The host programs (scripts/host) travel as a bundle too: same fetch path, no size limit of user data."""
-    return resource_name(cluster, "host-programs")
+@functools.cache
+def programs_parts() -> tuple[str, ...]:
+    """The host agent travels as a bundle too (fetched by kcp-bootstrap: no user data limit), its text cut
+    in pieces of whole base64 quads that each fit a secret, so the agent may outgrow one secret."""
+    payload, size = bundle(agent_files()), SECRET_MAX_BYTES - SECRET_MAX_BYTES % 4
+    return tuple(payload[i:i + size] for i in range(0, len(payload), size))
+
+
+def programs_secrets(cluster: str) -> list[str]:
+    """`<cluster>-host-programs`, then `-2`, `-3`... as the agent needs."""
+    first = resource_name(cluster, "host-programs")
+    return [first, *(f"{first}-{i}" for i in range(2, len(programs_parts()) + 1))]
 
 
 def role_tag(cluster: str, role: str) -> str:
@@ -110,9 +122,9 @@ def checked_bundle(name: str, files: list[HostFile]) -> str:
 
 def secret_payloads(cfg: ClusterConfig, topology: Topology, cluster: pulumi.Output[Cluster],
                     credentials: pulumi.Output[Credentials]) -> dict[str, pulumi.Output[str]]:
-    """Secret name -> bundle: the host programs, then one bundle per slot (secret: it holds keys)."""
-    payloads = {programs_secret(cfg.cluster_name): pulumi.Output.from_input(
-        checked_bundle("host-programs", boot.host_program_files()))}
+    """Secret name -> bundle: the host agent, then one bundle per slot (secret: it holds keys)."""
+    payloads = {name: pulumi.Output.from_input(part)
+                for name, part in zip(programs_secrets(cfg.cluster_name), programs_parts(), strict=True)}
     for slot in slots(cfg, topology):
         payloads[slot.name] = pulumi.Output.secret(pulumi.Output.all(cluster, credentials).apply(
             lambda v, slot=slot: checked_bundle(slot.name, slot_files(v[0], slot, v[1]))))
@@ -120,22 +132,21 @@ def secret_payloads(cfg: ClusterConfig, topology: Topology, cluster: pulumi.Outp
 
 
 def boot_settings(cfg: ClusterConfig, slot: Slot, marker_url: pulumi.Input[str],
-                  forward_ports: tuple[int, ...]) -> dict[str, pulumi.Input[str]]:
-    """KCP_BOOT_* values common to both clouds; each target adds its provider's few."""
-    settings: dict[str, pulumi.Input[str]] = {
-        "KCP_BOOT_CLUSTER": cfg.cluster_name,
-        "KCP_BOOT_ROLES": " ".join(slot.roles),
-        "KCP_BOOT_PROGRAMS_SECRET": programs_secret(cfg.cluster_name),
-        "KCP_BOOT_DISK": cfg.etcd.disk,
-        "KCP_BOOT_MARKER": marker_url,
-        "KCP_BOOT_WAIT_SECONDS": str(ETCD_BOOT_SECONDS),
-        "KCP_BOOT_FORWARD_PORTS": " ".join(str(p) for p in forward_ports),
+                  forward_ports: tuple[int, ...]) -> dict[str, Any]:
+    """`BootEnv` values (some still Outputs) common to both clouds; each target adds its provider's few."""
+    settings: dict[str, Any] = {
+        "cluster": cfg.cluster_name,
+        "roles": slot.roles,
+        "programs_secrets": tuple(programs_secrets(cfg.cluster_name)),
+        "disk": cfg.etcd.disk,
+        "marker": marker_url,
+        "wait_seconds": ETCD_BOOT_SECONDS,
+        "forward_ports": tuple(str(p) for p in forward_ports),
     }
     if slot.has("etcd"):
-        sha = versions.ETCD_SHA256["amd64"][cfg.etcd.version]
-        settings["KCP_BOOT_ETCD_INSTALL"] = f"release {cfg.etcd.version} {sha}"
+        settings["etcd_install"] = ("release", cfg.etcd.version, versions.ETCD_SHA256["amd64"][cfg.etcd.version])
     if slot.has("apiserver"):
-        settings["KCP_BOOT_KUBELET_INSTALL"] = versions.kubelet_release_args(cfg.kubernetes_version)
+        settings["kubelet_install"] = tuple(versions.kubelet_release_args(cfg.kubernetes_version).split())
     return settings
 
 
@@ -144,11 +155,11 @@ def lb_ports(slot: Slot) -> tuple[int, ...]:
     return (*(ETCD_LB_PORTS if slot.has("etcd") else ()), *((API_PORT,) if slot.has("apiserver") else ()))
 
 
-def startup_script(provider: str, settings: dict[str, pulumi.Input[str]],
-                   max_bytes: int | None = None) -> pulumi.Output[str]:
+def startup_script(provider: str, settings: dict[str, Any], max_bytes: int | None = None) -> pulumi.Output[str]:
     keys = list(settings)
     return pulumi.Output.all(*settings.values()).apply(
-        lambda v: boot.boot_script(provider, dict(zip(keys, v, strict=True)), max_bytes))
+        lambda v: boot.boot_script(BootEnv(provider=provider, **{
+            k: tuple(x) if isinstance(x, list) else x for k, x in zip(keys, v, strict=True)}), max_bytes))
 
 
 @dataclass(frozen=True)

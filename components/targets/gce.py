@@ -1,7 +1,7 @@
 """Google Compute Engine: regional, autohealing control plane behind Google's passthrough load balancers.
 
 Only what is specific to GCE lives here; slots, bundles, retention and the boot path come from
-components/targets/cloud.py and scripts/host/cloud-boot. Shape, method for method the same as
+components/targets/cloud.py and kcp_host/cloudboot.py. Shape, method for method the same as
 components/targets/aws.py: endpoints, network, firewall, secrets, backup bucket, health checks,
 etcd member groups, API server group, load balancers.
 
@@ -113,8 +113,7 @@ class GceTarget(cloud.CloudTarget):
         settings = cloud.boot_settings(self._cfg, slot, self._marker_url, cloud.lb_ports(slot))
         lbs = [self._etcd_lb_address.address] if slot.has("etcd") else []
         lbs += [self._api_lb_address.address] if slot.has("apiserver") else []
-        settings |= {"KCP_BOOT_GCE_PROJECT": self._gce.project,
-                     "KCP_BOOT_LB_ADDRESSES": pulumi.Output.all(*lbs).apply(" ".join)}
+        settings |= {"gce_project": self._gce.project, "lb_addresses": pulumi.Output.all(*lbs)}
         image = _image(self._gce.image)
         metadata: dict[str, pulumi.Input[str]] = {
             "startup-script": cloud.startup_script(PROVIDER, settings),

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from kcp_host.contract import AGENT, ClusterEnv, render_env
 from testbed.network import gateway_address
 from tests.figures import record
 from tests.integration.conftest import Deployment
@@ -35,7 +36,6 @@ pytestmark = pytest.mark.integration
 VENV_BIN = Path(sys.executable).parent
 REGRESSION_RATIO = 8.0
 
-LIB = "/usr/local/lib/kcp"
 KEYS = 10_000
 PREFIX = "/bench/"
 SSH_OPTIONS = ["--ssh-option", "StrictHostKeyChecking=no", "--ssh-option", "UserKnownHostsFile=/dev/null",
@@ -208,7 +208,7 @@ def test_restore_refuses_when_a_member_cannot_take_part(local_cluster: Deploymen
     hosts = [f"{m}={dep.sandbox.address(m)}" for m in dep.members[:2]] + [f"outsider={dep.sandbox.address('outsider')}"]
     proc = etcd_restore(dep, "--hosts", ",".join(hosts), "--force")
     assert proc.returncode == 1, proc.stderr
-    assert "outsider did not answer" in proc.stderr and "etcd-restore-member" in proc.stderr, proc.stderr
+    assert "outsider did not answer" in proc.stderr and "kcp-host" in proc.stderr, proc.stderr
     assert cluster_state(dep) == before
     for m in dep.members[:2]:
         left = dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; ls -d /var/lib/etcd-restore/*.part "
@@ -332,16 +332,21 @@ def test_backup_key_is_write_only_and_bad_snapshots_are_set_apart(local_cluster:
 def test_verification_catches_a_wrong_recorded_key_count(local_cluster: Deployment) -> None:
     dep = local_cluster
     meta = run_backup_everywhere(dep)
-    script = (f'set -e; db=/var/lib/etcd-backup/{meta["name"]}.db; m=${{db%.db}}.json; cp "$m" /tmp/wrong.json; '
-              'k=$(sed -nE \'s/^  "keys": ([0-9]+),$/\\1/p\' /tmp/wrong.json); '
-              'sed -i -E "s/^  \\"keys\\": [0-9]+,/  \\"keys\\": $((k + 1)),/" /tmp/wrong.json; '
-              f'rc=0; {LIB}/etcd-backup-verify --update "$db" /tmp/wrong.json || rc=$?; echo "rc=$rc"; '
-              'cat /tmp/wrong.json; (exec 3<>/dev/tcp/127.0.0.1/23790) 2>/dev/null && echo PORT-STILL-OPEN; '
+    wrong_keys = ('import json, sys; m = json.load(open(sys.argv[1])); m["keys"] += 1; '
+                  'json.dump(m, open("/tmp/wrong.json", "w"))')
+    script = (f'set -e; db=/var/lib/etcd-backup/{meta["name"]}.db; '
+              f'python3 -c {shlex.quote(wrong_keys)} "${{db%.db}}.json"; '
+              f'rc=0; {AGENT} etcd-backup-verify --update "$db" /tmp/wrong.json || rc=$?; echo "rc=$rc"; '
+              'cat /tmp/wrong.json; echo; echo ---; '
+              '(exec 3<>/dev/tcp/127.0.0.1/23790) 2>/dev/null && echo PORT-STILL-OPEN; '
               'ls -d /var/lib/etcd-backup/verify.* 2>/dev/null || true')
     out = dep.sandbox.ssh(meta["member"], script).stdout.decode()
-    assert "rc=1" in out, out
-    assert '"verified": false,' in out and "key count" in out, out
-    assert "PORT-STILL-OPEN" not in out and "verify." not in out.split("}")[-1], "throwaway etcd or scratch dir left"
+    head, _, left = out.partition("\n---\n")
+    rc, _, written = head.partition("\n")
+    assert rc == "rc=1", out
+    result = json.loads(written)
+    assert result["verified"] is False and "key count" in result["verify_error"], out
+    assert "PORT-STILL-OPEN" not in left and "verify." not in left, "throwaway etcd or scratch dir left"
 
 
 # --- the S3 destination and the restore from a bucket, against moto's S3 server -------------------
@@ -383,7 +388,7 @@ def s3(local_cluster: Deployment, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def backup_to_s3(dep: Deployment, env: dict[str, str], work: Path) -> dict[str, Any]:
-    """Run etcd-backup with an s3:// destination, as h1 would; the metadata of the snapshot it made."""
+    """Run the agent's etcd-backup with an s3:// destination, as h1 would; the metadata of the snapshot it made."""
     if not (work / "bin" / "etcd").exists():
         (work / "bin").mkdir(parents=True)
         for source, target in (("/usr/local/bin/etcd", "bin/etcd"), ("/usr/local/bin/etcdctl", "bin/etcdctl"),
@@ -392,16 +397,19 @@ def backup_to_s3(dep: Deployment, env: dict[str, str], work: Path) -> dict[str, 
             (work / target).write_bytes(dep.sandbox.ssh(dep.members[0], f"cat {source}").stdout)
             (work / target).chmod(0o700)
         h1 = dep.sandbox.address(dep.members[0])
-        (work / "cluster.env").write_text(f"KCP_CLUSTER_NAME={dep.config['clusterName']}\nKCP_MEMBER_NAME=h1\n"
-                                          f"KCP_CLIENT_URL=https://{h1}:2379\nKCP_ETCD_CA={work}/ca.crt\n")
+        (work / "cluster.env").write_text(render_env(ClusterEnv(
+            cluster_name=dep.config["clusterName"], member_name="h1", peer_url=f"https://{h1}:2380",
+            client_url=f"https://{h1}:2379", members=(f"h1=https://{h1}:2380",), client_endpoints=(f"https://{h1}:2379",),
+            etcd_ca=f"{work}/ca.crt", etcd_cert=f"{work}/backup.crt", etcd_key=f"{work}/backup.key",
+            data_dir=f"{work}/unused-data", etcdctl=f"{work}/bin/etcdctl"), "h1's view, for a backup run from here"))
         (work / "backup.env").write_text(f"KCP_BACKUP_DEST=s3://{BUCKET}/local\nKCP_BACKUP_CERT={work}/backup.crt\n"
                                          f"KCP_BACKUP_KEY={work}/backup.key\nKCP_BACKUP_WORK_DIR={work}/work\n"
                                          "KCP_BACKUP_VERIFY=true\n")
     run_env = {**env, "PATH": f"{work}/bin:{env['PATH']}", "KCP_CLUSTER_ENV": str(work / "cluster.env"),
                "KCP_BACKUP_ENV": str(work / "backup.env")}
     env_args = [f"{k}={v}" for k, v in run_env.items() if k.startswith(("AWS_", "KCP_")) or k == "PATH"]
-    proc = dep.sandbox.run_in_netns(dep.backup_host, ["env", *env_args, "bash", str(ROOT / "scripts/host/etcd-backup"),
-                                                      "--any-member"], timeout=300)
+    proc = dep.sandbox.run_in_netns(dep.backup_host, ["env", *env_args, f"PYTHONPATH={ROOT}", sys.executable, "-m",
+                                                      "kcp_host", "etcd-backup", "--any-member"], timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()
     name = json.loads((work / "work" / "status.json").read_text())["last_snapshot"]
     return json.loads((work / "work" / f"{name}.json").read_text())

@@ -165,7 +165,7 @@ def test_member_removal_is_refused_when_it_would_lose_quorum(local_cluster: Depl
     local_cluster.sandbox.kill_process("h3", "etcd")
     local_cluster.sandbox.ssh("h3", "systemctl stop etcd")
     try:
-        refused = local_cluster.sandbox.ssh("h1", "/usr/local/lib/kcp/etcd-member-leave", check=False)
+        refused = local_cluster.sandbox.ssh("h1", "/usr/local/lib/kcp/kcp-host etcd-member-leave", check=False)
         assert refused.returncode != 0 and b"refusing" in refused.stderr, refused.stderr.decode()
         assert local_cluster.etcdctl("h2", "member", "list").stdout == before
         assert local_cluster.sandbox.ssh("h1", "systemctl is-active etcd", check=False).stdout.strip() == b"active"

@@ -1,26 +1,32 @@
-"""A stand-in etcdctl and a throwaway etcd host layout for running scripts/host programs in unit tests.
+"""A stand-in etcdctl and a throwaway etcd host layout for running the host agent in unit tests.
 
-The stand-in answers `member list` and `endpoint health` from files, refuses everything
-else, and logs every call, so a test can show that a program changed no membership.
+The host's cluster.env is written through kcp_host.contract, exactly as the renderer writes it.
+The stand-in answers `member list -w json` and `endpoint health` from files, refuses everything
+else, and logs every call, so a test can show that a subcommand changed no membership.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-HOST_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "host"
+from kcp_host.contract import ClusterEnv, render_env
+
+ROOT = Path(__file__).resolve().parents[2]
 FAKE_ETCDCTL = r"""#!/usr/bin/env bash
 printf '%s\n' "$*" >>"$FAKE_DIR/calls"
 ep=""
 for a in "$@"; do case $a in --endpoints=*) ep=${a#--endpoints=} ;; esac; done
 case " $* " in
-*" member list "*) [[ -f $FAKE_DIR/members ]] && cat "$FAKE_DIR/members" ;;
+*" member list "*) [[ -f $FAKE_DIR/members.json ]] && cat "$FAKE_DIR/members.json" ;;
 *" endpoint health "*) grep -qxF "$ep" "$FAKE_DIR/healthy" 2>/dev/null ;;
-*" version "*) printf 'etcdctl version: %s\nAPI version: 3.4\n' "${FAKE_VERSION:-3.4.23}" ;;
+*" version "*) printf 'etcdctl version: %s\nAPI version: 3.5\n' "${FAKE_VERSION:-3.5.16}" ;;
 *) exit 1 ;;
 esac
 """
@@ -37,8 +43,19 @@ CLIENT = {h: f"https://10.9.9.1{i}:2379" for i, h in enumerate(["h1", "h2", "h3"
 BBOLT_MAGIC = 0xED0CDAED
 
 
-def started(member_id: str, name: str) -> str:
-    return f"{member_id}, started, {name}, {PEER[name]}, {CLIENT[name]}, false"
+def started(member_id: str, name: str) -> dict[str, Any]:
+    """A running voter, as `member list -w json` shows it (IDs given in hex, as etcdctl prints them)."""
+    return {"ID": int(member_id, 16), "name": name, "peerURLs": [PEER[name]], "clientURLs": [CLIENT[name]]}
+
+
+def never_started(member_id: str, name: str) -> dict[str, Any]:
+    """A bootstrap voter that never ran: its name, but no client URLs yet."""
+    return {"ID": int(member_id, 16), "name": name, "peerURLs": [PEER[name]]}
+
+
+def unstarted_learner(member_id: str, peer_of: str) -> dict[str, Any]:
+    """A learner added for a host whose etcd has not started: no name, no client URLs."""
+    return {"ID": int(member_id, 16), "peerURLs": [PEER[peer_of]], "isLearner": True}
 
 
 @dataclass
@@ -57,17 +74,15 @@ class Host:
         systemctl = self.root / "bin" / "systemctl"
         systemctl.write_text(FAKE_SYSTEMCTL)
         systemctl.chmod(0o755)
-        members = " ".join(f"{h}={PEER[h]}" for h in ("h1", "h2", "h3"))
-        (self.root / "cluster.env").write_text("\n".join([
-            "KCP_CLUSTER_NAME=t", f"KCP_MEMBER_NAME={self.name}", f"KCP_PEER_URL={PEER[self.name]}",
-            f"KCP_CLIENT_URL={CLIENT[self.name]}", f'KCP_MEMBERS="{members}"',
-            "KCP_CLIENT_ENDPOINTS=" + ",".join(CLIENT[h] for h in ("h1", "h2", "h3")),
-            "KCP_ETCD_CA=/nonexistent/ca.crt", "KCP_ETCD_CERT=/nonexistent/c.crt", "KCP_ETCD_KEY=/nonexistent/c.key",
-            f"KCP_DATA_DIR={self.data}", f"KCP_JOIN_ENV={self.root / 'join.env'}",
-            f"KCP_CLUSTER_FORMED_FILE={self.root / 'cluster-formed'}", f"KCP_STATE_DIR={self.root / 'state'}",
-            f"KCP_RESTORED_FILE={self.root / 'restored'}",
-            f"KCP_ETCDCTL={etcdctl}", "",
-        ]))
+        env = ClusterEnv(
+            cluster_name="t", member_name=self.name, peer_url=PEER[self.name], client_url=CLIENT[self.name],
+            members=tuple(f"{h}={PEER[h]}" for h in ("h1", "h2", "h3")),
+            client_endpoints=tuple(CLIENT[h] for h in ("h1", "h2", "h3")),
+            etcd_ca="/nonexistent/ca.crt", etcd_cert="/nonexistent/c.crt", etcd_key="/nonexistent/c.key",
+            data_dir=str(self.data), join_env=str(self.root / "join.env"),
+            cluster_formed_file=str(self.root / "cluster-formed"), state_dir=str(self.root / "state"),
+            restored_file=str(self.root / "restored"), etcdctl=str(etcdctl))
+        (self.root / "cluster.env").write_text(render_env(env, "unit-test host"))
 
     @property
     def data(self) -> Path:
@@ -91,21 +106,20 @@ class Host:
         (self.root / "restored").write_text("new-cluster-token\n")
         return self
 
-    def peers(self, *lines: str, healthy: tuple[str, ...] = ()) -> Host:
-        (self.root / "fake" / "members").write_text("".join(f"{line}\n" for line in lines))
+    def peers(self, *members: dict[str, Any], healthy: tuple[str, ...] = ()) -> Host:
+        (self.root / "fake" / "members.json").write_text(json.dumps({"header": {}, "members": list(members)}))
         (self.root / "fake" / "healthy").write_text("".join(f"{CLIENT[h]}\n" for h in healthy))
         return self
 
-    def run(self, program: str, *args: str, version: str = "3.4.23",
+    def run(self, subcommand: str, *args: str, version: str = "3.5.16",
             **env: str) -> subprocess.CompletedProcess[str]:
-        full_env = {"PATH": f"{self.root / 'bin'}:{os.environ['PATH']}",
+        """`kcp-host SUBCOMMAND ARGS` as the host would run it, with the stand-ins on PATH."""
+        full_env = {"PATH": f"{self.root / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
                     "KCP_CLUSTER_ENV": str(self.root / "cluster.env"),
                     "FAKE_DIR": str(self.root / "fake"), "FAKE_VERSION": version, **env}
-        return subprocess.run([str(HOST_SCRIPTS / program), *args], env=full_env, capture_output=True,
-                              text=True, timeout=60, check=False)
+        return subprocess.run([sys.executable, "-m", "kcp_host", subcommand, *args], env=full_env,
+                              capture_output=True, text=True, timeout=60, check=False)
 
     def calls(self) -> str:
         path = self.root / "fake" / "calls"
         return path.read_text() if path.exists() else ""
-
-

@@ -52,7 +52,7 @@ def test_things_that_need_etcd_wait_for_a_healthy_cluster(declared) -> None:
 
 def test_etcd_is_installed_from_the_pinned_source(declared) -> None:
     install = declared("local").named("local-h1-install-etcd").inputs["create"]
-    assert install.endswith("etcd-install distro 3.4.23 -")
+    assert install.endswith("etcd-install distro 3.5.16 -")
 
 
 def test_config_changes_restart_members_one_at_a_time(declared) -> None:

@@ -1,27 +1,42 @@
 """Policies of what GCE and AWS share: the rendered boot path, bundles, retention, and one shape.
 
-The boot script must carry the repository's programs byte for byte, no secret, and fit the
-cloud's limit; both target classes must expose the same methods in the same order, so a
-reader compares them line by line.
+The boot script must carry the repository's bootstrap byte for byte, its settings as the agent
+reads them, no secret, and fit the cloud's limit; both target classes must expose the same
+methods in the same order, so a reader compares them line by line.
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
+import os
+import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from components.config import ClusterConfig
 from components.render import boot
-from components.render.hostfiles import UNPACK_BUNDLE
+from components.render.agent import ENSURE_PYTHON, agent_files
+from components.render.hostfiles import UNPACK_BUNDLE, HostFile, bundle
 from components.targets import cloud
 from components.targets.aws import AwsTarget
 from components.targets.gce import GceTarget
 from components.validation import load
+from components.versions import KUBELET_SHA256, kubelet_release_args
+from kcp_host.contract import AGENT, BootEnv, load_env, render_env
 from tests.program import ROOT, stack_config
 
 AWS_USER_DATA_MAX = 16_384
+K8S = next(iter(KUBELET_SHA256["amd64"]))
+ENV = BootEnv(provider="aws", cluster="prod", roles=("etcd", "apiserver"),
+              programs_secrets=("prod-host-programs", "prod-host-programs-2"), disk="persistent",
+              marker="s3://" + "b" * 63 + "/prod/cluster-formed", etcd_install=("release", "3.5.33", "5" * 64),
+              kubelet_install=tuple(kubelet_release_args(K8S).split()), forward_ports=("2379", "2381", "6443"),
+              aws_region="ap-southeast-2", vpc_cidr="10.30.0.0/16")
+BOOT_ENV_FILE = re.compile(rf"install -m 0644 /dev/stdin {BootEnv.PATH} <<'KCP_BOOT_EOF'\n(.*?)\nKCP_BOOT_EOF\n", re.S)
 
 
 def _cfg(stack: str) -> ClusterConfig:
@@ -29,49 +44,116 @@ def _cfg(stack: str) -> ClusterConfig:
 
 
 @pytest.mark.parametrize("provider", boot.PROVIDERS)
-def test_boot_script_carries_the_repository_programs_unchanged(provider: str) -> None:
-    script = boot.boot_script(provider, {"KCP_BOOT_ROLES": "etcd"})
-    for name in ("cloud-boot", f"cloud-boot-{provider}.sh"):
-        assert (boot.HOST_SCRIPTS / name).read_text() in script, f"{name} is not embedded verbatim"
+def test_boot_script_carries_the_bootstrap_unchanged_and_runs_it_at_every_boot(provider: str) -> None:
+    script = boot.boot_script(BootEnv(**{**vars(ENV), "provider": provider}))
+    assert boot.BOOTSTRAP.read_text() in script, "kcp-bootstrap is not embedded verbatim"
     assert f"KCP_BOOT_PROVIDER={provider}\n" in script
+    assert "ExecStart=/usr/local/lib/kcp/kcp-bootstrap\n" in boot.boot_unit() and boot.boot_unit() in script
+    assert f"ExecStartPre=/bin/bash -c '{ENSURE_PYTHON}'\n" in script, "python3 is ensured before the bootstrap"
     assert "systemctl enable kcp-boot.service" in script
+
+
+def test_bootstrap_unpacks_in_the_bundle_format_and_hands_over_to_the_agent() -> None:
+    text = boot.BOOTSTRAP.read_text()
+    assert UNPACK_BUNDLE.split(" | ", 1)[1] in text and "base64 -d |" in text
+    assert f"exec {AGENT} cloud-boot\n" in text
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(boot.BOOTSTRAP)], check=True)
 
 
 @pytest.mark.parametrize("provider", boot.PROVIDERS)
 def test_boot_script_is_valid_bash(provider: str) -> None:
-    script = boot.boot_script(provider, {"KCP_BOOT_ROLES": "etcd apiserver"})
+    script = boot.boot_script(BootEnv(**{**vars(ENV), "provider": provider}))
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
-def test_boot_env_values_survive_the_shell_and_unpack_matches_the_bundle_format(tmp_path) -> None:
+def test_boot_env_is_what_the_agent_reads_and_what_the_bootstrap_sources(tmp_path: Path) -> None:
+    odd = BootEnv(**{**vars(ENV), "cluster": "it's $HOME `x`"})
     env = tmp_path / "boot.env"
-    env.write_text(boot.boot_env({"KCP_BOOT_ROLES": "etcd apiserver", "KCP_BOOT_ODD": "it's $HOME `x`"}))
-    out = subprocess.run(["bash", "-c", f'. {env}; printf "%s|%s|%s" "$KCP_BOOT_ROLES" "$KCP_BOOT_ODD" '
-                          '"$KCP_BOOT_UNPACK"'], capture_output=True, text=True, check=True).stdout
-    assert out == f"etcd apiserver|it's $HOME `x`|{UNPACK_BUNDLE}"
+    env.write_text(BOOT_ENV_FILE.search(boot.boot_script(odd))[1])
+    assert load_env(BootEnv, str(env), environ={}) == odd
+    out = subprocess.run(["bash", "-c", f'. {env}; printf "%s|%s" "$KCP_BOOT_CLUSTER" "$KCP_BOOT_PROGRAMS_SECRETS"'],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "it's $HOME `x`|prod-host-programs,prod-host-programs-2"
 
 
-@pytest.mark.parametrize(("provider", "settings", "limit"), [
-    ("azure", {}, None),
-    ("gce", {"PATH": "/tmp"}, None),
-    ("aws", {"KCP_BOOT_BIG": "x" * AWS_USER_DATA_MAX}, AWS_USER_DATA_MAX),
-])
-def test_boot_script_refuses_what_it_cannot_ship(provider: str, settings: dict[str, str], limit: int | None) -> None:
+@pytest.mark.parametrize(("env", "limit"), [(BootEnv(**{**vars(ENV), "provider": "azure"}), None),
+                                            (BootEnv(**{**vars(ENV), "cluster": "x" * AWS_USER_DATA_MAX}),
+                                             AWS_USER_DATA_MAX)])
+def test_boot_script_refuses_what_it_cannot_ship(env: BootEnv, limit: int | None) -> None:
     with pytest.raises(ValueError):
-        boot.boot_script(provider, settings, limit)
+        boot.boot_script(env, limit)
 
 
 def test_aws_boot_script_fits_user_data_with_room_to_grow() -> None:
-    script = boot.boot_script("aws", {"KCP_BOOT_ROLES": "etcd", "KCP_BOOT_MARKER": "s3://" + "b" * 63 + "/k"})
-    assert len(gzip.compress(script.encode())) < AWS_USER_DATA_MAX / 2, "gzip'd user data is close to 16 KiB"
+    script = boot.boot_script(ENV)
+    assert len(gzip.compress(script.encode())) < AWS_USER_DATA_MAX / 4, "gzip'd user data is close to 16 KiB"
+    assert len(script.encode()) < AWS_USER_DATA_MAX / 2, "the script itself should stay small"
 
 
-def test_every_host_program_ships_executable_and_fits_a_secret() -> None:
-    files = boot.host_program_files()
-    names = {f.path.rsplit("/", 1)[1] for f in files}
-    assert {"cloud-boot", "cloud-boot-gce.sh", "cloud-boot-aws.sh", "etcd-member-recovery", "etcd-install"} <= names
-    assert all(f.mode == 0o755 and f.path.startswith("/usr/local/lib/kcp/") for f in files)
-    assert len(cloud.checked_bundle("host-programs", files)) < cloud.SECRET_MAX_BYTES
+@pytest.mark.parametrize("stack", ["gce-example", "aws-example"])
+def test_declared_boot_scripts_carry_settings_the_agent_reads_and_no_secret(declared, stack: str,
+                                                                          tmp_path: Path) -> None:
+    program = declared(stack)
+    if stack.startswith("gce"):
+        scripts = [t.inputs["metadata"]["startup-script"]
+                   for t in program.of_type("gcp:compute/instanceTemplate:InstanceTemplate")]
+        secrets = [s.inputs["secretId"] for s in program.of_type("gcp:secretmanager/secret:Secret")]
+    else:
+        scripts = [gzip.decompress(base64.b64decode(t.inputs["userData"])).decode()
+                   for t in program.of_type("aws:ec2/launchTemplate:LaunchTemplate")]
+        secrets = [s.inputs["name"] for s in program.of_type("aws:secretsmanager/secret:Secret")]
+    assert len(scripts) == 2, "one template for the members, one for the API servers"
+    for script in scripts:
+        assert "PRIVATE KEY" not in script and not re.search(r"[A-Za-z0-9+/=]{400,}", script), "a secret?"
+        path = tmp_path / "boot.env"
+        path.write_text(BOOT_ENV_FILE.search(script)[1])
+        env = load_env(BootEnv, str(path), environ={})
+        assert env.provider == stack[:3] and set(env.programs_secrets) == {s for s in secrets if "host-programs" in s}
+        assert ("etcd" in env.roles) == bool(env.etcd_install) and ("apiserver" in env.roles) == bool(
+            env.kubelet_install)
+        assert len(env.kubelet_install) in (0, 8) and len(env.etcd_install) in (0, 3)
+
+
+def test_host_programs_are_the_agent_alone_in_pieces_that_each_fit_a_secret() -> None:
+    parts = cloud.programs_parts()
+    assert "".join(parts) == bundle(agent_files()), "the pieces join to the bundle"
+    assert all(len(p) <= cloud.SECRET_MAX_BYTES and len(p) % 4 == 0 for p in parts[:-1])
+    assert len(parts[-1]) <= cloud.SECRET_MAX_BYTES
+    assert len(parts) <= 2, "the agent outgrew two secrets: check what grew"
+    assert cloud.programs_secrets("prod") == ["prod-host-programs", *(f"prod-host-programs-{i}"
+                                                                       for i in range(2, len(parts) + 1))]
+    assert [(f.path, f.mode) for f in agent_files()] == [(AGENT, 0o755)]
+
+
+def _mount_namespaces() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(not _mount_namespaces(), reason="needs root and a private mount namespace")
+def test_bootstrap_joins_the_pieces_unpacks_them_and_hands_over_to_the_agent(tmp_path: Path) -> None:
+    """The real bootstrap in a private mount namespace, where /usr/local/lib is an empty tmpfs and gcloud a
+    stand-in serving the pieces of a bundle whose kcp-host only tells that it ran."""
+    payload = bundle([HostFile(AGENT, '#!/bin/sh\necho "handed over: $*"\n', 0o755)])
+    cut = len(payload) // 8 * 4
+    (tmp_path / "p1").write_text(payload[:cut])
+    (tmp_path / "p2").write_text(payload[cut:] + "\n")
+    gcloud = tmp_path / "bin" / "gcloud"
+    gcloud.parent.mkdir()
+    gcloud.write_text('#!/bin/sh\necho "$*" >>"$STAND_IN/calls"\n'
+                      'for a; do case $a in --secret=*) cat "$STAND_IN/${a#--secret=}" ;; esac; done\n')
+    gcloud.chmod(0o755)
+    env = tmp_path / "boot.env"
+    env.write_text(render_env(BootEnv(**{**vars(ENV), "provider": "gce", "programs_secrets": ("p1", "p2"),
+                                         "gce_project": "proj"}), "test"))
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs none /usr/local/lib && exec {boot.BOOTSTRAP}"],
+        env={**os.environ, "PATH": f"{gcloud.parent}:{os.environ['PATH']}", "KCP_BOOT_ENV": str(env),
+             "STAND_IN": str(tmp_path)}, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.stdout == "handed over: cloud-boot\n", proc.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"secrets versions access latest --secret={p} --project=proj --quiet" for p in ("p1", "p2")]
 
 
 def test_slots_name_one_secret_per_member_and_one_for_the_api_group() -> None:

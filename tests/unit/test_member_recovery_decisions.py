@@ -1,8 +1,9 @@
-"""The decision table of scripts/host/etcd-member-recovery (docs/self-healing.md), row by row.
+"""The decision table of kcp_host/recovery.py (docs/self-healing.md), row by row.
 
-The real program runs with `--dry-run` against a stand-in etcdctl that answers `member list`
-and `endpoint health` from files, so each row is checked in milliseconds without etcd or
-root; the integration tests run the same program against real members. The stand-in logs
+The real agent (`kcp-host etcd-member-recovery`) runs with `--dry-run` against a stand-in etcdctl
+that answers `member list` and `endpoint health` from files (JSON, as `-w json` prints them), so
+each row is checked in milliseconds without etcd or root; the integration tests run the same
+program against real members. The stand-in logs
 every call, which shows that no decision changed membership.
 """
 
@@ -14,18 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.hostscript_harness import PEER, Host, started
+from tests.unit.hostscript_harness import PEER, Host, never_started, started, unstarted_learner
 
 
-def recovery(host: Host, version: str = "3.4.23") -> subprocess.CompletedProcess[str]:
+def recovery(host: Host, version: str = "3.5.16") -> subprocess.CompletedProcess[str]:
     return host.run("etcd-member-recovery", "--dry-run", version=version)
 
 
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
-    if shutil.which("bash") is None or shutil.which("od") is None:
-        pytest.skip(reason="runs the real member-recovery script: needs bash and od on PATH "
-                    "(install bash and coreutils to run it)")
+    if shutil.which("bash") is None:
+        pytest.skip(reason="the stand-in etcdctl is a bash script: needs bash on PATH (install bash to run it)")
     return Host(tmp_path)
 
 
@@ -59,14 +59,14 @@ def test_empty_data_and_nobody_answering_after_formation_refuses(host: Host) -> 
 
 
 def test_late_bootstrap_member_joins_the_first_boot(host: Host) -> None:
-    never_ran = f"a1, started, h1, {PEER['h1']}, , false"
+    never_ran = never_started("a1", "h1")
     result = recovery(host.peers(never_ran, started("a2", "h2"), started("a3", "h3"), healthy=("h2", "h3")))
     decided(result, 0, "decision: bootstrap a new cluster")
 
 
 def test_marker_wins_over_a_never_started_slot(host: Host) -> None:
     """Once formed, a slot that never ran is replaced as a learner, never bootstrapped."""
-    never_ran = f"a1, started, h1, {PEER['h1']}, , false"
+    never_ran = never_started("a1", "h1")
     result = recovery(host.formed().peers(never_ran, started("a2", "h2"), started("a3", "h3"), healthy=("h2", "h3")))
     decided(result, 0, "decision: replace this member (data: empty)")
 
@@ -106,7 +106,7 @@ def test_a_prepared_join_is_started_not_redone(host: Host) -> None:
     (host.root / "join.env").write_text(
         "ETCD_INITIAL_CLUSTER_STATE=existing\nETCD_INITIAL_CLUSTER="
         + ",".join(f"{h}={PEER[h]}" for h in ("h1", "h2", "h3")) + "\n")
-    learner = f"a9, unstarted, , {PEER['h1']}, , true"
+    learner = unstarted_learner("a9", "h1")
     result = recovery(host.formed().peers(learner, started("a2", "h2"), started("a3", "h3"), healthy=("h2", "h3")))
     decided(result, 0, "joining as a prepared learner")
 
@@ -114,7 +114,7 @@ def test_a_prepared_join_is_started_not_redone(host: Host) -> None:
 def test_a_join_env_that_no_longer_matches_the_members_is_redone(host: Host) -> None:
     (host.root / "join.env").write_text(
         f"ETCD_INITIAL_CLUSTER_STATE=existing\nETCD_INITIAL_CLUSTER=h1={PEER['h1']},h9=https://10.9.9.99:2380\n")
-    learner = f"a9, unstarted, , {PEER['h1']}, , true"
+    learner = unstarted_learner("a9", "h1")
     result = recovery(host.formed().peers(learner, started("a2", "h2"), started("a3", "h3"), healthy=("h2", "h3")))
     decided(result, 0, "decision: replace this member (data: empty)")
 

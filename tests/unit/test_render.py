@@ -56,7 +56,7 @@ def test_etcd_initial_cluster_lists_every_member_and_health_is_on_plain_http_238
 
 def test_etcd_unit_restarts_always_and_runs_member_recovery_first() -> None:
     unit = etcd.etcd_unit("prod")
-    assert "Restart=always" in unit and "ExecStartPre=+/usr/local/lib/kcp/etcd-member-recovery" in unit
+    assert "Restart=always" in unit and "ExecStartPre=+/usr/local/lib/kcp/kcp-host etcd-member-recovery" in unit
     assert "EnvironmentFile=-/run/etcd/join.env" in unit
 
 

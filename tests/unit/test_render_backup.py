@@ -7,20 +7,21 @@ import re
 import pytest
 
 from components.render import backup
+from kcp_host.contract import BackupEnv, load_env, parse_env_text
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINOu4QrDyjJfs3GU6Br9EFCdg4lGBS2QDy3qU61fQNve etcd-backup@local"
 DEST = "ssh://etcd-backup@10.250.0.20/srv/etcd-backups/local"
 
 
 def files(**overrides: object) -> dict[str, str]:
-    args: dict[str, object] = dict(cluster_name="local", dest=DEST, interval_minutes=15, retain_recent=4,
-                                   retain_daily=3, verify=True, ssh_key_path="/etc/etcd/backup-ssh/id_ed25519")
+    args: dict[str, object] = dict(cluster_name="local", dest=DEST, interval_minutes=15, verify=True,
+                                   ssh_key_path="/etc/etcd/backup-ssh/id_ed25519")
     args.update(overrides)
     return backup.backup_host_files(**args)  # type: ignore[arg-type]
 
 
 def env_of(text: str) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return parse_env_text(text)
 
 
 def test_every_etcd_host_gets_the_env_and_both_units() -> None:
@@ -28,14 +29,14 @@ def test_every_etcd_host_gets_the_env_and_both_units() -> None:
                             "/etc/systemd/system/etcd-backup.timer"}
 
 
-def test_backup_env_matches_the_host_layout_table() -> None:
-    env = env_of(files()["/etc/etcd/backup.env"])
-    assert env["KCP_BACKUP_DEST"] == DEST
-    assert (env["KCP_BACKUP_RETAIN_RECENT"], env["KCP_BACKUP_RETAIN_DAILY"]) == ("4", "3")
-    assert env["KCP_BACKUP_VERIFY"] == "true"
-    assert env["KCP_BACKUP_CERT"] == "/etc/etcd/pki/backup-client.crt"
-    assert env["KCP_BACKUP_KEY"] == "/etc/etcd/pki/backup-client.key"
-    assert env["KCP_BACKUP_SSH_KEY"] == "/etc/etcd/backup-ssh/id_ed25519"
+def test_backup_env_is_what_the_agent_reads(tmp_path) -> None:
+    path = tmp_path / "backup.env"
+    path.write_text(files()["/etc/etcd/backup.env"])
+    env = load_env(BackupEnv, str(path), environ={})
+    assert env.dest == DEST and env.verify is True
+    assert (env.cert, env.key) == ("/etc/etcd/pki/backup-client.crt", "/etc/etcd/pki/backup-client.key")
+    assert env.ssh_key == "/etc/etcd/backup-ssh/id_ed25519"
+    assert env.work_dir == BackupEnv.work_dir, "defaults come from the contract, not the file"
 
 
 def test_backup_env_holds_paths_to_secrets_never_secrets() -> None:
@@ -66,7 +67,7 @@ def test_timer_catches_up_missed_slots_with_a_small_random_delay() -> None:
 def test_service_is_a_oneshot_running_the_backup_program_so_failures_fail_the_unit() -> None:
     service = files()["/etc/systemd/system/etcd-backup.service"]
     assert "Type=oneshot" in service.splitlines()
-    assert "ExecStart=/usr/local/lib/kcp/etcd-backup" in service.splitlines()
+    assert "ExecStart=/usr/local/lib/kcp/kcp-host etcd-backup" in service.splitlines()
     assert "ExecStart=-" not in service, "a '-' prefix would hide failures"
 
 
@@ -89,7 +90,7 @@ def test_unknown_or_unsafe_destinations_are_refused(dest: str) -> None:
 
 def test_retention_must_keep_at_least_one_recent_snapshot() -> None:
     with pytest.raises(ValueError, match="retention"):
-        files(retain_recent=0)
+        backup.backup_receiver_authorized_key(KEY, "/srv/etcd-backups", "local", 0, 3)
 
 
 def test_ssh_destination_points_at_the_clusters_own_folder() -> None:
@@ -100,8 +101,8 @@ def test_backup_key_is_restricted_to_the_receive_program_for_this_cluster() -> N
     line = backup.backup_receiver_authorized_key(KEY, "/srv/etcd-backups", "local", 4, 3)
     options, _, key = line.strip().partition(" ssh-ed25519 ")
     assert options.startswith("restrict,"), "no forwarding, no pty, no user rc"
-    assert options == ('restrict,command="/usr/local/lib/kcp/etcd-backup-receive --root /srv/etcd-backups/local '
-                       '--retain-recent 4 --retain-daily 3"')
+    assert options == ('restrict,command="/usr/local/lib/kcp/kcp-host etcd-backup-receive '
+                       '--root /srv/etcd-backups/local --retain-recent 4 --retain-daily 3"')
     assert ("ssh-ed25519 " + key) == KEY and line.endswith("\n") and line.count("\n") == 1
 
 

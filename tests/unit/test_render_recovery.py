@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import configparser
-from pathlib import Path
 
 import pytest
 
 from components.render import recovery
-
-HOST_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "host"
+from kcp_host.cli import SUBCOMMANDS
 
 
 def _unit(text: str) -> configparser.ConfigParser:
@@ -30,7 +28,7 @@ def test_spare_watch_files_are_the_service_and_timer_in_systemds_directory():
 def test_spare_watch_service_passes_the_takeover_delay_to_the_program():
     service = _unit(recovery.spare_watch_files(420, 30)[recovery.SPARE_SERVICE])
     assert service["Service"]["Type"] == "oneshot"
-    assert service["Service"]["ExecStart"] == "/usr/local/lib/kcp/etcd-spare-watch"
+    assert service["Service"]["ExecStart"] == "/usr/local/lib/kcp/kcp-host etcd-spare-watch"
     assert service["Service"]["Environment"] == "KCP_SPARE_TAKEOVER_AFTER_SECONDS=420"
 
 
@@ -64,7 +62,7 @@ def test_promote_unit_waits_for_etcd_and_stops_with_it():
     assert unit["Unit"]["After"] == "etcd.service"
     assert unit["Unit"]["PartOf"] == "etcd.service"
     assert unit["Service"]["Type"] == "oneshot"
-    assert unit["Service"]["ExecStart"] == "/usr/local/lib/kcp/etcd-member-promote"
+    assert unit["Service"]["ExecStart"] == "/usr/local/lib/kcp/kcp-host etcd-member-promote"
 
 
 def test_promote_unit_is_not_enabled_on_its_own():
@@ -83,16 +81,14 @@ def test_promote_unit_rejects_a_timeout_too_short_to_catch_up():
         recovery.promote_unit(5)
 
 
-@pytest.mark.parametrize("program", ["etcd-member-recovery", "etcd-member-promote", "etcd-spare-watch"])
-def test_every_program_the_units_start_exists_and_is_executable(program):
-    path = HOST_SCRIPTS / program
-    assert path.is_file(), f"{path} is missing"
-    assert path.stat().st_mode & 0o111, f"{path} is not executable"
+@pytest.mark.parametrize("subcommand", ["etcd-member-promote", "etcd-spare-watch"])
+def test_every_subcommand_the_units_start_exists_in_the_agent(subcommand):
+    assert subcommand in SUBCOMMANDS
     texts = [*recovery.member_recovery_files().values(), *recovery.spare_watch_files(300, 30).values()]
-    if program != "etcd-member-recovery":
-        assert any(f"/usr/local/lib/kcp/{program}" in t for t in texts), f"no unit starts {program}"
+    assert any(f"/usr/local/lib/kcp/kcp-host {subcommand}\n" in t for t in texts), f"no unit starts {subcommand}"
 
 
 def test_recovery_queues_the_rendered_promote_unit_by_name():
-    script = (HOST_SCRIPTS / "etcd-member-recovery").read_text()
-    assert f"systemctl start --no-block {Path(recovery.PROMOTE_SERVICE).name}" in script
+    from kcp_host import recovery as agent_recovery
+
+    assert recovery.PROMOTE_SERVICE.rsplit("/", 1)[1] == agent_recovery.PROMOTE_UNIT

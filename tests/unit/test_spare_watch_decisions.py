@@ -1,7 +1,7 @@
-"""scripts/host/etcd-spare-watch before it takes the replacement lock: when a spare waits,
+"""kcp-host etcd-spare-watch before it takes the replacement lock: when a spare waits,
 when it refuses, and that it changes membership only under the lock.
 
-Runs the real program against the stand-in etcdctl of tests/unit/hostscript_harness.py,
+Runs the real agent against the stand-in etcdctl of tests/unit/hostscript_harness.py,
 which cannot take a lock: a spare that decides to take over ends with "could not take the
 replacement lock" and must not have touched membership before that.
 """
@@ -21,8 +21,8 @@ MEMBERS = (started("a1", "h1"), started("a2", "h2"), started("a3", "h3"))
 
 @pytest.fixture
 def spare(tmp_path: Path) -> Host:
-    if shutil.which("bash") is None or shutil.which("awk") is None:
-        pytest.skip(reason="runs the real spare-watch script: needs bash and awk on PATH (install them to run it)")
+    if shutil.which("bash") is None:
+        pytest.skip(reason="the stand-in etcdctl is a bash script: needs bash on PATH (install bash to run it)")
     return Host(tmp_path, name="spare1").formed()
 
 

@@ -1,0 +1,100 @@
+"""Where the members and the backups are: the stack file, through the one stack file reader, overridden
+by flags (tests and other targets point a restore anywhere)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.config import BackupHost, BareMetal, ClusterConfig
+from components.restore import RestoreError
+from components.restore.members import Host
+from components.restore.sources import BackupFolder, LocalFile, S3Backups, Source
+from components.restore.ssh import Ssh
+from components.stack_file import StackFileError, read_stack
+
+STACKS = Path(__file__).resolve().parents[2] / "stacks"
+# Without a stack file, the config model's defaults still apply.
+DEFAULT_USER: str = BareMetal.model_fields["user"].default
+DEFAULT_BACKUP_PATH: str = BackupHost.model_fields["path"].default
+
+
+@dataclass
+class Plan:
+    hosts: list[Host]
+    ssh: Ssh
+    source: Source
+
+    def addresses(self) -> list[str]:
+        return [h.address for h in self.hosts]
+
+
+def stack_path(stack: str) -> Path:
+    """`local` -> stacks/Pulumi.local.yaml; a path is taken as is."""
+    candidate = Path(stack)
+    return candidate if candidate.suffix in (".yaml", ".yml") else STACKS / f"Pulumi.{stack}.yaml"
+
+
+def parse_hosts(text: str) -> list[Host]:
+    """`h1=10.0.0.1,h2=10.0.0.2` (or bare addresses, named by themselves)."""
+    hosts = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, address = item.partition("=")
+        hosts.append(Host(name, address) if sep else Host(item, item))
+    return hosts
+
+
+def source_of(args: argparse.Namespace, cfg: ClusterConfig | None, ssh: Ssh) -> Source:
+    """A bucket, a local file, or (by default) the cluster's folder on the backup host."""
+    if args.bucket:
+        return S3Backups(args.bucket)
+    if args.snapshot_file:
+        return LocalFile(args.snapshot_file, args.metadata)
+    backup = cfg.baremetal.backup_host if cfg and cfg.baremetal else None
+    cluster = args.cluster_name or (cfg.cluster_name if cfg else None)
+    root = backup.path if backup else DEFAULT_BACKUP_PATH
+    # Listing and reading log in as the SSH user (root, or sudo -n), unless --backup-user: the
+    # stack's backupHost.user is the receiver's forced-command user, which can only add files.
+    return BackupFolder(ssh, address=args.backup_host or (backup.address if backup else None),
+                      directory=args.backup_path or (f"{root.rstrip('/')}/{cluster}" if cluster else None),
+                      user=args.backup_user)
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    """Stack values first, flags win."""
+    try:
+        cfg = read_stack(stack_path(args.stack)) if args.stack else None
+    except StackFileError as error:
+        raise RestoreError(str(error)) from None
+    bm = cfg.baremetal if cfg else None
+    hosts = [Host(h.name, h.address) for h in bm.hosts if "etcd" in h.roles] if bm else []
+    if args.hosts:
+        hosts = parse_hosts(args.hosts)
+    if not hosts:
+        raise RestoreError("no etcd hosts: give --stack with baremetal.hosts or --hosts")
+    ssh = Ssh(user=args.ssh_user or (bm.user if bm else DEFAULT_USER),
+              key=args.ssh_key or (bm.ssh_private_key_path if bm else None), options=args.ssh_option)
+    return Plan(hosts, ssh, source_of(args, cfg, ssh))
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """Flags shared by scripts/etcd-restore and scripts/dr-drill."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stack", help="stack name (stacks/Pulumi.<stack>.yaml) or path to a stack file")
+    p.add_argument("--hosts", help="etcd members as name=address,... (overrides the stack)")
+    p.add_argument("--ssh-user", help="login user on members and backup host (default: baremetal.user or root)")
+    p.add_argument("--ssh-key", help="private key file (default: baremetal.sshPrivateKeyPath)")
+    p.add_argument("--ssh-option", action="append", default=[],
+                   help="extra ssh -o option, repeatable (e.g. UserKnownHostsFile=...)")
+    p.add_argument("--backup-host", help="backup host address (default: baremetal.backupHost.address)")
+    p.add_argument("--backup-path", help="the cluster's folder on it (default: backupHost.path/clusterName)")
+    p.add_argument("--backup-user", help="login user on the backup host (default: --ssh-user)")
+    p.add_argument("--cluster-name", help="default: clusterName from the stack")
+    p.add_argument("--snapshot", help="snapshot name (default: the newest verified one)")
+    p.add_argument("--bucket", help="restore from this S3 backupLocation (s3://BUCKET/PREFIX, `pulumi stack output "
+                   "backupLocation`) with the operator's aws CLI and credentials")
+    p.add_argument("--snapshot-file", type=Path, help="restore this local file (e.g. downloaded from a bucket)")
+    p.add_argument("--metadata", type=Path, help="the snapshot's .json, needed with --snapshot-file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    return p

@@ -1,0 +1,213 @@
+"""Where a restore's snapshot comes from: the backup host, an S3 bucket, or a local file.
+
+Each source lists what it holds as the metadata written beside every snapshot (name, revision,
+keys, hashkv, sha256, verified, ...) plus `file_bytes`, picks one by `pick_backup`'s rules, and
+opens its bytes as a stream (`Fetch`) for the members.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from components.restore import RestoreError
+from components.restore.ssh import Ssh, widen_pipe
+
+
+def pick_backup(backups: Sequence[dict[str, Any]], wanted: str | None) -> dict[str, Any]:
+    """The newest verified snapshot, or the named one; a snapshot marked bad is never restored."""
+    if wanted:
+        match = [b for b in backups if b.get("name") == wanted]
+        if not match:
+            raise RestoreError(f"no snapshot named {wanted}")
+        if match[0].get("verified") is False:
+            raise RestoreError(f"{wanted} failed verification ({match[0].get('verify_error')}); refusing it")
+        return match[0]
+    verified = [b for b in backups if b.get("verified") is True]
+    if not verified:
+        raise RestoreError("no verified snapshot found")
+    return max(verified, key=lambda b: b["name"])
+
+
+@dataclass
+class Fetch:
+    """A snapshot's bytes as they are read, and whether reading them failed (known once they are read)."""
+
+    stream: IO[bytes]
+    proc: subprocess.Popen[bytes] | None = None  # the remote reader, if any
+    origin: str = ""
+
+    def failure(self, count: int) -> str | None:
+        """Why reading failed after `count` bytes, or None; call it after the stream was read."""
+        if self.proc is None or self.proc.wait(timeout=60) == 0:
+            return None
+        detail = self.proc.stderr.read().decode().strip() if self.proc.stderr else ""
+        return f"fetching from {self.origin} failed after {count} bytes: {detail}"
+
+
+class Source(Protocol):
+    def where(self) -> str:
+        """Where the snapshots are, for the operator."""
+        ...
+
+    def pick(self, wanted: str | None) -> dict[str, Any]:
+        """The wanted (or newest verified) snapshot's metadata, with `file_bytes`."""
+        ...
+
+    def open(self, meta: dict[str, Any]) -> Fetch:
+        ...
+
+    def close(self) -> None:
+        """Release what the source holds (connections, downloaded copies)."""
+        ...
+
+
+@dataclass
+class BackupFolder:
+    """The folder of one cluster on the backup host, read over SSH.
+
+    `user` logs in to list and read (None: the SSH user). Not the stack's backupHost.user: that is
+    the receiver's forced-command user, which can only add files, never list or read them.
+    """
+
+    ssh: Ssh
+    address: str | None
+    directory: str | None
+    user: str | None = None
+
+    def where(self) -> str:
+        return f"{self.address}:{self.directory}"
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Metadata of the snapshots kept there (bad/ ones are not listed); `file_bytes` is -1 for a
+        .db file that is missing."""
+        if not (self.address and self.directory):
+            raise RestoreError("no backup location: give --stack with baremetal.backupHost, or --backup-host "
+                               "and --backup-path, or --snapshot-file and --metadata")
+        script = ('for f in "$1"/*.json; do [ "$f" = "$1/status.json" ] || [ ! -f "$f" ] || { cat "$f"; '
+                  'printf "\\037%s\\036" "$(stat -c %s "${f%.json}.db" 2>/dev/null || echo -1)"; }; done')
+        proc = self.ssh.run(self.address, f"sh -c {shlex.quote(script)} sh {shlex.quote(self.directory)}",
+                            user=self.user, timeout=60)
+        if proc.returncode != 0:
+            raise RestoreError(f"cannot list {self.directory} on {self.address}: {proc.stderr.decode().strip()}")
+        backups = []
+        for doc in filter(str.strip, proc.stdout.decode().split("\x1e")):
+            meta, _, size = doc.partition("\x1f")
+            backups.append({**json.loads(meta), "file_bytes": int(size)})
+        return backups
+
+    def pick(self, wanted: str | None) -> dict[str, Any]:
+        meta = pick_backup(self.listing(), wanted)
+        if meta["file_bytes"] < 0:
+            raise RestoreError(f"{meta['name']}.db is missing beside its metadata on {self.address}")
+        return meta
+
+    def open(self, meta: dict[str, Any]) -> Fetch:
+        """`cat` on the backup host, as root like the listing."""
+        assert self.address and self.directory
+        path = f"{self.directory}/{meta['name']}.db"
+        proc = self.ssh.popen(self.address, f"cat {shlex.quote(path)}", user=self.user)
+        assert proc.stdout
+        widen_pipe(proc.stdout)
+        return Fetch(proc.stdout, proc, self.address)
+
+    def close(self) -> None:
+        if self.address:
+            self.ssh.close([self.address], self.user)
+
+
+@dataclass
+class LocalFile:
+    """A snapshot on the operator's machine (e.g. downloaded from a bucket) with its metadata file."""
+
+    path: Path
+    metadata: Path | None
+
+    def where(self) -> str:
+        return str(self.path)
+
+    def pick(self, wanted: str | None) -> dict[str, Any]:
+        if not self.metadata:
+            raise RestoreError("--snapshot-file needs --metadata (the .json written beside it)")
+        if not self.path.is_file():
+            raise RestoreError(f"--snapshot-file {self.path}: no such file")
+        return pick_backup([{**json.loads(self.metadata.read_text()), "file_bytes": self.path.stat().st_size}],
+                           wanted)
+
+    def open(self, meta: dict[str, Any]) -> Fetch:
+        return Fetch(self.path.open("rb"))
+
+    def close(self) -> None:
+        """Nothing to release: the file is the operator's."""
+
+
+class S3Backups:
+    """Snapshots in an S3 backupLocation, read with the operator's own `aws` CLI and credentials.
+
+    The layout is docs/backups.md's: every version of `<prefix>/recent/snapshot.db` and
+    `<prefix>/daily/snapshot.db` carries the snapshot's metadata (name, revision, sha256, ...)
+    as object metadata, so versions are read newest first and only until the wanted one is
+    found. The chosen version is downloaded into a private scratch dir before anything else.
+    """
+
+    def __init__(self, url: str) -> None:
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not url.startswith("s3://") or not bucket:
+            raise RestoreError(f"--bucket {url}: expected s3://BUCKET/PREFIX (the stack's backupLocation)")
+        self.url, self.bucket, self.prefix = url, bucket, prefix.strip("/")
+        self.scratch: Path | None = None
+
+    def where(self) -> str:
+        return self.url
+
+    def aws(self, *args: str) -> Any:
+        """One `aws s3api` call; its JSON answer."""
+        try:
+            proc = subprocess.run(["aws", "s3api", *args, "--bucket", self.bucket, "--output", "json"],
+                                  capture_output=True, text=True, timeout=600, check=False)
+        except FileNotFoundError:
+            raise RestoreError("--bucket s3://... needs the AWS CLI (`aws`) on this machine") from None
+        if proc.returncode != 0:
+            raise RestoreError(f"aws s3api {args[0]} on {self.url} failed: {proc.stderr.strip()}")
+        return json.loads(proc.stdout or "{}")
+
+    def listing(self) -> Iterator[dict[str, Any]]:
+        """Metadata of each snapshot version, newest first, read one by one."""
+        keys = {f"{self.prefix}/{slot}/snapshot.db".lstrip("/") for slot in ("recent", "daily")}
+        found = self.aws("list-object-versions", "--prefix", f"{self.prefix}/".lstrip("/")).get("Versions", [])
+        for version in sorted((v for v in found if v["Key"] in keys), key=lambda v: v["LastModified"],
+                              reverse=True):
+            head = self.aws("head-object", "--key", version["Key"], "--version-id", version["VersionId"])
+            tags = head.get("Metadata", {})
+            yield {"name": tags.get("name"), "taken_at": tags.get("taken-at"), "revision": int(tags["revision"]),
+                   "keys": int(tags["keys"]), "hashkv": int(tags["hashkv"]), "sha256": tags.get("sha256"),
+                   "verified": tags.get("verified") == "true", "file_bytes": int(head["ContentLength"]),
+                   "_key": version["Key"], "_version": version["VersionId"]}
+
+    def pick(self, wanted: str | None) -> dict[str, Any]:
+        """The newest verified snapshot, or the named one (pick_backup's rules), downloaded."""
+        seen: list[dict[str, Any]] = []
+        for meta in self.listing():
+            seen.append(meta)
+            if meta["name"] == wanted or (wanted is None and meta["verified"]):
+                break
+        meta = pick_backup(seen, wanted)
+        self.scratch = Path(tempfile.mkdtemp(prefix="kcp-restore-download-"))
+        meta["local_file"] = self.scratch / f"{meta['name']}.db"
+        self.aws("get-object", "--key", meta["_key"], "--version-id", meta["_version"], str(meta["local_file"]))
+        return meta
+
+    def open(self, meta: dict[str, Any]) -> Fetch:
+        return Fetch(Path(meta["local_file"]).open("rb"))
+
+    def close(self) -> None:
+        """Delete the downloaded copy: it holds every secret of the cluster."""
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)

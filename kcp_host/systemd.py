@@ -1,0 +1,34 @@
+"""The few systemctl calls the agent makes; systemctl is found on PATH (tests put a stand-in there)."""
+
+from __future__ import annotations
+
+import subprocess
+
+from kcp_host.log import Abort
+
+
+def systemctl(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=check, timeout=600)
+
+
+def is_active(unit: str) -> bool:
+    return systemctl("is-active", "--quiet", unit).returncode == 0
+
+
+def is_enabled(unit: str) -> bool:
+    return systemctl("is-enabled", "--quiet", unit).returncode == 0
+
+
+def has_unit(unit: str) -> bool:
+    return systemctl("cat", unit).returncode == 0
+
+
+def show(unit: str, prop: str) -> str:
+    return systemctl("show", "-p", prop, "--value", unit).stdout.strip()
+
+
+def act(*args: str) -> None:
+    """A systemctl action the caller cannot go on without: Abort(1) with systemctl's own message."""
+    proc = systemctl(*args)
+    if proc.returncode != 0:
+        raise Abort(1, f"systemctl {' '.join(args)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
