@@ -8,16 +8,23 @@ integration tests that replay the declared commands on real hosts).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import runpy
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pulumi
 import pulumi.runtime
+from google.protobuf import json_format
 from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import rpc
 from pulumi.runtime import settings as pulumi_settings
+from pulumi.runtime.proto import resource_pb2
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
@@ -36,15 +43,40 @@ stack_config = project_config
 
 @dataclass
 class Declared:
+    """One registered resource: its inputs and the options the engine plans an update with."""
+
     type: str
     name: str
     inputs: dict[str, Any]
+    urn: str = ""
+    parent: str = ""
+    custom: bool = True
+    dependencies: list[str] = field(default_factory=list)  # depends_on and every input's resources (URNs)
+    property_dependencies: dict[str, list[str]] = field(default_factory=dict)  # input name -> URNs
+    replace_on_changes: list[str] = field(default_factory=list)  # property paths, incl. the SDK's own
+    ignore_changes: list[str] = field(default_factory=list)
+    delete_before_replace: bool | None = None  # None: not set, the provider decides
+    retain_on_delete: bool = False
+    deleted_with: str = ""
+    replace_with: list[str] = field(default_factory=list)
+    replacement_trigger: Any = None
+    protect: bool = False
+
+    @property
+    def explicit_dependencies(self) -> list[str]:
+        """`depends_on` as far as the request tells it: dependencies that no input carries."""
+        carried = {u for urns in self.property_dependencies.values() for u in urns}
+        return [u for u in self.dependencies if u not in carried]
 
 
 @dataclass
 class Program:
     resources: list[Declared] = field(default_factory=list)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # resource name -> its outputs
+    generation: int = 0  # how many runs came before this one (see `Mocks`)
+
+    def by_urn(self) -> dict[str, Declared]:
+        return {r.urn: r for r in self.resources}
 
     def of_type(self, type_token: str) -> list[Declared]:
         return [r for r in self.resources if r.type == type_token]
@@ -61,19 +93,24 @@ def _pem(kind: str, name: str) -> str:
 
 
 class Mocks(pulumi_mocks.Mocks):
-    """Echo inputs as outputs, plus the outputs that real providers compute."""
+    """Echo inputs as outputs, plus the outputs that real providers compute.
 
-    def __init__(self, program: Program) -> None:
+    A later run (`generation` > 0) issues different keys and certificates, as a provider would
+    for a resource it creates again; the first run's values stay what they always were.
+    """
+
+    def __init__(self, program: Program, generation: int = 0) -> None:
         self.program = program
+        self.generation = generation
 
     def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str, dict[str, Any]]:
-        self.program.resources.append(Declared(args.typ, args.name, dict(args.inputs)))
+        self.program.resources.append(Declared(args.typ, args.name, dict(args.inputs), custom=bool(args.custom)))
         outputs = dict(args.inputs) | self.computed_outputs(args)
         self.program.outputs[args.name] = outputs
         return f"{args.name}-id", outputs
 
     def computed_outputs(self, args: pulumi_mocks.MockResourceArgs) -> dict[str, Any]:
-        name, typ = args.name, args.typ
+        name, typ = args.name + (f" (run {self.generation + 1})" if self.generation else ""), args.typ
         if typ == "tls:index/privateKey:PrivateKey":
             return {"privateKeyPem": _pem("PRIVATE KEY", name), "privateKeyOpenssh": _pem("OPENSSH PRIVATE KEY", name),
                     "publicKeyPem": _pem("PUBLIC KEY", name),
@@ -82,6 +119,9 @@ class Mocks(pulumi_mocks.Mocks):
             return {"certPem": _pem("CERTIFICATE", name)}
         if typ == "tls:index/certRequest:CertRequest":
             return {"certRequestPem": _pem("CERTIFICATE REQUEST", name)}
+        if typ == "random:index/randomBytes:RandomBytes" and self.generation:
+            raw = hashlib.sha256(name.encode()).digest()
+            return {"base64": base64.b64encode(raw).decode(), "hex": raw.hex()}
         if typ == "random:index/randomBytes:RandomBytes":
             return {"base64": "c2VjcmV0LWVuY3J5cHRpb24ta2V5LW9mLTMyLWJ5dGVzIQ==", "hex": "00" * 32}
         if typ == "aws:s3/bucket:Bucket":  # AWS names a bucket from its prefix
@@ -107,12 +147,72 @@ class Mocks(pulumi_mocks.Mocks):
         return {}
 
 
+STACK_TYPE = "pulumi:pulumi:Stack"
+
+
+def _trigger(request: Any) -> Any:
+    """The replacement trigger as a plain value (None when the resource has none)."""
+    if not request.HasField("replacement_trigger"):
+        return None
+    return json_format.MessageToDict(request.replacement_trigger)
+
+
+def _record_options(declared: Declared, request: Any, urn: str) -> None:
+    declared.urn, declared.parent = urn, request.parent
+    declared.dependencies = list(request.dependencies)
+    declared.property_dependencies = {k: list(v.urns) for k, v in request.propertyDependencies.items()}
+    declared.replace_on_changes = list(request.replaceOnChanges)
+    declared.ignore_changes = list(request.ignoreChanges)
+    declared.delete_before_replace = request.deleteBeforeReplace if request.deleteBeforeReplaceDefined else None
+    declared.retain_on_delete = request.retainOnDelete
+    declared.deleted_with = request.deletedWith
+    declared.replace_with = list(request.replace_with)
+    declared.replacement_trigger = _trigger(request)
+    declared.protect = request.protect
+
+
+class RecordingMonitor(pulumi_mocks.MockMonitor):
+    """The mock monitor, keeping each resource's URN, dependencies and options.
+
+    `MockResourceArgs` carries none of them, yet they decide what a second `pulumi up` does.
+    Registrations arrive from the SDK's worker threads; one at a time keeps each request with
+    the `Declared` its mocks call appended.
+    """
+
+    def __init__(self, mocks: Mocks) -> None:
+        super().__init__(mocks)
+        self.program = mocks.program
+        self._lock = threading.Lock()
+
+    def RegisterResource(self, request: Any) -> Any:
+        if request.type == STACK_TYPE:
+            return super().RegisterResource(request)
+        with self._lock:
+            start = len(self.program.resources)
+            response = super().RegisterResource(request)
+            (declared,) = self.program.resources[start:]
+            _record_options(declared, request, response.urn)
+            kept = self.kept_outputs(declared)
+            if kept is None:
+                return response
+            self.program.outputs[declared.name] = kept
+            state = _sync_await(rpc.serialize_properties(kept, {}))
+            return resource_pb2.RegisterResourceResponse(urn=response.urn, id=response.id, object=state)
+
+    def kept_outputs(self, declared: Declared) -> dict[str, Any] | None:
+        """Outputs the engine keeps from an earlier state for this resource; None: the mocks' own."""
+        return None
+
+
 def run_program(config: dict[str, Any], stack: str = "test", mocks: type[Mocks] = Mocks,
-                secret_keys: tuple[str, ...] = ()) -> Program:
+                secret_keys: tuple[str, ...] = (),
+                monitor: Callable[[Mocks], RecordingMonitor] = RecordingMonitor,
+                generation: int = 0) -> Program:
     """Declare the whole program for `config` under mocks and return what it declared."""
-    program = Program()
+    program = Program(generation=generation)
+    instance = mocks(program, generation=generation)
     pulumi_settings.set_root_resource(None)  # type: ignore[arg-type]
-    pulumi.runtime.set_mocks(mocks(program), project=PROJECT, stack=stack, preview=False)
+    pulumi.runtime.set_mocks(instance, project=PROJECT, stack=stack, preview=False, monitor=monitor(instance))
     encoded = {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
     pulumi.runtime.set_all_config(encoded, [f"{PROJECT}:{k}" for k in secret_keys])
     _sync_await(run_pulumi_func(lambda: runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")))
