@@ -1,4 +1,4 @@
-"""A Markdown resilience report for one stack, and what a config change does to etcd membership.
+"""A Markdown resilience report for one stack (what a config change does to etcd: components/rollout.py).
 
 Pure and provider-neutral (no Pulumi, no providers): the same text is a stack output (so
 `pulumi preview` shows it), what `scripts/report` prints, and what the preview workflow puts
@@ -324,68 +324,3 @@ def mermaid_diagram(cfg: ClusterConfig, topology: Topology) -> str:
               f"  {members} -.->|leader snapshots every {cfg.backup.interval_minutes} min| backups",
               "```"]
     return "\n".join(lines)
-
-
-def _slots(cfg: ClusterConfig) -> dict[str, Machine]:
-    return {m.name: m for m in plan(cfg).etcd_members}
-
-
-def _where(m: Machine) -> str:
-    return f"{m.name} ({m.address}, {m.zone})" if m.address else f"{m.name} ({m.zone})"
-
-
-def _replaced(old: ClusterConfig, new: ClusterConfig) -> dict[str, str]:
-    """Kept slots whose member loses its data or identity: it is removed and re-added."""
-    before, after = _slots(old), _slots(new)
-    reasons: dict[str, str] = {}
-    for name in before.keys() & after.keys():
-        a, b = before[name], after[name]
-        if a.address != b.address:
-            reasons[name] = f"address {a.address} -> {b.address} (new peer URL)"
-        elif a.zone != b.zone:
-            reasons[name] = f"zone {a.zone} -> {b.zone}"
-        elif old.etcd.disk != new.etcd.disk:
-            reasons[name] = f"etcd.disk {old.etcd.disk} -> {new.etcd.disk}"
-        elif new.etcd.disk == "local" and old.etcd.machine_type != new.etcd.machine_type:
-            reasons[name] = f"etcd.machineType {old.etcd.machine_type} -> {new.etcd.machine_type} (local data lost)"
-    return dict(sorted(reasons.items()))
-
-
-def membership_change(old: ClusterConfig, new: ClusterConfig) -> str:
-    """For a preview: members added, removed and replaced by this change, and whether quorum is at risk."""
-    before, after = _slots(old), _slots(new)
-    added = [after[n] for n in sorted(after.keys() - before.keys())]
-    removed = [before[n] for n in sorted(before.keys() - after.keys())]
-    replaced = _replaced(old, new)
-    lines = ["## etcd membership change", ""]
-    lines += [f"- added: {_where(m)}" for m in added]
-    lines += [f"- removed: {_where(m)}" for m in removed]
-    lines += [f"- replaced: {_where(before[n])}: {why}" for n, why in replaced.items()]
-    if old.etcd.version != new.etcd.version:
-        lines.append(f"- every member restarts: etcd.version {old.etcd.version} -> {new.etcd.version}")
-    if not (added or removed or replaced):
-        lines.append("No member is added, removed or replaced.")
-        return "\n".join(lines)
-    lines += ["", _quorum_verdict(len(before), len(after), len(removed), len(replaced))]
-    return "\n".join(lines)
-
-
-def _quorum_verdict(old_count: int, new_count: int, removed: int, replaced: int) -> str:
-    """Members removed or replaced in one update are away together; count what stays."""
-    gone = removed + replaced
-    stays, needed = old_count - gone, quorum(old_count)
-    risks = []
-    if gone and stays < needed:
-        risks.append(f"{gone} of {old_count} etcd members are replaced or removed at once; {stays} left, "
-                     f"quorum needs {needed}")
-    if new_count < needed:
-        risks.append(f"shrinks from {old_count} to {new_count} members, below the old quorum of {needed}")
-    if fault_tolerance(new_count) == 0 and fault_tolerance(old_count) > 0:
-        risks.append(f"afterwards {new_count} member(s) tolerate no failure")
-    if risks:
-        return "**Quorum at risk**: " + "; ".join(risks) + \
-            ". Apply it one member at a time, each after the cluster is healthy again."
-    if not gone:
-        return "Safe: no member is removed or replaced; new members join one at a time as learners."
-    return (f"Safe: {gone} of {old_count} etcd member(s) replaced or removed at once; {stays} left, "
-            f"quorum needs {needed}.")

@@ -1,4 +1,4 @@
-"""Policies of the resilience report and the membership-change check shown on pull requests."""
+"""Policies of the resilience report (a stack output, and what `scripts/report` prints)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ import pulumi
 import pytest
 
 from components.config import ClusterConfig
-from components.report import membership_change, resilience_report
+from components.report import resilience_report
 from components.validation import load
 from tests.conftest import ALL_STACKS, stack_for_tests
 from tests.program import ROOT, run_program, stack_config
 
 
-def _raw(stack: str) -> dict[str, Any]:
+def stack_raw(stack: str) -> dict[str, Any]:
     return copy.deepcopy(stack_config(ROOT / "stacks" / f"Pulumi.{stack}.yaml"))
 
 
-def _cfg(stack: str, **overrides: Any) -> ClusterConfig:
-    return load(_raw(stack) | overrides)
+def stack_cfg(stack: str, **overrides: Any) -> ClusterConfig:
+    return load(stack_raw(stack) | overrides)
 
 
 def _table(report: str, heading: str) -> list[dict[str, str]]:
@@ -41,7 +41,7 @@ def _rows(report: str, prefix: str) -> dict[str, dict[str, str]]:
 
 @pytest.mark.parametrize("stack", ALL_STACKS)
 def test_every_shipped_stack_has_a_report_with_its_quorum(stack: str) -> None:
-    cfg = _cfg(stack)
+    cfg = stack_cfg(stack)
     report = resilience_report(cfg)
     members = cfg.etcd.members
     assert f"# Resilience report: {cfg.cluster_name} ({cfg.target}" in report
@@ -53,7 +53,7 @@ def test_every_shipped_stack_has_a_report_with_its_quorum(stack: str) -> None:
 
 @pytest.mark.parametrize("stack", ALL_STACKS)
 def test_every_shipped_stack_survives_the_loss_of_any_one_zone(stack: str) -> None:
-    report = resilience_report(_cfg(stack))
+    report = resilience_report(stack_cfg(stack))
     zones = _rows(report, "zone ")
     assert len(zones) == 3, stack
     for name, row in zones.items():
@@ -62,7 +62,7 @@ def test_every_shipped_stack_survives_the_loss_of_any_one_zone(stack: str) -> No
 
 
 def test_gce_example_keeps_two_of_three_members_when_a_zone_is_lost() -> None:
-    zones = _rows(resilience_report(_cfg("gce-example")), "zone ")
+    zones = _rows(resilience_report(stack_cfg("gce-example")), "zone ")
     assert set(zones) == {"zone europe-west1-b", "zone europe-west1-c", "zone europe-west1-d"}
     for row in zones.values():
         assert row["runs"] == "etcd x1, apiserver x1"
@@ -70,7 +70,7 @@ def test_gce_example_keeps_two_of_three_members_when_a_zone_is_lost() -> None:
 
 
 def test_a_single_zone_stack_says_that_zone_loss_is_not_survived() -> None:
-    report = resilience_report(_cfg("gce-example", zones=["europe-west1-b"]))
+    report = resilience_report(stack_cfg("gce-example", zones=["europe-west1-b"]))
     assert "**Zone loss is NOT survived**: this stack has one zone (europe-west1-b)" in report
     zone = _rows(report, "zone ")["zone europe-west1-b"]
     assert zone["left after its loss: etcd / API"] == "0 / 0"
@@ -80,19 +80,19 @@ def test_a_single_zone_stack_says_that_zone_loss_is_not_survived() -> None:
 
 
 def test_five_members_keep_quorum_through_two_losses_but_not_three() -> None:
-    rows = _table(resilience_report(_cfg("gce-five")), "etcd members lost at once")
+    rows = _table(resilience_report(stack_cfg("gce-five")), "etcd members lost at once")
     assert [r["members left"] for r in rows] == ["4", "3", "2", "1", "0"]
     assert [r["quorum (needs 3)"] == "kept" for r in rows] == [True, True, False, False, False]
     assert "the data went with the machines" in rows[2]["quorum (needs 3)"]
 
 
 def test_persistent_disks_bring_quorum_back_without_a_restore() -> None:
-    rows = _table(resilience_report(_cfg("gce-example")), "etcd members lost at once")
+    rows = _table(resilience_report(stack_cfg("gce-example")), "etcd members lost at once")
     assert "re-attach their disks (no data lost)" in rows[1]["quorum (needs 2)"]
 
 
 def test_a_minimal_stack_says_which_single_failures_it_no_longer_survives() -> None:
-    cfg = _cfg("gce-example", resilience="minimal", etcd={"members": 1}, apiServers={"count": 1})
+    cfg = stack_cfg("gce-example", resilience="minimal", etcd={"members": 1}, apiServers={"count": 1})
     report = resilience_report(cfg)
     given_up = report.split("## resilience: minimal: what this stack no longer survives\n", 1)[1].split("\n## ")[0]
     assert "- the loss of prod-etcd-0 (etcd): etcd quorum lost (0 of 1 left, 1 needed)" in given_up
@@ -102,7 +102,7 @@ def test_a_minimal_stack_says_which_single_failures_it_no_longer_survives() -> N
 
 
 def test_a_default_stack_has_no_minimal_section() -> None:
-    assert "resilience: minimal" not in resilience_report(_cfg("gce-example")).split("\n", 1)[1]
+    assert "resilience: minimal" not in resilience_report(stack_cfg("gce-example")).split("\n", 1)[1]
 
 
 def test_bare_metal_counts_load_balancers_and_names_the_backup_host() -> None:
@@ -116,7 +116,7 @@ def test_bare_metal_counts_load_balancers_and_names_the_backup_host() -> None:
 
 def test_a_bare_metal_zone_holding_every_load_balancer_is_fatal() -> None:
     """Validation refuses this layout unless resilience is minimal; the report still says why."""
-    raw = _raw("local")
+    raw = stack_raw("local")
     raw["resilience"] = "minimal"
     for host in raw["baremetal"]["hosts"][1:]:
         host["roles"] = ["etcd", "apiserver"]
@@ -137,7 +137,7 @@ def test_a_bare_metal_zone_holding_every_load_balancer_is_fatal() -> None:
                      "NLB on port 2379 with source-IP stickiness", "`GET /health` on port 2381"]),
 ])
 def test_the_load_balancer_design_is_stated_per_target(stack: str, expected: list[str]) -> None:
-    design = resilience_report(_cfg(stack)).split("## Load balancers and health checks\n", 1)[1].split("\n## ")[0]
+    design = resilience_report(stack_cfg(stack)).split("## Load balancers and health checks\n", 1)[1].split("\n## ")[0]
     for phrase in expected:
         assert phrase in design, f"{stack}: '{phrase}' missing from the LB design"
 
@@ -146,7 +146,7 @@ def test_a_stale_or_failed_backup_is_called_out() -> None:
     status = {"last_snapshot": "prod-20260101T000000Z", "last_success": "2026-01-01T00:00:05Z",
               "last_verified": "2026-01-01T00:00:05Z", "last_failure": "2026-01-01T01:30:00Z",
               "last_failure_reason": "no leader"}
-    report = resilience_report(_cfg("gce-example"), status, datetime(2026, 1, 1, 1, 40, tzinfo=UTC))
+    report = resilience_report(stack_cfg("gce-example"), status, datetime(2026, 1, 1, 1, 40, tzinfo=UTC))
     assert "Last verified snapshot: 2026-01-01T00:00:05Z (99 min ago) (prod-20260101T000000Z)." in report
     assert "**Stale**: the newest verified snapshot is older than two intervals (60 min)" in report
     assert "**Last run failed** at 2026-01-01T01:30:00Z (10 min ago): no leader." in report
@@ -154,61 +154,18 @@ def test_a_stale_or_failed_backup_is_called_out() -> None:
 
 def test_a_fresh_backup_is_not_stale_and_no_status_states_no_time() -> None:
     status = {"last_snapshot": "s", "last_success": "2026-01-01T01:30:00Z", "last_verified": "2026-01-01T01:30:00Z"}
-    fresh = resilience_report(_cfg("gce-example"), status, datetime(2026, 1, 1, 1, 40, tzinfo=UTC))
+    fresh = resilience_report(stack_cfg("gce-example"), status, datetime(2026, 1, 1, 1, 40, tzinfo=UTC))
     assert "(10 min ago)" in fresh and "Stale" not in fresh and "Last run failed" not in fresh
-    assert "min ago" not in resilience_report(_cfg("gce-example"))
+    assert "min ago" not in resilience_report(stack_cfg("gce-example"))
 
 
 def test_the_diagram_draws_every_member_in_its_zone() -> None:
-    report = resilience_report(_cfg("gce-five"))
+    report = resilience_report(stack_cfg("gce-five"))
     diagram = report.split("```mermaid\n", 1)[1].split("```", 1)[0]
     for i, zone in enumerate(["us-central1-a", "us-central1-b", "us-central1-c", "us-central1-a", "us-central1-b"]):
         block = diagram.split(f'subgraph zone_{zone.replace("-", "_")}["zone {zone}"]', 1)[1].split("  end", 1)[0]
         assert f'etcd_prod5_etcd_{i}[("prod5-etcd-{i}: etcd")]' in block
     assert "-.->|leader snapshots every 30 min| backups" in diagram
-
-
-def _readdressed(*hosts: int) -> ClusterConfig:
-    raw = _raw("local")
-    for i in hosts:
-        raw["baremetal"]["hosts"][i]["address"] = f"10.250.0.{31 + i}"
-    return load(raw)
-
-
-def test_replacing_two_of_three_members_at_once_puts_quorum_at_risk() -> None:
-    change = membership_change(_readdressed(), _readdressed(1, 2))
-    assert "- replaced: h2 (10.250.0.12, rack-b): address 10.250.0.12 -> 10.250.0.32 (new peer URL)" in change
-    assert "- replaced: h3 (10.250.0.13, rack-c): address 10.250.0.13 -> 10.250.0.33 (new peer URL)" in change
-    assert "**Quorum at risk**: 2 of 3 etcd members are replaced or removed at once; 1 left, quorum needs 2" in change
-
-
-def test_replacing_one_member_is_safe() -> None:
-    change = membership_change(_readdressed(), _readdressed(0))
-    assert "- replaced: h1 (10.250.0.11, rack-a)" in change
-    assert "Safe: 1 of 3 etcd member(s) replaced or removed at once; 2 left, quorum needs 2." in change
-
-
-def test_shrinking_below_the_old_quorum_is_at_risk() -> None:
-    old = _cfg("gce-example")
-    new = _cfg("gce-example", resilience="minimal", etcd={"members": 1}, apiServers={"count": 1})
-    change = membership_change(old, new)
-    assert "- removed: prod-etcd-1 (europe-west1-c)" in change and "- removed: prod-etcd-2 (europe-west1-d)" in change
-    assert "shrinks from 3 to 1 members, below the old quorum of 2" in change
-
-
-def test_switching_disk_mode_replaces_every_member() -> None:
-    old, new = _cfg("gce-example"), _cfg("gce-example", etcd={**_raw("gce-example")["etcd"], "disk": "local"})
-    change = membership_change(old, new)
-    assert change.count("etcd.disk persistent -> local") == 3
-    assert "3 of 3 etcd members are replaced or removed at once; 0 left" in change
-
-
-def test_growing_and_unchanged_are_safe() -> None:
-    old = _cfg("gce-example")
-    grown = membership_change(old, _cfg("gce-example", etcd={**_raw("gce-example")["etcd"], "members": 5}))
-    assert "- added: prod-etcd-3 (europe-west1-b)" in grown and "- added: prod-etcd-4 (europe-west1-c)" in grown
-    assert "Safe: no member is removed or replaced" in grown
-    assert "No member is added, removed or replaced." in membership_change(old, old)
 
 
 def test_the_report_is_a_stack_output(throwaway_ssh_key: Path, monkeypatch: pytest.MonkeyPatch) -> None:
