@@ -1,11 +1,6 @@
-"""etcd-backup: the backup timer's job. Runs on every etcd host; only the member that is currently
-the raft leader acts, so the cluster produces one snapshot per interval, not one per member.
+"""etcd-backup: the backup timer's job, one verified snapshot per interval, taken by the raft leader.
 
-It saves a snapshot with the backup client certificate, records what the snapshot must contain
-(revision, key count, hashkv of the live cluster at that revision, sha256), proves it by restoring
-it (kcp_host/verify.py), and uploads it to KCP_BACKUP_DEST (kcp_host/destinations.py). A failed
-verification is uploaded marked bad, recorded, and fails the unit. Exit 0: done, or not the
-leader; 1: snapshot, verification or upload failed; 2: usage or configuration. docs/backups.md.
+Exit 0: done, or not the leader; 1: snapshot, verification or upload failed; 2: usage or configuration.
 """
 
 from __future__ import annotations
@@ -33,12 +28,12 @@ class Job:
         self.status = self.work / "status.json"
 
     def fail(self, message: str) -> int:
-        """Record a failure here and at the destination, so it is visible off-host; exit code 1."""
+        """Recorded at the destination too, so a failure is visible off-host."""
         reason = one_line(message)
         update_json(self.status, format=1, last_failure=utc_iso(), last_failure_reason=reason)
         if self.upload:
             try:
-                destination(self.backup).report_failure(f"{self.env.member_name}: {reason}", self.status)
+                destination(self.backup).report(self.status, f"{self.env.member_name}: {reason}")
             except (UploadError, OSError) as error:
                 log(f"could not report the failure to {self.backup.dest}: {error}")
         log(f"FAILED: {reason}")
@@ -46,6 +41,11 @@ class Job:
 
     def run(self, any_member: bool) -> int:
         url = self.env.client_url
+        stopped = Path(self.env.not_a_member_file)
+        if stopped.is_file() and not any_member:
+            # Its slot was taken over or the stack dropped it: the members take the snapshots.
+            log(f"{self.env.member_name} is no member ({stopped.read_text().strip()}); no snapshot here")
+            return 0
         try:
             status = self.ctl.json([url], "endpoint", "status", dial="3s", timeout="60s")[0]["Status"]
             leader, me = status["leader"], status["header"]["member_id"]
@@ -63,37 +63,26 @@ class Job:
             for path in (db, db.with_name(f"{db.name}.part")):
                 path.unlink(missing_ok=True)
             return self.fail(f"snapshot save failed: {error}")
-        try:
-            meta = self.describe(name, db, started, str(status.get("version", "")))
+        try:  # what a restore must reproduce; `verified` and its companions are filled in by verification
+            snap = snapshot_status(str(db))
+            revision = int(snap["revision"])
+            meta: dict[str, Any] = {
+                "format": 1, "name": name, "cluster": self.env.cluster_name, "taken_at": utc_iso(started),
+                "member": self.env.member_name, "etcd_version": str(status.get("version", "")), "revision": revision,
+                **verify.contents(self.ctl, url, revision), "total_keys": snap["totalKey"],
+                "snapshot_hash": snap["hash"], "size": snap["totalSize"],
+                "snapshot_seconds": round(time.time() - started, 2), "sha256": sha256_of(db),
+                "verified": None, "verified_at": None, "verify_seconds": None, "verify_error": ""}
         except (EtcdError, LookupError, ValueError) as error:
             return self.fail(f"cannot record what {name} holds: {error}")
         write_json(meta_path, meta)
-        log(f"saved {db} (revision {meta['revision']}, {meta['keys']} keys, hashkv {meta['hashkv']})")
-        return self.finish(name, db, meta_path, started)
-
-    def describe(self, name: str, db: Path, started: float, version: str) -> dict[str, Any]:
-        """The metadata: what the snapshot file holds, and the live cluster's view at its revision
-        (what a restore must reproduce). `verified` and its companions are filled in by verification."""
-        snap = snapshot_status(str(db))
-        revision = int(snap["revision"])
-        live = verify.contents(self.ctl, self.env.client_url, revision)
-        return {"format": 1, "name": name, "cluster": self.env.cluster_name, "taken_at": utc_iso(started),
-                "member": self.env.member_name, "etcd_version": version, "revision": revision, **live,
-                "total_keys": snap["totalKey"], "snapshot_hash": snap["hash"], "size": snap["totalSize"],
-                "snapshot_seconds": round(time.time() - started, 2), "sha256": sha256_of(db),
-                "verified": None, "verified_at": None, "verify_seconds": None, "verify_error": ""}
-
-    def verified(self, db: Path, meta_path: Path) -> bool:
-        started = time.monotonic()
+        log(f"saved {db} (revision {revision}, {meta['keys']} keys, hashkv {meta['hashkv']})")
+        verify_started = time.monotonic()
         try:
-            return verify.check_and_record(db, meta_path, self.backup, update=True)
+            verified = not self.backup.verify or verify.check_and_record(db, meta_path, self.backup, update=True)
         except Abort as error:  # no throwaway etcd could run here: the snapshot counts as not verified
-            verify.record(meta_path, [str(error)], time.monotonic() - started)
-            return False
-
-    def finish(self, name: str, db: Path, meta_path: Path, started: float) -> int:
-        """Verify, upload, keep only this snapshot on the host, then record and publish the outcome."""
-        verified = not self.backup.verify or self.verified(db, meta_path)
+            verify.record(meta_path, [str(error)], time.monotonic() - verify_started)
+            verified = False
         meta = read_json(meta_path)
         if self.upload:
             try:
@@ -102,19 +91,17 @@ class Job:
                 log(str(error))
                 if verified:  # else the backup host's refusal (it stored the snapshot as bad) is expected
                     return self.fail(f"upload of {name} to {self.backup.dest} failed")
-        for old in self.work.glob(f"{self.env.cluster_name}-*"):
+        for old in self.work.glob(f"{self.env.cluster_name}-*"):  # the destination holds the history
             if old.suffix in (".db", ".json") and old.stem != name:
                 old.unlink()
         if not verified:
             return self.fail(f"snapshot {name} failed verification: {meta.get('verify_error', '')}")
         now = utc_iso()
-        done: dict[str, Any] = {"format": 1, "last_snapshot": name, "last_success": now}
-        if self.backup.verify:
-            done["last_verified"] = now
-        update_json(self.status, **done)
+        verified_at: dict[str, Any] = {"last_verified": now} if self.backup.verify else {}
+        update_json(self.status, format=1, last_snapshot=name, last_success=now, **verified_at)
         if self.upload:
             try:
-                destination(self.backup).publish_status(self.status)
+                destination(self.backup).report(self.status)
             except (UploadError, OSError):
                 log(f"FAILED: could not publish {self.status} to {self.backup.dest} (snapshot {name} itself is stored)")
                 return 1
@@ -131,9 +118,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-upload", action="store_true",
                         help="keep the snapshot in the work dir only (tests, disk-only runs)")
     args = parser.parse_args(argv)
-    env, backup = load_env(ClusterEnv), load_env(BackupEnv)
-    work = Path(backup.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    work.chmod(0o700)
-    with flocked(work / ".backup.lock", what="etcd-backup run"):
-        return Job(env, backup, upload=not args.no_upload).run(args.any_member)
+    job = Job(load_env(ClusterEnv), load_env(BackupEnv), upload=not args.no_upload)
+    with flocked(job.work / ".backup.lock", what="etcd-backup run"):  # the lock also makes the work dir
+        job.work.chmod(0o700)
+        return job.run(args.any_member)

@@ -19,8 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "etcd-member-promote": ("promote:main", "after every etcd start: record the member ID, promote a learner"),
     "etcd-spare-watch": ("spare:main", "on spares: take over the slot of a long-dead member"),
     "etcd-member-leave": ("lifecycle:leave", "remove this member when its host leaves the stack"),
+    "etcd-reconcile-members": ("reconcile:main", "remove members the stack no longer lists, from a host that stays"),
     "etcd-wait-healthy": ("lifecycle:wait_healthy", "wait until every configured member is healthy"),
     "etcd-rolling-restart": ("lifecycle:rolling_restart", "restart this member only while the rest keep quorum"),
+    "firewall-apply": ("firewall:main", "load the shipped firewall unless it would cut the program off"),
     "etcd-backup": ("backup:main", "the backup timer's job: leader-only verified snapshot, upload"),
     "etcd-backup-verify": ("verify:main", "restore a snapshot into a throwaway etcd and compare"),
     "etcd-backup-receive": ("receiver:main", "the backup host's forced command: add files, never replace"),
@@ -29,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "etcd-install": ("install:etcd", "install a pinned etcd release, or the distribution's"),
     "kubelet-install": ("install:kubelet", "install containerd, runc, crictl and the kubelet, pinned"),
     "cloud-boot": ("cloudboot:main", "the boot path of GCE and AWS machines"),
+    "cloud-refresh": ("refresh:main", "the refresh timer's job: apply changed bundles, one machine at a time"),
 }
 
 

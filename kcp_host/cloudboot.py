@@ -1,17 +1,13 @@
-"""cloud-boot: the boot path of GCE and AWS control-plane machines, at every boot.
+"""cloud-boot: the boot path of GCE and AWS control-plane machines, at every boot, after kcp-bootstrap.
 
-kcp-boot.service runs kcp-bootstrap, which unpacks the agent and hands over to this. Settings come
-from /etc/kcp/boot.env (`BootEnv`), secrets from the slot's bundle in the cloud's secret store; the
-clouds differ only in kcp_host/clouds.py. Every step checks or overwrites, so a reboot or a re-run
-converges; what a reboot loses (attachments, mounts, routes, forwarding) is redone.
-"""
+Settings come from boot.env, secrets in the slot's bundle; the clouds differ only in kcp_host/clouds.py. Every step
+checks or overwrites, so a reboot (which loses attachments, mounts, routes and forwarding) or a re-run converges."""
 
 from __future__ import annotations
 
 import argparse
 import base64
 import grp
-import gzip
 import io
 import os
 import pwd
@@ -24,43 +20,43 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from kcp_host import install, systemd
-from kcp_host.clouds import CLOUDS, Cloud, CloudError, retry
-from kcp_host.contract import BootEnv, ClusterEnv, load_env
+from kcp_host.clouds import CLOUDS, Aws, CloudError, Gce, retry
+from kcp_host.contract import BootEnv, ClusterEnv, SlotEnv, load_env
 from kcp_host.etcd import Etcdctl
 from kcp_host.files import write_atomic
 from kcp_host.lifecycle import await_healthy
 from kcp_host.log import Abort, log
 
 ETCD_MOUNT = "/var/lib/etcd"
-FSTAB = "/etc/fstab"
-DATA_DISK_DROPIN = "/etc/systemd/system/etcd.service.d/10-data-disk.conf"
-BACKUP_TIMER = "etcd-backup.timer"
-FORWARD_TABLE = "kcp_forward"
 
 
 def unpack(text: str, root: str = "/") -> list[Path]:
-    """Write a bundle (components/render/hostfiles.py `bundle`: base64 of a tar.gz) under `root`, from
-    memory: regular files only, modes kept, owners by name. Every entry is checked before the first is
-    written, so a bad bundle changes nothing."""
+    """A bundle (hostfiles.bundle) from memory under `root`, every entry checked before the first is written.
+    Returns the files it changed: one already in place (bytes, mode, owner) is left alone, so a refresh knows."""
     try:
-        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(base64.b64decode(text.strip(), validate=True)))) as tar:
-            entries = [(m, _read(tar, m)) for m in tar.getmembers()]
+        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(text.strip(), validate=True))) as tar:
+            # bundle_target refuses an entry before it is read: extractfile would follow a link
+            entries = [(bundle_target(Path(root), m), m, tar.extractfile(m)) for m in tar.getmembers()]
+            files = [(target, member, source.read()) for target, member, source in entries if source]
     except (ValueError, OSError, EOFError, zlib.error, tarfile.TarError) as error:
         raise CloudError(f"not a bundle: {error}") from None
-    targets = [bundle_target(Path(root), member) for member, _ in entries]
-    for (member, data), target in zip(entries, targets, strict=True):
+    changed = [(target, member, data) for target, member, data in files if not in_place(target, member, data)]
+    for target, member, data in changed:
         write_atomic(target, data, member.mode & 0o7777, (member.uname, member.gname))
-    return targets
+    return [target for target, _, _ in changed]
 
 
-def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    source = tar.extractfile(member) if member.isreg() else None
-    return source.read() if source else b""
+def in_place(target: Path, member: tarfile.TarInfo, data: bytes) -> bool:
+    """Whether the file is there as the bundle has it: bytes, mode and owner."""
+    try:
+        return (target.stat().st_mode & 0o7777 == member.mode & 0o7777 and target.read_bytes() == data
+                and (target.owner(), target.group()) == (member.uname, member.gname))
+    except (OSError, KeyError):  # absent, or owned by an id without a name
+        return False
 
 
 def bundle_target(root: Path, member: tarfile.TarInfo) -> Path:
-    """Where an entry goes; Abort for what a bundle never holds: links, devices, folders, names that leave
-    `root`, owners this host does not have."""
+    """Where an entry goes; Abort for what a bundle never holds, since a secret store's text is not trusted blindly."""
     name = PurePosixPath(member.name)
     if not member.isreg():
         raise Abort(1, f"bundle entry {member.name}: not a regular file")
@@ -81,9 +77,7 @@ def fstab_with_mount(fstab: str, uuid: str) -> str:
 
 
 def mount_data_disk(device: str) -> None:
-    """Format only a disk that carries no filesystem at all; mount it on /var/lib/etcd through fstab, so a
-    reboot mounts it before etcd starts. etcd never starts on the bare mount point: that would look like a
-    lost member."""
+    """Format only a blank disk; fstab mounts it at boot and etcd requires it: a bare mount point looks like a loss."""
     retry(f"see the etcd data disk {device}", 60, 2, lambda: Path(device).is_block_device() or None)
     probe = subprocess.run(["blkid", "-p", device], capture_output=True, check=False).returncode
     if probe == 2:  # no signature of any kind
@@ -93,22 +87,19 @@ def mount_data_disk(device: str) -> None:
         raise Abort(1, f"cannot probe {device} (blkid exit {probe})")
     uuid = subprocess.run(["blkid", "-o", "value", "-s", "UUID", device], capture_output=True, text=True,
                           check=True).stdout.strip()
-    write_atomic(FSTAB, fstab_with_mount(Path(FSTAB).read_text(), uuid))
-    Path(ETCD_MOUNT).mkdir(mode=0o700, exist_ok=True)
-    systemd.systemctl("daemon-reload", check=True)
-    if not os.path.ismount(ETCD_MOUNT):
-        subprocess.run(["mount", ETCD_MOUNT], check=True)
+    write_atomic("/etc/fstab", fstab_with_mount(Path("/etc/fstab").read_text(), uuid))
+    systemd.act("daemon-reload")  # systemd's unit of the fstab line: starting it mounts the disk unless it is
+    systemd.act("start", "var-lib-etcd.mount")
     shutil.chown(ETCD_MOUNT, "etcd", "etcd")
     os.chmod(ETCD_MOUNT, 0o700)
-    write_atomic(DATA_DISK_DROPIN, f"[Unit]\nRequiresMountsFor={ETCD_MOUNT}\n")
+    write_atomic("/etc/systemd/system/etcd.service.d/10-data-disk.conf", f"[Unit]\nRequiresMountsFor={ETCD_MOUNT}\n")
 
 
 def forward_rules(to: str, sources: Sequence[str], ports: Sequence[str]) -> str:
-    """nft's input replacing the table at once: the ports of every address a load balancer delivers to
-    (it keeps the packet's destination) are DNAT'ed to the address etcd and the API server listen on."""
+    """nft's input replacing the table at once: load balancers keep the packet's destination, so DNAT it."""
     rule = f"ip daddr {{ {', '.join(sources)} }} tcp dport {{ {', '.join(ports)} }} dnat to {to};"
-    return (f"table ip {FORWARD_TABLE}\ndelete table ip {FORWARD_TABLE}\n"
-            f"table ip {FORWARD_TABLE} {{\n"
+    return ("table ip kcp_forward\ndelete table ip kcp_forward\n"
+            "table ip kcp_forward {\n"
             f"  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; {rule} }}\n"
             f"  chain output {{ type nat hook output priority -100; policy accept; {rule} }}\n"
             "}\n")
@@ -122,24 +113,27 @@ def forward(to: str, sources: Sequence[str], ports: Sequence[str]) -> None:
     subprocess.run(["nft", "-f", "-"], input=forward_rules(to, sources, ports), text=True, check=True)
 
 
-def listen_address(env: BootEnv) -> str:
-    """Where etcd (its member address, from the slot's cluster.env) or the API server listens."""
-    if "etcd" in env.roles:
-        return urlsplit(load_env(ClusterEnv).client_url).hostname or ""
+def node_address() -> str:
+    """The machine's primary address: where its API server listens (a host-network pod's address)."""
     return subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()[0]
 
 
-def start_etcd(cloud: Cloud, wait_seconds: int) -> None:
-    """A replacement with an empty disk must rejoin (runtime reconfiguration) or refuse, never bootstrap a
-    second cluster: the marker object tells etcd-member-recovery that the cluster exists."""
+def cloud_of(env: BootEnv) -> Gce | Aws:
+    if env.provider not in CLOUDS:
+        raise Abort(2, f"unknown provider {env.provider!r} (one of {', '.join(CLOUDS)})")
+    return CLOUDS[env.provider](env)
+
+
+def start_etcd(cloud: Gce | Aws, wait_seconds: int) -> None:
+    """The marker object tells etcd-member-recovery that the cluster exists: a blank replacement never bootstraps."""
     cluster = load_env(ClusterEnv)
     formed = Path(cluster.cluster_formed_file)
     if retry("tell whether the cluster has formed", 30, 10, cloud.marker_exists):
         formed.touch()
-    systemd.systemctl("daemon-reload", check=True)
-    systemd.systemctl("enable", cluster.etcd_unit, BACKUP_TIMER, check=True)
-    systemd.systemctl("start", "--no-block", cluster.etcd_unit, check=True)
-    systemd.systemctl("start", BACKUP_TIMER, check=True)
+    systemd.act("daemon-reload")
+    systemd.act("enable", cluster.etcd_unit, "etcd-backup.timer")
+    systemd.act("start", "--no-block", cluster.etcd_unit)
+    systemd.act("start", "etcd-backup.timer")
     await_healthy(cluster, Etcdctl.of(cluster), wait_seconds)
     created = retry("write the cluster-formed marker", 10, 6, cloud.mark_formed)
     formed.touch()
@@ -149,20 +143,22 @@ def start_etcd(cloud: Cloud, wait_seconds: int) -> None:
 def main(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="kcp-host cloud-boot", description=__doc__.splitlines()[0]).parse_args(argv)
     env = load_env(BootEnv)
-    if env.provider not in CLOUDS:
-        raise Abort(2, f"unknown provider {env.provider!r} (one of {', '.join(CLOUDS)})")
-    cloud = CLOUDS[env.provider](env)
-    cloud.prepare()
+    cloud = cloud_of(env)
     slot = retry("read this machine's slot", 30, 5, cloud.slot)
     log(f"slot {slot}, roles: {' '.join(env.roles)}")
     if "etcd" in env.roles:
-        install.etcd(list(env.etcd_install))  # creates the etcd user that the bundle's files belong to
+        install.ensure_etcd_user()  # the member bundle's files belong to it
         mount_data_disk(retry("find the etcd data disk", 10, 6, lambda: cloud.data_disk(slot)))
+    # The slot's files (an API server's units and kubelet config too, slot.env's releases) before anything starts.
     retry(f"read and unpack the bundle {slot}", 30, 10, lambda: unpack(cloud.secret(slot)))
+    releases = load_env(SlotEnv)
+    install.etcd(list(releases.etcd_install))  # API servers too: their etcdctl takes the rollout lock
     sources = retry("set up this machine's addresses", 10, 6, lambda: cloud.network(slot))
-    forward(listen_address(env), sources, env.forward_ports)
+    # etcd: the member address, from the bundle's cluster.env
+    address = (urlsplit(load_env(ClusterEnv).client_url).hostname or "") if "etcd" in env.roles else node_address()
+    forward(address, sources, env.forward_ports)
     if "apiserver" in env.roles:
-        install.kubelet(list(env.kubelet_install))
+        install.kubelet(list(releases.kubelet_install))
     if "etcd" in env.roles:
         start_etcd(cloud, env.wait_seconds)
     log("done")

@@ -26,7 +26,10 @@ ETCD_DIR = "/etc/etcd"
 PKI = f"{ETCD_DIR}/pki"
 ETCD_ENV = f"{ETCD_DIR}/etcd.env"
 BACKUP_SSH_KEY = f"{ETCD_DIR}/backup-ssh/id_ed25519"
+HOST_IDENTITY = "/etc/kcp/host-identity"
 DATA_DIR = "/var/lib/etcd/data"
+REFRESH_APPLIED = "/var/lib/kcp/cloud-refresh.sha256"
+STATIC_PODS_STARTED = "/run/kcp/static-pods-started"
 
 
 class ContractError(Exception):
@@ -75,6 +78,8 @@ class ClusterEnv(EnvFile):
                                        "\"replace me\", never \"bootstrap\"", f"{ETCD_DIR}/cluster-formed")
     restored_file: str = setting("written by a restore's switch: start on the restored data without "
                                  "probing peers", "/run/etcd/restored")
+    started_config_file: str = setting("fingerprint of the configuration the running etcd started with",
+                                       "/run/etcd/started-config")
     state_dir: str = setting("spare state: `spare-watch.seen`, `spare-takeover.intent`, `takeover.json`",
                              "/var/lib/kcp")
     restore_dir: str = setting("snapshots staged by a restore", "/var/lib/etcd-restore")
@@ -91,6 +96,11 @@ class ClusterEnv(EnvFile):
     def member_id_file(self) -> str:
         """This member's ID (hex), beside the data it belongs to."""
         return f"{self.data_dir}/member/kcp-member-id"
+
+    @property
+    def not_a_member_file(self) -> str:
+        """Why etcd stays stopped on this host (its slot was taken over, the stack dropped it)."""
+        return f"{self.state_dir}/not-a-member"
 
     @property
     def initial_cluster(self) -> str:
@@ -134,10 +144,9 @@ class BootEnv(EnvFile):
         "each fit a secret, in order", example="prod-host-programs,prod-host-programs-2")
     disk: str = setting("etcd's data disk: `persistent` or `local`", example="persistent")
     marker: str = setting("the cluster-formed marker object", example="gs://bucket/prod/cluster-formed")
-    etcd_install: tuple[str, ...] = setting("`etcd-install` arguments: source, version, sha256", (),
-                                            example="release,3.5.33,5025b5...")
-    kubelet_install: tuple[str, ...] = setting("`kubelet-install` arguments (versions and sha256s)", ())
     wait_seconds: int = setting("how long boot waits for a healthy etcd", 900)
+    refresh_seconds: int = setting("how often `kcp-cloud-refresh.timer` re-fetches the bundles; also how long a "
+                                   "refresh waits in line for the rollout lock", 300)
     forward_ports: tuple[str, ...] = setting("ports a destination-preserving load balancer delivers", (),
                                              example="2379,2381")
     lb_addresses: tuple[str, ...] = setting("load balancer addresses forwarded to this machine (GCE)", ())
@@ -146,7 +155,25 @@ class BootEnv(EnvFile):
     vpc_cidr: str = setting("the VPC's range, routed through the member's interface (AWS only)", "")
 
 
-ENV_FILES: tuple[type[EnvFile], ...] = (ClusterEnv, BackupEnv, BootEnv)
+@dataclass(frozen=True)
+class SlotEnv(EnvFile):
+    PATH: ClassVar[str] = "/etc/kcp/slot.env"
+    PREFIX: ClassVar[str] = "KCP_SLOT_"
+    OVERRIDE: ClassVar[str] = "KCP_SLOT_ENV"
+    DOC: ClassVar[str] = ("a cloud slot's name, releases and way to etcd, in the slot's bundle: a running machine "
+                          "re-fetches its bundle (`cloud-refresh`), never its boot settings")
+
+    name: str = setting("the slot, and the secret holding its bundle", example="prod-etcd-0")
+    etcd_install: tuple[str, ...] = setting("`etcd-install` arguments: source, version, sha256 (API servers too: "
+                                            "their etcdctl takes the rollout lock)", example="release,3.5.33,5025b5...")
+    kubelet_install: tuple[str, ...] = setting("`kubelet-install` arguments (versions and sha256s)", ())
+    etcd_endpoints: tuple[str, ...] = setting("API servers only (members have cluster.env): etcd's client URLs, "
+                                              "where the rollout lock lives", ())
+    etcd_client: tuple[str, ...] = setting("API servers only: CA, certificate and key of their etcd client", (),
+                                           example="/etc/kubernetes/pki/etcd/ca.crt,...")
+
+
+ENV_FILES: tuple[type[EnvFile], ...] = (ClusterEnv, BackupEnv, BootEnv, SlotEnv)
 E = TypeVar("E", bound=EnvFile)
 
 
@@ -246,6 +273,7 @@ HOST_PATHS: tuple[HostPath, ...] = (
     HostPath(ClusterEnv.PATH, "0644 root", f"`{ClusterEnv.PREFIX}*`: {ClusterEnv.DOC} (below)"),
     HostPath(BackupEnv.PATH, "0644 root", f"`{BackupEnv.PREFIX}*`: {BackupEnv.DOC} (below)"),
     HostPath(BootEnv.PATH, "0644 root", f"`{BootEnv.PREFIX}*`: {BootEnv.DOC} (below; clouds only)"),
+    HostPath(SlotEnv.PATH, "0644 root", f"`{SlotEnv.PREFIX}*`: {SlotEnv.DOC} (below; clouds only)"),
     HostPath(f"{PKI}/ca.crt", "0644", "etcd CA"),
     HostPath(f"{PKI}/server.{{crt,key}}", "0600 etcd",
              "member serving certificate; server and client usages, so the agent uses it as its client"),
@@ -256,18 +284,27 @@ HOST_PATHS: tuple[HostPath, ...] = (
     HostPath(ClusterEnv.join_env, "0644", "`ETCD_INITIAL_CLUSTER_STATE=existing` and `ETCD_INITIAL_CLUSTER`, "
              "written by `etcd-member-recovery` when joining (loaded after etcd.env, so it wins)"),
     HostPath(ClusterEnv.restored_file, "0644", "the new cluster token, written by a restore's `switch`"),
+    HostPath(ClusterEnv.started_config_file, "0644", "sha256 of etcd.env (less its `ETCD_INITIAL_*`), the unit and "
+             "the files etcd.env names, at the last start: a rollout restarts only a member whose input changed"),
     HostPath(DATA_DIR, "0700 etcd", "etcd's data dir"),
     HostPath(f"{DATA_DIR}/member/kcp-member-id", "0644", "this member's ID (hex), written by `etcd-member-promote`"),
     HostPath(f"{DATA_DIR}.<reason>-<UTC time>", "0700 etcd",
              "a data dir moved aside (empty, corrupt, removed, `pre-restore`); never deleted by the agent"),
-    HostPath(ClusterEnv.state_dir, "0755 root", "spare state and `takeover.json` (docs/self-healing.md)"),
+    HostPath(ClusterEnv.state_dir, "0755 root", "spare state and `takeover.json` (docs/self-healing.md); "
+             "`not-a-member`: why etcd stays stopped here (slot taken over, host dropped by the stack)"),
     HostPath(BackupEnv.work_dir, "0700 root", "backup work dir: newest snapshot and metadata, `status.json`"),
     HostPath(ClusterEnv.restore_dir, "0700 root", "snapshots staged by a restore"),
     HostPath("/usr/local/bin/etcd{,ctl,utl}", "0755", "the pinned release, or links to the distribution's"),
+    HostPath(HOST_IDENTITY, "0644", "`<cluster>/<host>` this host is deployed as: a delete step of another "
+             "name (a host renamed in place, a cluster renamed) leaves it alone"),
     HostPath(AGENT, "0755", "the host agent: the kcp_host package as one executable zip; "
              "`kcp-host SUBCOMMAND` (`kcp-host --help` lists them)"),
     HostPath(f"{LIB}/kcp-bootstrap", "0755", "clouds only: fetches the agent at every boot, then runs "
              "`kcp-host cloud-boot` (docs/cloud-targets.md)"),
+    HostPath(REFRESH_APPLIED, "0644", "clouds only: sha256 of the agent's and the slot's bundles that "
+             "`cloud-refresh` applied last; the same bundles again change nothing"),
+    HostPath(STATIC_PODS_STARTED, "0644", "clouds only: sha256 of what the static pods started on (the kubelet's "
+             "release, its, containerd's and every /etc/kubernetes file): `cloud-refresh` restarts them on a change"),
 )
 
 

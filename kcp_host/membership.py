@@ -26,6 +26,7 @@ from kcp_host.log import Abort, log
 
 LOCK_NAME = "kcp/member-replacement"
 JOIN_PREFIX = "kcp/join/"
+REMOVED_PREFIX = "kcp/removed/"  # name -> peer URL of a member the stack dropped (etcd-reconcile-members)
 ADD_ATTEMPTS = 10
 
 
@@ -100,13 +101,22 @@ class ClusterView:
             raise Abort(1, f"cannot read join keys: {error}") from None
         return {base64.b64decode(kv["value"]).decode() for kv in answer.get("kvs") or []}
 
+    def removed_by_stack(self, endpoints: list[str]) -> bool:
+        """Whether the stack dropped this very host (its name and peer URL are marked removed)."""
+        try:
+            answer = self.ctl.json(endpoints, "get", REMOVED_PREFIX + self.env.member_name)
+        except EtcdError:
+            return False
+        return any(base64.b64decode(kv["value"]).decode() == self.env.peer_url for kv in answer.get("kvs") or [])
+
     def remove(self, endpoints: list[str], member: Member, reason: str) -> None:
         log(f"removing member {member.hex_id} (name='{member.name}' peers={','.join(member.peer_urls)} "
             f"learner={str(member.learner).lower()}): {reason}")
         try:
             self.ctl.run(endpoints, "member", "remove", member.hex_id)
         except EtcdError as error:
-            raise Abort(1, f"member remove {member.hex_id} failed: {error}") from None
+            if "member not found" not in str(error):  # another host removed it first: done
+                raise Abort(1, f"member remove {member.hex_id} failed: {error}") from None
 
     def remove_stale_learners(self, endpoints: list[str]) -> bool:
         """Remove learners left over from failed joins (no live join key, etcd not answering): they

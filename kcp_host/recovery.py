@@ -20,7 +20,8 @@ from pathlib import Path
 from kcp_host import systemd
 from kcp_host.contract import ClusterEnv, load_env
 from kcp_host.etcd import Etcdctl
-from kcp_host.files import utc_stamp
+from kcp_host.files import utc_stamp, write_atomic
+from kcp_host.lifecycle import config_fingerprint
 from kcp_host.log import Abort, log
 from kcp_host.membership import (
     ClusterView,
@@ -34,6 +35,7 @@ from kcp_host.membership import (
 BBOLT_MAGIC = 0xED0CDAED
 BBOLT_PAGE_SIZES = (4096, 16384, 65536)
 PROMOTE_UNIT = "etcd-member-promote.service"
+STAY_STOPPED = (4, 6)  # etcd.service's RestartPreventExitStatus: no restart loop on a host that is no member
 RESTORE_HINT = "Restore from a backup with scripts/etcd-restore (docs/self-healing.md)"
 
 
@@ -113,7 +115,13 @@ class Recovery:
         log(f"decision: start etcd ({why})")
         if not self.dry_run:
             self.ensure_data_dir()
+            self.record_start()
             trigger_promoter()
+
+    def record_start(self) -> None:
+        """What a rollout compares against (etcd-rolling-restart), and no reason left to stay stopped."""
+        write_atomic(self.env.started_config_file, config_fingerprint(self.env) + "\n")
+        Path(self.env.not_a_member_file).unlink(missing_ok=True)
 
     def bootstrap(self, data: str) -> None:
         """First bootstrap: all members start together with ETCD_INITIAL_CLUSTER_STATE=new from etcd.env."""
@@ -124,6 +132,7 @@ class Recovery:
             self.move_data_aside(data)
         Path(self.env.join_env).unlink(missing_ok=True)
         self.ensure_data_dir()
+        self.record_start()
         trigger_promoter()
 
     def move_data_aside(self, reason: str) -> None:
@@ -168,7 +177,8 @@ class Recovery:
             if not self.dry_run:
                 restored.unlink()
             return self.start("data restored from a snapshot")
-        if not self.view.fetch(other_endpoints(self.env)):
+        others = other_endpoints(self.env)
+        if not self.view.fetch(others):
             if data == "ok":
                 return self.start("local data; no other member answered")
             if Path(self.env.cluster_formed_file).exists():
@@ -177,6 +187,9 @@ class Recovery:
                                "cannot reach them yet (retried at every start); if they are lost, restore from a "
                                "backup with scripts/etcd-restore (docs/self-healing.md)")
             return self.bootstrap(data)
+        if self.view.removed_by_stack(others):
+            raise Abort(4, f"the stack no longer lists {self.env.member_name} (marked removed by "
+                           "etcd-reconcile-members): etcd stays stopped until the stack lists this host again")
         if data == "ok":
             if not self.removed_from_cluster():
                 return self.start("local data of a current member")
@@ -245,5 +258,10 @@ def main(argv: list[str]) -> int:
     ctl = Etcdctl.of(env)
     refuse_without_learner_support(ctl)
     # ExecStartPre: this host's etcd is not running; no need to probe it.
-    Recovery(env, ClusterView(env, ctl, self_down=True), args.dry_run).decide()
+    try:
+        Recovery(env, ClusterView(env, ctl, self_down=True), args.dry_run).decide()
+    except Abort as stop:
+        if stop.code in STAY_STOPPED and not args.dry_run:
+            write_atomic(env.not_a_member_file, f"{stop}\n")
+        raise
     return 0

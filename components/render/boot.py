@@ -1,10 +1,11 @@
 """The boot path of cloud machines: the startup script (GCE) / user data (AWS).
 
 Pure functions returning text. The startup script writes only the bootstrap
-(`scripts/host/kcp-bootstrap`), its non-secret settings (`/etc/kcp/boot.env`, a `BootEnv`) and a
-oneshot unit that runs it now and at every boot. The bootstrap fetches the host agent from the
-secret store and hands over to `kcp-host cloud-boot`; every secret arrives later, in bundles
-fetched from the secret store. So the script stays small (AWS user data: 16 KiB) and secret-free.
+(`scripts/host/kcp-bootstrap`), its non-secret settings (`/etc/kcp/boot.env`, a `BootEnv`), a
+oneshot unit that runs it now and at every boot, and the refresh timer that brings later changes.
+The bootstrap fetches the host agent from the secret store and hands over to `kcp-host cloud-boot`;
+every secret arrives later, in bundles fetched from the secret store. So the script stays small
+(AWS user data: 16 KiB) and secret-free.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.render.agent import ENSURE_PYTHON
-from kcp_host.contract import LIB, BootEnv, render_env
+from kcp_host.contract import AGENT, LIB, BootEnv, render_env
 
 BOOTSTRAP = Path(__file__).resolve().parents[2] / "scripts" / "host" / "kcp-bootstrap"
 BOOT_UNIT = "/etc/systemd/system/kcp-boot.service"
+REFRESH = "kcp-cloud-refresh"
 PROVIDERS = ("gce", "aws")
 
 
@@ -45,6 +47,41 @@ def boot_unit() -> str:
     )
 
 
+def refresh_units(env: BootEnv) -> dict[str, str]:
+    """`kcp-host cloud-refresh` every `refresh_seconds` (5 minutes), spread by up to a fifth of that. Frequent enough
+    that a rotated key is everywhere within minutes (at most interval x machines, as they go one at a time), rare
+    enough that the secret reads (one per bundle piece per machine and run) cost nothing and stay far under quotas.
+    The spread keeps machines from reading at the same moment; the lock orders them anyway. Never during a boot."""
+    return {
+        f"/etc/systemd/system/{REFRESH}.service": (
+            "# Rendered by resilient-control-plane: configuration, certificate and version changes, one machine at\n"
+            "# a time (docs/cloud-targets.md). Start it to apply a change now.\n"
+            "[Unit]\n"
+            "Description=Control-plane refresh: re-fetch this machine's bundles, apply a change under the lock\n"
+            "Requisite=kcp-boot.service\n"
+            "After=kcp-boot.service\n"
+            "\n"
+            "[Service]\n"
+            "Type=oneshot\n"
+            f"ExecStart={AGENT} cloud-refresh\n"
+            "TimeoutStartSec=3600\n"
+        ),
+        f"/etc/systemd/system/{REFRESH}.timer": (
+            "# Rendered by resilient-control-plane: runs the control-plane refresh.\n"
+            "[Unit]\n"
+            "Description=Control-plane refresh, every few minutes\n"
+            "\n"
+            "[Timer]\n"
+            f"OnActiveSec={env.refresh_seconds}\n"
+            f"OnUnitInactiveSec={env.refresh_seconds}\n"
+            f"RandomizedDelaySec={env.refresh_seconds // 5}\n"
+            "\n"
+            "[Install]\n"
+            "WantedBy=timers.target\n"
+        ),
+    }
+
+
 def _install(path: str, mode: int, content: str) -> str:
     """`install` replaces the file, never rewrites it in place: a bootstrap running since this boot (GCE runs
     the startup script at every boot) keeps reading the file it started with."""
@@ -67,8 +104,10 @@ def boot_script(env: BootEnv, max_bytes: int | None = None) -> str:
         + _install(f"{LIB}/{BOOTSTRAP.name}", 0o755, BOOTSTRAP.read_text())
         + _install(BootEnv.PATH, 0o644, boot_env(env))
         + _install(BOOT_UNIT, 0o644, boot_unit())
+        + "".join(_install(path, 0o644, unit) for path, unit in refresh_units(env).items())
         + "systemctl daemon-reload\n"
         "systemctl enable kcp-boot.service\n"
+        f"systemctl enable --now {REFRESH}.timer\n"
         "# --no-block: the boot path waits for etcd, which must not hold up the image's own first-boot jobs.\n"
         "systemctl start --no-block kcp-boot.service\n"
     )

@@ -106,8 +106,8 @@ def cluster_env(settings: EtcdSettings, me: Member, members: Sequence[Member]) -
 
 
 def etcd_unit(cluster_name: str) -> str:
-    return render("etcd.service.j2", cluster_name=cluster_name, agent=AGENT,
-                  join_env=ClusterEnv.join_env, etcd_env=ETCD_ENV)
+    return render("etcd.service.j2", cluster_name=cluster_name, agent=AGENT, join_env=ClusterEnv.join_env,
+                  etcd_env=ETCD_ENV, not_a_member=f"{ClusterEnv.state_dir}/not-a-member")
 
 
 # Go's TLS 1.2 AEAD suites with forward secrecy (CIS 1.2.x / 2.x ask for strong suites only).

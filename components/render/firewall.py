@@ -29,6 +29,33 @@ def _unique(*groups: Iterable[str]) -> list[str]:
     return sorted({address for group in groups for address in group})
 
 
+RULES = "/etc/kcp/firewall.nft"
+NEW_RULES = f"{RULES}.new"  # `kcp-host firewall-apply` moves it into place once it is safe to load
+UNIT = "/etc/systemd/system/kcp-firewall.service"
+
+
+def firewall_unit() -> str:
+    """Loads the kcp table at every boot, after Debian's nftables.service (which flushes the ruleset)."""
+    return (
+        "# Rendered by resilient-control-plane: the control-plane host firewall (the kcp table only).\n"
+        "[Unit]\n"
+        "Description=Control-plane host firewall (nftables table inet kcp)\n"
+        "DefaultDependencies=no\n"
+        "Wants=network-pre.target\n"
+        "Before=network-pre.target\n"
+        "After=nftables.service\n"
+        "\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        "RemainAfterExit=yes\n"
+        f"ExecStart=/usr/sbin/nft -f {RULES}\n"
+        "ExecStop=/usr/sbin/nft delete table inet kcp\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=sysinit.target\n"
+    )
+
+
 def nftables_config(p: FirewallPeers) -> str:
     sets = {
         "operators": _unique(p.operators),

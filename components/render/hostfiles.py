@@ -15,7 +15,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from components.render import backup, etcd, kubernetes, loadbalancer, recovery
+from components.render import backup, etcd, firewall, kubernetes, loadbalancer, recovery
 from components.render.etcd import Member
 from components.render.firewall import FirewallPeers, nftables_config
 from kcp_host.contract import ETCD_ENV, ClusterEnv
@@ -101,7 +101,7 @@ def _kubeconfig(cluster: Cluster, creds: Credentials, cert_name: str, user: str)
 
 
 def apiserver_files(cluster: Cluster, creds: Credentials) -> list[HostFile]:
-    """Static pods, their certificates, kubeconfigs and API server side configuration."""
+    """Static pods, their certificates, kubeconfigs, API server side configuration, and the kubelet that runs them."""
     k8s, pki = kubernetes.K8S, kubernetes.PKI
     files = [
         HostFile(f"{k8s}/manifests/kube-apiserver.yaml", kubernetes.apiserver_manifest(cluster.api), 0o600),
@@ -121,6 +121,11 @@ def apiserver_files(cluster: Cluster, creds: Credentials) -> list[HostFile]:
         HostFile(f"{pki}/etcd/ca.crt", creds.ca_certs["etcd-ca"]),
         HostFile(f"{pki}/sa.key", creds.service_account_key, 0o600),
         HostFile(f"{pki}/sa.pub", creds.service_account_public),
+        # The kubelet and its runtime; `kcp-host kubelet-install` adds the pinned binaries and starts them.
+        HostFile(kubernetes.KUBELET_CONFIG, kubernetes.kubelet_config()),
+        HostFile("/etc/systemd/system/kubelet.service", kubernetes.kubelet_unit()),
+        HostFile("/etc/containerd/config.toml", kubernetes.containerd_config()),
+        HostFile("/etc/systemd/system/containerd.service", kubernetes.containerd_unit()),
     ]
     for name in ("apiserver", "apiserver-kubelet-client", "apiserver-etcd-client", "front-proxy-client"):
         cert, key = creds.certs[name]
@@ -135,14 +140,17 @@ def admin_kubeconfig(cluster: Cluster, creds: Credentials) -> str:
 def loadbalancer_files(cluster: Cluster, me: Member, vip: str, interface: str,
                        api_servers: Sequence[Member], load_balancers: Sequence[Member]) -> list[HostFile]:
     return [
-        HostFile("/etc/haproxy/haproxy.cfg", loadbalancer.haproxy_config(vip, api_servers, cluster.members)),
+        HostFile("/etc/haproxy/haproxy.cfg",
+                 loadbalancer.haproxy_config(vip, api_servers, cluster.members, cluster.spares)),
         HostFile("/etc/keepalived/keepalived.conf",
                  loadbalancer.keepalived_config(cluster.name, vip, interface, me, load_balancers), 0o600),
     ]
 
 
 def firewall_files(peers: FirewallPeers) -> list[HostFile]:
-    return [HostFile("/etc/nftables.conf", nftables_config(peers), 0o755)]
+    """The rules arrive beside the live ones; `kcp-host firewall-apply` loads them once it is safe."""
+    return [HostFile(firewall.NEW_RULES, nftables_config(peers), 0o600),
+            HostFile(firewall.UNIT, firewall.firewall_unit())]
 
 
 def bundle(files: Sequence[HostFile]) -> str:

@@ -1,4 +1,5 @@
-"""Static pod manifests, kubeconfigs and API server side files for control-plane hosts.
+"""Static pod manifests, kubeconfigs, API server side files, and the kubelet and containerd
+units and configuration for control-plane hosts.
 
 The kubelet runs these as static pods, so the kubelet restarts a crashed component
 (self-hosting, goal 5 of the design). Flags follow the CIS Kubernetes benchmark.
@@ -36,6 +37,10 @@ class ApiServerSettings:
     pod_cidr: str
     cluster_domain: str
     api_endpoint: str  # https://host:6443 of the load balancer or VIP
+
+
+KUBELET_CONFIG = "/var/lib/kubelet/config.yaml"
+CONTAINERD_SOCKET = "unix:///run/containerd/containerd.sock"
 
 
 def _image(component: str, version: str) -> str:
@@ -229,3 +234,65 @@ def audit_policy() -> str:
             {"level": "Metadata"},
         ],
     }, sort_keys=False)
+
+
+def kubelet_config() -> str:
+    """Standalone: the kubelet (re)starts the static pods without an API server, so a control-plane host heals
+    itself after a crash. It serves nothing but loopback, and trusts no anonymous caller."""
+    return yaml.safe_dump({
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "staticPodPath": f"{K8S}/manifests",
+        "cgroupDriver": "systemd",
+        "containerRuntimeEndpoint": CONTAINERD_SOCKET,
+        "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False}},
+        "authorization": {"mode": "AlwaysAllow"},
+        "readOnlyPort": 0,
+        "address": "127.0.0.1",
+        "protectKernelDefaults": False,
+    }, sort_keys=False)
+
+
+def kubelet_unit() -> str:
+    """The kubelet of `kcp-host kubelet-install`, which installs the binary and enables this unit."""
+    return (
+        "[Unit]\n"
+        "Description=kubelet (standalone: control-plane static pods)\n"
+        "After=containerd.service\n"
+        "Requires=containerd.service\n"
+        "[Service]\n"
+        f"ExecStart=/usr/local/bin/kubelet --config={KUBELET_CONFIG}\n"
+        "Restart=always\n"
+        "RestartSec=5\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def containerd_unit() -> str:
+    """containerd from its release archive, which ships no unit for /usr/local/bin."""
+    return (
+        "[Unit]\n"
+        "Description=containerd container runtime\n"
+        "After=network.target\n"
+        "[Service]\n"
+        "ExecStartPre=-/sbin/modprobe overlay\n"
+        "ExecStart=/usr/local/bin/containerd\n"
+        "Restart=always\n"
+        "Delegate=yes\n"
+        "KillMode=process\n"
+        "LimitNOFILE=infinity\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def containerd_config() -> str:
+    """Only what differs from containerd's defaults (it merges this over them): runc under systemd's cgroups, the
+    driver the kubelet is told to use. Config version 4 is containerd 2.3's (components/versions.py)."""
+    return (
+        "version = 4\n"
+        "\n"
+        "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]\n"
+        "  SystemdCgroup = true\n"
+    )

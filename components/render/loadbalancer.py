@@ -19,9 +19,13 @@ from components.render.templating import render
 ADVERT_INTERVAL_SECONDS = 0.5
 
 
-def haproxy_config(vip: str, api_servers: Sequence[Member], etcd_members: Sequence[Member]) -> str:
+def haproxy_config(vip: str, api_servers: Sequence[Member], etcd_members: Sequence[Member],
+                   etcd_spares: Sequence[Member] = ()) -> str:
+    """Spares are backup servers of the etcd backend: one that took over a slot keeps the backend whole
+    until the stack adopts it, and one whose etcd does not run is simply down."""
     return render("haproxy.cfg.j2", vip=vip, api_servers=api_servers, etcd_members=etcd_members,
-                  api_port=API_PORT, etcd_client_port=CLIENT_PORT, etcd_metrics_port=METRICS_PORT)
+                  etcd_spares=etcd_spares, api_port=API_PORT, etcd_client_port=CLIENT_PORT,
+                  etcd_metrics_port=METRICS_PORT)
 
 
 def vrrp_router_id(cluster_name: str) -> int:

@@ -151,6 +151,17 @@ def start_and_wait(plan: Plan, revision: int, clock: Clock) -> int:
     return int(members.finish(health, wait, timeout=180, note=clock.note).split()[-1])
 
 
+def retire_spares(plan: Plan, clock: Clock) -> None:
+    """After the RTO: a spare's etcd from the replaced cluster cannot disturb the restored one (another
+    cluster ID), but would retry forever. A spare that cannot be reached is named, not fatal."""
+    for host in plan.spares:
+        try:
+            members.run(plan.ssh, host, [["retire-spare"]], note=clock.note)
+        except RestoreError as error:
+            clock.step(f"WARNING: spare {host.name} not retired ({error}); run `kcp-host etcd-restore-member "
+                       "retire-spare` on it before it comes back")
+
+
 def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) -> dict[str, Any]:
     """Prepare everywhere first; only then stop API servers, switch data dirs and start etcd."""
     token = f"restore-{secrets.token_hex(4)}"
@@ -169,6 +180,7 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
     clock.step(f"cluster healthy (revision {rev}, hashkv {hashkv}); starting the API servers")
     members.parallel(plan.hosts, lambda h: members.run(plan.ssh, h, [["start-apiserver"]]))
     clock.done("start_apiservers")
+    retire_spares(plan, clock)
     return {"snapshot": name, "revision": rev, "hashkv": hashkv, "token": token, "rto_seconds": round(rto, 3),
             "members": timings, "taken_at": meta.get("taken_at"), "keys": meta.get("keys")}
 

@@ -4,7 +4,7 @@ by flags (tests and other targets point a restore anywhere)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.config import BackupHost, BareMetal, ClusterConfig
@@ -25,6 +25,7 @@ class Plan:
     hosts: list[Host]
     ssh: Ssh
     source: Source
+    spares: list[Host] = field(default_factory=list)  # retired after the restore: a takeover belongs to the old cluster
 
     def addresses(self) -> list[str]:
         return [h.address for h in self.hosts]
@@ -69,13 +70,14 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise RestoreError(str(error)) from None
     bm = cfg.baremetal if cfg else None
     hosts = [Host(h.name, h.address) for h in bm.hosts if "etcd" in h.roles] if bm else []
+    spares = [Host(s.name, s.address) for s in bm.spares] if bm else []
     if args.hosts:
-        hosts = parse_hosts(args.hosts)
+        hosts, spares = parse_hosts(args.hosts), parse_hosts(args.spares or "")
     if not hosts:
         raise RestoreError("no etcd hosts: give --stack with baremetal.hosts or --hosts")
     ssh = Ssh(user=args.ssh_user or (bm.user if bm else DEFAULT_USER),
               key=args.ssh_key or (bm.ssh_private_key_path if bm else None), options=args.ssh_option)
-    return Plan(hosts, ssh, source_of(args, cfg, ssh))
+    return Plan(hosts, ssh, source_of(args, cfg, ssh), spares)
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -83,6 +85,7 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stack", help="stack name (stacks/Pulumi.<stack>.yaml) or path to a stack file")
     p.add_argument("--hosts", help="etcd members as name=address,... (overrides the stack)")
+    p.add_argument("--spares", help="with --hosts: the spares, name=address,... (default with --hosts: none)")
     p.add_argument("--ssh-user", help="login user on members and backup host (default: baremetal.user or root)")
     p.add_argument("--ssh-key", help="private key file (default: baremetal.sshPrivateKeyPath)")
     p.add_argument("--ssh-option", action="append", default=[],

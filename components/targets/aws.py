@@ -181,7 +181,8 @@ class AwsTarget(cloud.CloudTarget):
             min_size=1, max_size=1, desired_capacity=1,
             instance_maintenance_policy=aws.autoscaling.GroupInstanceMaintenancePolicyArgs(
                 min_healthy_percentage=0, max_healthy_percentage=100),
-            # The latest template reaches a member only when it is replaced: members never roll together.
+            # No instance refresh: the latest template reaches a member only when it is replaced, so members never
+            # roll together; bundle changes reach running members through `kcp-host cloud-refresh`, one at a time.
             launch_template=aws.autoscaling.GroupLaunchTemplateArgs(id=template.id, version=template.latest_version
                                                                     .apply(str)),
             health_check_type="ELB", health_check_grace_period=cloud.ETCD_BOOT_SECONDS, target_group_arns=targets,

@@ -8,6 +8,7 @@ reach hosts on stdin (a bundle unpacked by tar), never on a command line.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pulumi
@@ -34,7 +35,7 @@ from components.render.hostfiles import (
 from components.targets import Deployed, SharedAssets
 from components.topology import Machine, Topology
 from components.versions import kubelet_release_args
-from kcp_host.contract import AGENT, BACKUP_SSH_KEY
+from kcp_host.contract import AGENT, BACKUP_SSH_KEY, HOST_IDENTITY
 
 
 class BareMetalTarget:
@@ -69,12 +70,25 @@ class BareMetalTarget:
         name = host.name if isinstance(host, Machine) else host
         addr = address or (host.address if isinstance(host, Machine) else None)
         assert addr
+        if delete is not None:
+            delete = pulumi.Output.from_input(delete).apply(lambda undo: self._owned(name, undo))
         return remote.Command(
             f"{self._name}-{name}-{step}", connection=self._connection(addr),
             create=create, update=update, delete=delete, stdin=stdin, triggers=triggers,
             add_previous_output_in_env=False,
             opts=pulumi.ResourceOptions(parent=self._parent, depends_on=depends_on or []),
         )
+
+    def _identity(self, host: str) -> str:
+        return f"{self._cfg.cluster_name}/{host}"
+
+    def _owned(self, host: str, undo: str) -> str:
+        """A delete undoes only what this host was deployed as: after a rename in place (same address, a
+        new host or cluster name) the new resources are created first, and the old ones' deletes, which
+        run last, must not remove what they just installed."""
+        me = shlex.quote(self._identity(host))
+        return (f'if [ "$(cat {HOST_IDENTITY} 2>/dev/null)" = {me} ]; then {undo}; '
+                f"else echo 'this host is no longer deployed as '{me}': nothing to undo'; fi")
 
     def _files(self, host: Machine | str, step: str, files: pulumi.Output[list[HostFile]], then: str,
                update_then: str | None = None, depends_on: list[pulumi.Resource] | None = None,
@@ -94,7 +108,9 @@ class BareMetalTarget:
 
     def _install_agent(self, host: Machine | str, address: str) -> remote.Command:
         """The host agent, shipped like any host file: a new build updates it in place."""
-        return self._files(host, "agent", pulumi.Output.from_input(agent_files()),
+        name = host.name if isinstance(host, Machine) else host
+        identity = HostFile(HOST_IDENTITY, self._identity(name) + "\n")
+        return self._files(host, "agent", pulumi.Output.from_input([*agent_files(), identity]),
                            f"{ENSURE_PYTHON} && {AGENT} --help >/dev/null", address=address, secret=False)
 
     def _firewall_peers(self) -> FirewallPeers:
@@ -116,18 +132,26 @@ class BareMetalTarget:
     def deploy(self, assets: SharedAssets) -> Deployed:
         t = self._topology
         agents = {m.name: self._install_agent(m, m.address or "") for m in (*t.machines, *t.spares)}
-        # The firewall comes before etcd: connections opened before nftables starts tracking them
-        # stall once it loads (seen on Debian trixie: ~55 s without a leader), so every peer and
-        # client connection must be made under the final rules.
-        firewalls = {m.name: self._firewall(m, agents[m.name]) for m in (*t.machines, *t.spares)}
+        firewalls: dict[str, remote.Command] = {}
+        for machine in (*t.machines, *t.spares):
+            # Host after host, each after its member (if any) made the membership follow the stack: a
+            # leaver is removed while the remaining members still reach it, and a firewall that would
+            # lock the program out stops at the first host. Before etcd: connections opened before
+            # nftables tracks them stall once it loads (Debian trixie: ~55 s without a leader).
+            after = [agents[machine.name], *list(firewalls.values())[-1:]]
+            if machine in t.etcd_members:
+                after.append(self._membership(machine, after))
+            firewalls[machine.name] = self._firewall(machine, after)
         receiver = self._backup_host(assets, self._install_agent("backup", self._bm.backup_host.address))
         started = self._etcd(assets, firewalls, receiver)
+        balancers: list[remote.Command] = []
         for machine in t.machines:
             after = [firewalls[machine.name], *started]
             if machine.has("apiserver"):
                 self._apiserver(machine, assets, after)
             if machine.has("loadbalancer"):
-                self._loadbalancer(machine, after)
+                # One at a time, so the API VIP always has a holder whose HAProxy runs.
+                balancers.append(self._loadbalancer(machine, [*after, *balancers[-1:]]))
         members = [f"https://{m.address}:2379" for m in t.etcd_members]
         return Deployed(
             api_endpoint=pulumi.Output.from_input(f"https://{self._bm.api_vip}:6443"),
@@ -135,10 +159,18 @@ class BareMetalTarget:
             backup_location=pulumi.Output.from_input(self._backup_dest),
         )
 
-    def _firewall(self, host: Machine, after: remote.Command) -> remote.Command:
+    def _membership(self, host: Machine, after: list[pulumi.Resource]) -> remote.Command:
+        """Makes etcd's membership follow the stack from this member, before its firewall changes."""
+        pairs = lambda machines: ",".join(f"{m.name}=https://{m.address}:2380" for m in machines)  # noqa: E731
+        t = self._topology
+        return self._command(host, "membership", f"{AGENT} etcd-reconcile-members --members="
+                             f"{pairs(t.etcd_members)} --spares={pairs(t.spares)}", depends_on=list(after))
+
+    def _firewall(self, host: Machine, after: list[pulumi.Resource]) -> remote.Command:
+        operators = ",".join(self._bm.operator_cidrs)
         return self._files(host, "firewall", pulumi.Output.from_input(firewall_files(self._firewall_peers())),
-                           "systemctl enable nftables && systemctl reload-or-restart nftables", depends_on=[after],
-                           undo="systemctl disable nftables; nft delete table inet kcp 2>/dev/null || true")
+                           f"{AGENT} firewall-apply --operators={operators}", depends_on=after,
+                           undo="systemctl disable --now kcp-firewall; nft delete table inet kcp 2>/dev/null || true")
 
     def _install_etcd(self, host: Machine, after: remote.Command) -> remote.Command:
         version, source = self._cfg.etcd.version, self._cfg.etcd.source
@@ -163,7 +195,8 @@ class BareMetalTarget:
             # Serial on update: each member restarts and is healthy before the next one.
             configured.append(self._files(
                 host, "etcd-config", files, "systemctl daemon-reload",
-                update_then=f"systemctl daemon-reload && {AGENT} etcd-rolling-restart",
+                # The version is in the command so that a new etcd release alone also rolls the members.
+                update_then=f"systemctl daemon-reload && {AGENT} etcd-rolling-restart  # etcd {self._cfg.etcd.version}",
                 depends_on=[installed, receiver, *configured[-1:]], undo="systemctl disable --now etcd"))
         starts = [self._command(m, "etcd-start", "systemctl enable etcd && systemctl start --no-block etcd",
                                 delete=f"{AGENT} etcd-member-leave", depends_on=configured)
@@ -199,14 +232,14 @@ class BareMetalTarget:
             release = kubelet_release_args(self._cfg.kubernetes_version)
             self._command(host, "install-kubelet", f"{AGENT} kubelet-install {release}", depends_on=[placed])
 
-    def _loadbalancer(self, host: Machine, after: list[pulumi.Resource]) -> None:
+    def _loadbalancer(self, host: Machine, after: list[pulumi.Resource]) -> remote.Command:
         t = self._topology
         member = lambda m: Member(m.name, m.address or "")  # noqa: E731
         files = pulumi.Output.from_input(loadbalancer_files(
             self._cluster, member(host), self._bm.api_vip, self._bm.vip_interface,
             [member(m) for m in t.api_servers], [member(m) for m in t.load_balancers]))
-        self._files(host, "loadbalancer", files,
-                    "systemctl enable haproxy keepalived "
-                    "&& systemctl reload-or-restart haproxy keepalived", depends_on=after,
-                    undo="systemctl disable --now haproxy keepalived")
+        return self._files(host, "loadbalancer", files,
+                           "systemctl enable haproxy keepalived "
+                           "&& systemctl reload-or-restart haproxy keepalived", depends_on=after,
+                           undo="systemctl disable --now haproxy keepalived")
 

@@ -25,10 +25,10 @@ from components.render import boot
 from components.render.agent import agent_files
 from components.render.etcd import CLIENT_PORT, METRICS_PORT
 from components.render.hostfiles import Cluster, Credentials, HostFile, apiserver_files, bundle, etcd_member_files
-from components.render.kubernetes import API_PORT
+from components.render.kubernetes import API_PORT, apiserver_flags
 from components.targets import Deployed, SharedAssets
 from components.topology import Machine, Topology
-from kcp_host.contract import BootEnv
+from kcp_host.contract import BootEnv, SlotEnv, render_env
 
 # Both secret stores hold at most 64 KiB per version (Secret Manager: 64 KiB; Secrets Manager: 65,536 bytes).
 SECRET_MAX_BYTES = 65_536
@@ -103,8 +103,25 @@ def resolved_cluster(cfg: ClusterConfig, topology: Topology, endpoints: Endpoint
         lambda v: cluster_facts(cfg, topology, dict(zip(names, v[2:], strict=True)), v[0], v[1]))
 
 
-def slot_files(cluster: Cluster, slot: Slot, creds: Credentials) -> list[HostFile]:
-    files: list[HostFile] = []
+def slot_env(cfg: ClusterConfig, cluster: Cluster, slot: Slot) -> HostFile:
+    """The releases travel in the bundle, not the boot settings: a running machine re-fetches its bundle
+    (`kcp-host cloud-refresh`), never its template, so a version change reaches it too. An API server also gets
+    etcd's release and kube-apiserver's own etcd client: its etcdctl takes the rollout lock."""
+    settings: dict[str, Any] = {
+        "name": slot.name,
+        "etcd_install": ("release", cfg.etcd.version, versions.ETCD_SHA256["amd64"][cfg.etcd.version])}
+    if slot.has("apiserver"):
+        settings["kubelet_install"] = tuple(versions.kubelet_release_args(cfg.kubernetes_version).split())
+    if not slot.has("etcd"):
+        flags = apiserver_flags(cluster.api)
+        settings["etcd_endpoints"] = tuple(flags["etcd-servers"].split(","))
+        settings["etcd_client"] = tuple(flags[f"etcd-{name}"] for name in ("cafile", "certfile", "keyfile"))
+    return HostFile(SlotEnv.PATH, render_env(SlotEnv(**settings), "Rendered by resilient-control-plane: this "
+                                             "slot's releases, read at boot and by every refresh (no secret)."))
+
+
+def slot_files(cfg: ClusterConfig, cluster: Cluster, slot: Slot, creds: Credentials) -> list[HostFile]:
+    files = [slot_env(cfg, cluster, slot)]
     if slot.has("etcd"):
         me = next(m for m in cluster.members if m.name == slot.name)
         files += etcd_member_files(cluster, me, creds)
@@ -127,14 +144,15 @@ def secret_payloads(cfg: ClusterConfig, topology: Topology, cluster: pulumi.Outp
                 for name, part in zip(programs_secrets(cfg.cluster_name), programs_parts(), strict=True)}
     for slot in slots(cfg, topology):
         payloads[slot.name] = pulumi.Output.secret(pulumi.Output.all(cluster, credentials).apply(
-            lambda v, slot=slot: checked_bundle(slot.name, slot_files(v[0], slot, v[1]))))
+            lambda v, slot=slot: checked_bundle(slot.name, slot_files(cfg, v[0], slot, v[1]))))
     return payloads
 
 
 def boot_settings(cfg: ClusterConfig, slot: Slot, marker_url: pulumi.Input[str],
                   forward_ports: tuple[int, ...]) -> dict[str, Any]:
-    """`BootEnv` values (some still Outputs) common to both clouds; each target adds its provider's few."""
-    settings: dict[str, Any] = {
+    """`BootEnv` values (some still Outputs) common to both clouds; each target adds its provider's few. Releases
+    are not among them: they are in the slot's bundle (`slot_env`)."""
+    return {
         "cluster": cfg.cluster_name,
         "roles": slot.roles,
         "programs_secrets": tuple(programs_secrets(cfg.cluster_name)),
@@ -143,11 +161,6 @@ def boot_settings(cfg: ClusterConfig, slot: Slot, marker_url: pulumi.Input[str],
         "wait_seconds": ETCD_BOOT_SECONDS,
         "forward_ports": tuple(str(p) for p in forward_ports),
     }
-    if slot.has("etcd"):
-        settings["etcd_install"] = ("release", cfg.etcd.version, versions.ETCD_SHA256["amd64"][cfg.etcd.version])
-    if slot.has("apiserver"):
-        settings["kubelet_install"] = tuple(versions.kubelet_release_args(cfg.kubernetes_version).split())
-    return settings
 
 
 def lb_ports(slot: Slot) -> tuple[int, ...]:

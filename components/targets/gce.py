@@ -157,8 +157,9 @@ class GceTarget(cloud.CloudTarget):
                 interface_name="nic0", delete_rule="NEVER")],
             stateful_disks=[gcp.compute.InstanceGroupManagerStatefulDiskArgs(
                 device_name=cloud.ETCD_DATA_DEVICE, delete_rule="NEVER")] if persistent else None,
-            # Never roll members on a template change: each would leave quorum at once. A new template
-            # reaches a member when it is replaced (autohealing) or recreated by hand, one at a time.
+            # Never roll members on a template change: nothing orders the groups' rolls, so two could leave
+            # quorum at once. Bundle changes (configuration, certificates, versions) reach running members through
+            # `kcp-host cloud-refresh`, one at a time; a new template only when a member is replaced.
             update_policy=gcp.compute.InstanceGroupManagerUpdatePolicyArgs(
                 type="OPPORTUNISTIC", minimal_action="REPLACE", replacement_method="RECREATE",
                 max_surge_fixed=0, max_unavailable_fixed=1),

@@ -70,7 +70,7 @@ def put_until_acked(gw: Gateway, key: str, value: str, deadline: float) -> tuple
 
     A retried put may land twice; with the same value that changes nothing the test checks.
     """
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not _stop_requested:
         endpoint = gw.endpoints[gw.current]
         answer = gw.post("/v3/kv/put", {"key": b64(key), "value": b64(value)})
         header = answer.get("header") if isinstance(answer, dict) else None

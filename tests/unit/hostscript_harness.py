@@ -1,12 +1,13 @@
 """A stand-in etcdctl and a throwaway etcd host layout for running the host agent in unit tests.
 
 The host's cluster.env is written through kcp_host.contract, exactly as the renderer writes it.
-The stand-in answers `member list -w json` and `endpoint health` from files, refuses everything
+The stand-in answers `member list -w json`, `endpoint health` and `get` from files, refuses everything
 else, and logs every call, so a test can show that a subcommand changed no membership.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import struct
@@ -26,6 +27,7 @@ for a in "$@"; do case $a in --endpoints=*) ep=${a#--endpoints=} ;; esac; done
 case " $* " in
 *" member list "*) [[ -f $FAKE_DIR/members.json ]] && cat "$FAKE_DIR/members.json" ;;
 *" endpoint health "*) grep -qxF "$ep" "$FAKE_DIR/healthy" 2>/dev/null ;;
+*" get "*) if [[ -f $FAKE_DIR/kv.json ]]; then cat "$FAKE_DIR/kv.json"; else echo '{"header":{}}'; fi ;;
 *" version "*) printf 'etcdctl version: %s\nAPI version: 3.5\n' "${FAKE_VERSION:-3.5.16}" ;;
 *) exit 1 ;;
 esac
@@ -109,6 +111,13 @@ class Host:
     def peers(self, *members: dict[str, Any], healthy: tuple[str, ...] = ()) -> Host:
         (self.root / "fake" / "members.json").write_text(json.dumps({"header": {}, "members": list(members)}))
         (self.root / "fake" / "healthy").write_text("".join(f"{CLIENT[h]}\n" for h in healthy))
+        return self
+
+    def marked_removed(self, name: str) -> Host:
+        """What etcd-reconcile-members leaves for a member the stack dropped: kcp/removed/NAME = its peer URL."""
+        value = base64.b64encode(PEER[name].encode()).decode()
+        key = base64.b64encode(f"kcp/removed/{name}".encode()).decode()
+        (self.root / "fake" / "kv.json").write_text(json.dumps({"header": {}, "kvs": [{"key": key, "value": value}]}))
         return self
 
     def run(self, subcommand: str, *args: str, version: str = "3.5.16",

@@ -21,6 +21,7 @@ from components.topology import quorum
 from tests.conftest import ALL_STACKS
 from tests.integration.realtls import SECRET_SIG
 from tests.program import ROOT, Declared, Program, stack_config
+from tests.unit.test_cloud_boot import refresh_problems
 
 AWS_STACKS = [s for s in ALL_STACKS if stack_config(ROOT / "stacks" / f"Pulumi.{s}.yaml")["target"] == "aws"]
 ASG, TG, TEMPLATE = "aws:autoscaling/group:Group", "aws:lb/targetGroup:TargetGroup", \
@@ -94,6 +95,34 @@ def test_one_zone_lost_leaves_an_etcd_quorum_and_an_api_server(stack) -> None:
     api_zones = {_zone_of_subnet(program, s) for s in api.inputs["vpcZoneIdentifiers"]}
     size = api.inputs["desiredCapacity"]
     assert len(api_zones) >= 2 and size - -(-size // len(api_zones)) >= 1, f"{api.name}: {size} over {api_zones}"
+
+
+def test_a_template_change_never_takes_two_etcd_members_down_at_once(stack) -> None:
+    """A new launch template version replaces no member: member groups (one instance, no surge) have no instance
+    refresh, so changes reach members by `cloud-refresh`, one at a time. The API group refreshes rolling, never
+    below 100 % healthy."""
+    cfg, program = stack
+    api = f"{cfg['clusterName']}-api-group"
+    for group in program.of_type(ASG):
+        if group.name == api:
+            refresh = group.inputs["instanceRefresh"]
+            assert refresh["strategy"] == "Rolling", f"{group.name}: {refresh}"
+            assert refresh["preferences"]["minHealthyPercentage"] == 100, f"{group.name}: {refresh}"
+            continue
+        assert "instanceRefresh" not in group.inputs, f"{group.name}: a member group refreshes on a template change"
+        assert (group.inputs["minSize"], group.inputs["maxSize"], group.inputs["desiredCapacity"]) == (1, 1, 1), \
+            f"{group.name}: more than its one instance"
+        assert group.inputs["instanceMaintenancePolicy"]["maxHealthyPercentage"] == 100, f"{group.name}: surges"
+
+
+def test_every_cloud_machine_runs_the_bundle_refresh_timer(stack) -> None:
+    """Every group launches from a template whose user data installs and starts the refresh timer."""
+    program = stack[1]
+    templates = {t.urn: gzip.decompress(base64.b64decode(t.inputs["userData"])).decode()
+                 for t in program.of_type(TEMPLATE)}
+    for group in program.of_type(ASG):
+        (template,) = group.property_dependencies["launchTemplate"]
+        assert refresh_problems(templates[template]) == [], group.name
 
 
 def test_instances_require_imdsv2_and_encrypt_their_root_volume(stack) -> None:

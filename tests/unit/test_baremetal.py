@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
+import io
+import itertools
 import re
+import tarfile
 
-from tests.integration.realtls import SECRET_SIG
+from tests.integration.realtls import SECRET_SIG, plain
 from tests.program import Program
 
 COMMAND = "command:remote:Command"
@@ -59,12 +64,58 @@ def test_config_changes_restart_members_one_at_a_time(declared) -> None:
     program = declared("local")
     for host in ("h1", "h2", "h3"):
         update = program.named(f"local-{host}-etcd-config").inputs["update"]
-        assert update.endswith("etcd-rolling-restart"), f"local-{host}-etcd-config restarts without the guard"
+        assert update.endswith("kcp-host etcd-rolling-restart  # etcd 3.5.16"), \
+            f"local-{host}-etcd-config restarts without the guard, or a new etcd release would not roll it"
 
 
 def test_removing_a_member_goes_through_the_quorum_guard(declared) -> None:
     for host in ("h1", "h2", "h3"):
-        assert declared("local").named(f"local-{host}-etcd-start").inputs["delete"].endswith("etcd-member-leave")
+        assert "kcp-host etcd-member-leave;" in declared("local").named(f"local-{host}-etcd-start").inputs["delete"]
+
+
+def test_every_delete_undoes_only_what_its_host_was_deployed_as(declared) -> None:
+    """A host renamed in place gets its new resources first; the old ones' deletes run last and must not
+    remove what the new ones installed."""
+    program = declared("local")
+    for command in _commands(program):
+        host = command.name.removeprefix("local-").rsplit("-", 1)[0].split("-")[0]
+        delete = plain(command.inputs.get("delete"))
+        if delete:
+            assert delete.startswith(f'if [ "$(cat /etc/kcp/host-identity 2>/dev/null)" = local/{host} ]; then'), \
+                f"{command.name}: delete is not guarded by its host identity: {delete[:80]}"
+        if command.name.endswith("-agent"):
+            assert f"local/{host}\n" in _bundle_files(command)["etc/kcp/host-identity"], command.name
+
+
+def _bundle_files(command) -> dict[str, str]:
+    raw = gzip.decompress(base64.b64decode(plain(command.inputs["stdin"])))
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        return {m.name: tar.extractfile(m).read().decode(errors="replace") for m in tar.getmembers() if m.isfile()}
+
+
+def _waits_for(program: Program, name: str) -> set[str]:
+    by_urn = {r.urn: r.name for r in program.resources}
+    return {by_urn[u] for u in program.named(name).dependencies if u in by_urn}
+
+
+def test_firewalls_change_host_after_host_each_after_its_member_follows_the_stack(declared) -> None:
+    program = declared("local")
+    hosts = ["h1", "h2", "h3", "spare1"]
+    for before, host in itertools.pairwise(hosts):
+        assert f"local-{before}-firewall" in _waits_for(program, f"local-{host}-firewall"), \
+            f"{host}'s firewall may change together with {before}'s"
+    for host in ("h1", "h2", "h3"):
+        assert f"local-{host}-membership" in _waits_for(program, f"local-{host}-firewall")
+        membership = program.named(f"local-{host}-membership").inputs["create"]
+        assert "etcd-reconcile-members --members=h1=https://" in membership and "--spares=spare1=https://" in membership
+    apply = program.named("local-h1-firewall").inputs["create"]
+    assert "kcp-host firewall-apply --operators=10.250.0.0/24" in apply
+
+
+def test_load_balancers_reload_one_at_a_time(declared) -> None:
+    program = declared("local")
+    assert "local-h1-loadbalancer" in _waits_for(program, "local-h2-loadbalancer")
+    assert "local-h2-loadbalancer" in _waits_for(program, "local-h3-loadbalancer")
 
 
 def test_backup_host_key_is_restricted_to_the_receiver(declared) -> None:

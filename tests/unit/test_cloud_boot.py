@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import os
 import re
 import shutil
 import subprocess
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,16 +28,15 @@ from components.targets import cloud
 from components.targets.aws import AwsTarget
 from components.targets.gce import GceTarget
 from components.validation import load
-from components.versions import KUBELET_SHA256, kubelet_release_args
-from kcp_host.contract import AGENT, BootEnv, load_env, render_env
+from components.versions import ETCD_SHA256, kubelet_release_args
+from kcp_host.contract import AGENT, BootEnv, SlotEnv, load_env, render_env
+from tests.integration.realtls import plain
 from tests.program import ROOT, stack_config
 
 AWS_USER_DATA_MAX = 16_384
-K8S = next(iter(KUBELET_SHA256["amd64"]))
 ENV = BootEnv(provider="aws", cluster="prod", roles=("etcd", "apiserver"),
               programs_secrets=("prod-host-programs", "prod-host-programs-2"), disk="persistent",
-              marker="s3://" + "b" * 63 + "/prod/cluster-formed", etcd_install=("release", "3.5.33", "5" * 64),
-              kubelet_install=tuple(kubelet_release_args(K8S).split()), forward_ports=("2379", "2381", "6443"),
+              marker="s3://" + "b" * 63 + "/prod/cluster-formed", forward_ports=("2379", "2381", "6443"),
               aws_region="ap-southeast-2", vpc_cidr="10.30.0.0/16")
 BOOT_ENV_FILE = re.compile(rf"install -m 0644 /dev/stdin {BootEnv.PATH} <<'KCP_BOOT_EOF'\n(.*?)\nKCP_BOOT_EOF\n", re.S)
 
@@ -51,6 +53,34 @@ def test_boot_script_carries_the_bootstrap_unchanged_and_runs_it_at_every_boot(p
     assert "ExecStart=/usr/local/lib/kcp/kcp-bootstrap\n" in boot.boot_unit() and boot.boot_unit() in script
     assert f"ExecStartPre=/bin/bash -c '{ENSURE_PYTHON}'\n" in script, "python3 is ensured before the bootstrap"
     assert "systemctl enable kcp-boot.service" in script
+
+
+def refresh_problems(script: str) -> list[str]:
+    """What a startup script misses of the refresh timer: its units as rendered for the script's own boot.env, and
+    starting it (the cloud policy tests ask this of every template)."""
+    found = BOOT_ENV_FILE.search(script)
+    if not found:
+        return ["no boot.env"]
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as file:
+        file.write(found[1])
+        file.flush()
+        env = load_env(BootEnv, file.name, environ={})
+    wanted = [f"install -m 0644 /dev/stdin {path} <<'KCP_BOOT_EOF'\n{unit}" for path, unit in
+              boot.refresh_units(env).items()] + [f"systemctl enable --now {boot.REFRESH}.timer\n"]
+    return [w.splitlines()[0] for w in wanted if w not in script]
+
+
+@pytest.mark.parametrize("provider", boot.PROVIDERS)
+def test_every_boot_installs_and_starts_the_refresh_timer(provider: str) -> None:
+    """Every 5 minutes, spread by a minute; only after the boot path succeeded; the agent's `cloud-refresh`."""
+    env = BootEnv(**{**vars(ENV), "provider": provider})
+    script = boot.boot_script(env)
+    assert refresh_problems(script) == []
+    service, timer = boot.refresh_units(env).values()
+    assert f"ExecStart={AGENT} cloud-refresh\n" in service and "Type=oneshot\n" in service
+    assert "Requisite=kcp-boot.service\nAfter=kcp-boot.service\n" in service, "a failed boot is not refreshed"
+    assert "OnActiveSec=300\nOnUnitInactiveSec=300\nRandomizedDelaySec=60\n" in timer
+    assert "WantedBy=timers.target" in timer
 
 
 def test_bootstrap_unpacks_in_the_bundle_format_and_hands_over_to_the_agent() -> None:
@@ -110,9 +140,37 @@ def test_declared_boot_scripts_carry_settings_the_agent_reads_and_no_secret(decl
         path.write_text(BOOT_ENV_FILE.search(script)[1])
         env = load_env(BootEnv, str(path), environ={})
         assert env.provider == stack[:3] and set(env.programs_secrets) == {s for s in secrets if "host-programs" in s}
-        assert ("etcd" in env.roles) == bool(env.etcd_install) and ("apiserver" in env.roles) == bool(
-            env.kubelet_install)
-        assert len(env.kubelet_install) in (0, 8) and len(env.etcd_install) in (0, 3)
+
+
+def _bundle_files(payload: str) -> dict[str, str]:
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(payload))) as tar:
+        return {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("stack", ["gce-example", "aws-five"])
+def test_slot_bundles_carry_the_releases_so_a_version_change_reaches_running_machines(declared, stack: str,
+                                                                                      tmp_path: Path) -> None:
+    """Releases are in the bundle that `cloud-refresh` re-fetches, not in the boot settings it never reads again."""
+    cfg = _cfg(stack)
+    kind, field = (("gcp:secretmanager/secretVersion:SecretVersion", "secretData") if stack.startswith("gce")
+                   else ("aws:secretsmanager/secretVersion:SecretVersion", "secretString"))
+    bundles = {v.name.removesuffix("-secret-version"): plain(v.inputs[field]) for v in declared(stack).of_type(kind)
+               if "host-programs" not in v.name}
+    from components.topology import plan
+    assert set(bundles) == {s.name for s in cloud.slots(cfg, plan(cfg))}
+    for name, payload in bundles.items():
+        files, path = _bundle_files(payload), tmp_path / name
+        path.write_text(files[SlotEnv.PATH.lstrip("/")])
+        slot = load_env(SlotEnv, str(path), environ={})
+        assert slot.name == name
+        assert slot.etcd_install == ("release", cfg.etcd.version, ETCD_SHA256["amd64"][cfg.etcd.version]), name
+        api = name.endswith("-api")
+        assert slot.kubelet_install == (tuple(kubelet_release_args(cfg.kubernetes_version).split()) if api else ())
+        assert bool(slot.etcd_endpoints) == api and len(slot.etcd_client) == (3 if api else 0), name
+        if api:  # the lock's etcd client is kube-apiserver's own
+            manifest = files["etc/kubernetes/manifests/kube-apiserver.yaml"]
+            assert f"--etcd-servers={','.join(slot.etcd_endpoints)}" in manifest
+            assert all(f.lstrip("/") in files and f"={f}" in manifest for f in slot.etcd_client), slot.etcd_client
 
 
 def test_host_programs_are_the_agent_alone_in_pieces_that_each_fit_a_secret() -> None:

@@ -1,4 +1,4 @@
-"""The parts of `kcp-host cloud-boot` and `kubelet-install` that run without a cloud.
+"""The parts of `kcp-host cloud-boot`, `cloud-refresh`, `etcd-install` and `kubelet-install` that run without a cloud.
 
 The bundle unpacker on the real bundle format, the forwarding and routing commands (applied in a
 throwaway network namespace where this machine allows one), and both clouds' classes against
@@ -9,15 +9,19 @@ and `aws` programs on PATH that log their arguments.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import gzip
+import hashlib
 import io
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -25,10 +29,11 @@ from typing import ClassVar
 import pytest
 
 from components.render.hostfiles import HostFile, bundle
-from kcp_host import cli, clouds, install
+from kcp_host import cli, cloudboot, clouds, install, lifecycle, refresh, systemd
 from kcp_host.cloudboot import forward_rules, fstab_with_mount, unpack
 from kcp_host.clouds import Aws, CloudError, Gce, retry, source_routes
-from kcp_host.contract import BootEnv, render_env
+from kcp_host.contract import AGENT, BootEnv, ClusterEnv, SlotEnv, render_env
+from kcp_host.etcd import Member
 from kcp_host.log import Abort
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,7 +242,6 @@ def test_gce_reads_a_secret_through_gcloud_and_never_repeats_it_in_an_error(tmp_
 *--secret=good*) printf 'BUNDLE' ;;
 *) echo SECRET-ON-STDOUT; echo 'ERROR: (gcloud.secrets.versions.access) NOT_FOUND' >&2; exit 1 ;;""")
     gce = Gce(ENV)
-    gce.prepare()
     assert gce.secret("good") == "BUNDLE"
     with pytest.raises(CloudError, match="NOT_FOUND") as refused:
         gce.secret("bad")
@@ -251,21 +255,19 @@ def test_aws_marker_and_secret_through_the_cli(tmp_path: Path, monkeypatch: pyte
 *get-secret-value*) echo BUNDLE ;;""")  # noqa: E501
     monkeypatch.setenv("STATE", str(tmp_path))
     aws = Aws(BootEnv(**{**vars(ENV), "provider": "aws", "marker": "s3://bucket/prod/cluster-formed"}))
-    aws.prepare()
     assert aws.marker_exists() is False
     assert aws.mark_formed() is True and aws.mark_formed() is False, "create-only: the second one finds it"
     assert aws.marker_exists() is True
     assert aws.secret("prod-etcd-0") == "BUNDLE"
     logged = calls.read_text().splitlines()
     assert all(line.startswith("--region eu-west-1 ") for line in logged), logged
-    assert "s3api put-object --bucket bucket --key prod/cluster-formed --if-none-match * --body" in logged[1]
+    assert logged[1].endswith("s3api put-object --bucket bucket --key prod/cluster-formed --if-none-match *")
 
 
 def test_aws_attaches_the_slot_volume_once_its_old_instance_let_go(tmp_path: Path, server: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _stand_in(tmp_path, monkeypatch, "aws", """
-*describe-volumes\\ --filters*) echo vol-0abc ;;
-*describe-volumes\\ --volume-ids*) cat "$STATE/holder" ;;
+*describe-volumes*) printf 'vol-0abc\\t%s\\n' "$(cat "$STATE/holder")" ;;
 *attach-volume*) echo i-me >"$STATE/holder" ;;""")
     monkeypatch.setenv("STATE", str(tmp_path))
     (tmp_path / "holder").write_text("i-old\n")
@@ -277,7 +279,50 @@ def test_aws_attaches_the_slot_volume_once_its_old_instance_let_go(tmp_path: Pat
     assert aws.data_disk("prod-etcd-0") == "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0abc"
     logged = calls.read_text()
     assert "Name=tag:kcp-cluster,Values=prod Name=tag:kcp-slot,Values=prod-etcd-0" in logged
-    assert logged.count("attach-volume --volume-id vol-0abc --device /dev/sdf --instance-id i-me") == 1
+    assert logged.count("attach-volume --device /dev/sdf --volume-id vol-0abc --instance-id i-me") == 1
+
+
+def test_aws_member_routes_from_its_slot_interface(tmp_path: Path, server: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _stand_in(tmp_path, monkeypatch, "aws", "*describe-network-interfaces*) printf 'eni-1\\t10.30.1.20\\t"
+              "02:00:00:00:00:02\\ti-me\\n' ;;")
+    imds = {"X-aws-ec2-metadata-token": "t"}
+    _Server.routes |= {("PUT", "/latest/api/token"): (200, b"t", {}),
+                       ("GET", "/latest/meta-data/instance-id"): (200, b"i-me", imds),
+                       ("GET", "/latest/meta-data/local-ipv4"): (200, b"10.30.1.5", imds),
+                       ("GET", "/latest/meta-data/network/interfaces/macs/02:00:00:00:00:02/subnet-ipv4-cidr-block"):
+                           (200, b"10.30.1.0/24", imds)}
+    monkeypatch.setattr(clouds, "interface_with_mac", lambda mac: {"02:00:00:00:00:02": "ens6"}.get(mac))
+    commands: list[list[str]] = []
+    real_run = subprocess.run
+
+    def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        if argv[0] != "ip":
+            return real_run(argv, **kwargs)
+        commands.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "2: ens5    inet 10.30.1.5/24 brd 10.30.1.255\n", "")
+
+    monkeypatch.setattr(clouds.subprocess, "run", run)
+    aws = Aws(BootEnv(**{**vars(ENV), "provider": "aws", "vpc_cidr": "10.30.0.0/16"}), imds=f"{server}/latest")
+    assert aws.network("prod-etcd-0") == ["10.30.1.5"], "the NLB sends to the primary address"
+    assert commands[0] == ["ip", "-o", "-4", "addr", "show", "to", "10.30.1.5"]
+    assert commands[1:] == source_routes("ens6", "10.30.1.20", "10.30.1.0/24", "10.30.1.5", "ens5", "10.30.0.0/16")
+
+
+def test_aws_refuses_a_slot_without_a_tagged_volume(tmp_path: Path, server: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _stand_in(tmp_path, monkeypatch, "aws", "*describe-volumes*) echo None ;;")
+    _Server.routes |= {("PUT", "/latest/api/token"): (200, b"t", {}),
+                       ("GET", "/latest/meta-data/instance-id"): (200, b"i-me", {"X-aws-ec2-metadata-token": "t"})}
+    with pytest.raises(Abort, match="no EBS volume tagged for slot prod-etcd-0"):
+        Aws(BootEnv(**{**vars(ENV), "provider": "aws"}), imds=f"{server}/latest").data_disk("prod-etcd-0")
+
+
+def test_both_clouds_have_the_same_methods_in_the_same_order() -> None:
+    def methods(cls: type) -> list[str]:
+        return [name for name, value in vars(cls).items() if callable(value) and not name.startswith("_")]
+
+    assert methods(Gce) == methods(Aws)
 
 
 def test_cloud_boot_refuses_an_unknown_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -289,25 +334,97 @@ def test_cloud_boot_refuses_an_unknown_provider(tmp_path: Path, monkeypatch: pyt
     assert "unknown provider 'azure'" in capsys.readouterr().err
 
 
+def test_an_api_server_boot_places_its_files_before_kubelet_install_starts_the_units(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The units and the kubelet config come in the slot's bundle: it is unpacked first."""
+    steps: list[str] = []
+
+    class Cloud:
+        def __init__(self, env: BootEnv) -> None:
+            pass
+
+        def slot(self) -> str:
+            return "prod-api"
+
+        def secret(self, name: str) -> str:
+            return f"bundle {name}"
+
+        def network(self, slot: str) -> list[str]:
+            return []
+
+    env, releases = tmp_path / "boot.env", tmp_path / "slot.env"  # slot.env: what the bundle brought
+    env.write_text(render_env(BootEnv(**{**vars(ENV), "roles": ("apiserver",)}), "test"))
+    releases.write_text(render_env(SlotEnv("prod-api", ("release", "3.5.33", "-"), ("1.36.4",)), "test"))
+    monkeypatch.setenv(BootEnv.OVERRIDE, str(env))
+    monkeypatch.setenv(SlotEnv.OVERRIDE, str(releases))
+    monkeypatch.setitem(cloudboot.CLOUDS, "gce", Cloud)
+    monkeypatch.setattr(cloudboot, "unpack", lambda text: steps.append(f"unpack {text}") or [])
+    monkeypatch.setattr(install, "etcd", lambda argv: steps.append(f"etcd-install {' '.join(argv)}") or 0)
+    monkeypatch.setattr(install, "kubelet", lambda argv: steps.append(f"kubelet-install {' '.join(argv)}") or 0)
+    assert cli.main(["cloud-boot"]) == 0
+    assert steps == ["unpack bundle prod-api", "etcd-install release 3.5.33 -", "kubelet-install 1.36.4"]
+
+
+PINS = ["1.36.4", "a" * 64, "2.3.4", "b" * 64, "1.4.3", "c" * 64, "1.36.0", "d" * 64]
+
+
 def test_kubelet_install_refuses_an_unpinned_release_before_any_download(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["1.35.8", "-", "2.1.4", "a" * 64, "1.3.0", "b" * 64, "1.35.0", "c" * 64]
-    assert cli.main(["kubelet-install", *args]) == 2
+    assert cli.main(["kubelet-install", PINS[0], "-", *PINS[2:]]) == 2
     assert "not a sha256: KUBELET_SHA256" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        install.kubelet(args[:7])
+        install.kubelet(PINS[:7])
 
 
-def test_release_archives_install_base_names_only(tmp_path: Path) -> None:
+def test_kubelet_install_installs_pinned_binaries_writes_nothing_else_and_starts_the_units(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against stand-ins: the kubelet reports an old version, the rest the pinned ones; systemctl logs its calls."""
+    calls = _stand_in(tmp_path, monkeypatch, "systemctl", "*) ;;")
+    reported = {"kubelet": "1.35.0", "containerd": "2.3.4", "runc": "1.4.3", "crictl": "1.36.0"}
+    monkeypatch.setattr(install, "version_of", lambda argv, pattern: reported[Path(argv[0]).name])
+    monkeypatch.setattr(install, "write_atomic", lambda *args: pytest.fail(f"kubelet-install wrote {args[0]}"))
+    fetched: list[tuple[str, str, Path]] = []
+    monkeypatch.setattr(install, "install_release", lambda url, sha256, dest: fetched.append((url, sha256, dest)))
+    monkeypatch.setattr(install.platform, "machine", lambda: "x86_64")
+    assert install.kubelet(PINS) == 0
+    assert fetched == [("https://dl.k8s.io/release/v1.36.4/bin/linux/amd64/kubelet", "a" * 64,
+                        Path("/usr/local/bin/kubelet"))]
+    assert calls.read_text().splitlines() == ["daemon-reload", "enable --now containerd kubelet"]
+    source = Path(install.__file__).read_text()
+    assert "[Unit]" not in source and "/etc/systemd" not in source, "units are host files, from the renderer"
+
+
+def _release(tmp_path: Path) -> tuple[str, str]:
     archive = tmp_path / "release.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        for name in ("bin/containerd", "../../escape", "bin/ctr"):
+        for name in ("etcd-v1/etcd", "../../escape", "etcd-v1/README.md", "etcd-v1/etcdctl"):
             info = tarfile.TarInfo(name)
             info.size = 2
             tar.addfile(info, io.BytesIO(b"#!"))
-    install.install_from_tar(archive, tmp_path / "dest")
-    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["containerd", "ctr", "escape"]
+        folder = tarfile.TarInfo("etcd-v1/docs")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    return archive.as_uri(), hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def test_release_archives_install_base_names_only(tmp_path: Path) -> None:
+    url, sha256 = _release(tmp_path)
+    install.install_release(url, sha256, tmp_path / "all")
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["README.md", "escape", "etcd", "etcdctl"]
     assert not (tmp_path.parent / "escape").exists()
-    assert all((tmp_path / "dest" / n).stat().st_mode & 0o777 == 0o755 for n in ("containerd", "ctr"))
+    assert all(p.stat().st_mode & 0o777 == 0o755 for p in (tmp_path / "all").iterdir())
+    install.install_release(url, sha256, tmp_path / "some", ("etcd", "etcdctl", "etcdutl"))
+    assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["etcd", "etcdctl"]
+
+
+def test_a_download_that_is_not_the_pinned_one_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    url = _release(tmp_path)[0]
+    with pytest.raises(Abort, match="checksum mismatch"):
+        install.install_release(url, "0" * 64, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    binary = tmp_path / "runc.amd64"
+    binary.write_bytes(b"\x7fELF")
+    install.install_release(binary.as_uri(), hashlib.sha256(b"\x7fELF").hexdigest(), tmp_path / "sbin" / "runc")
+    assert (tmp_path / "sbin" / "runc").read_bytes() == b"\x7fELF"
 
 
 def test_interfaces_are_found_by_mac(tmp_path: Path) -> None:
@@ -316,3 +433,213 @@ def test_interfaces_are_found_by_mac(tmp_path: Path) -> None:
         (tmp_path / name / "address").write_text(mac + "\n")
     assert clouds.interface_with_mac("02:00:00:00:00:02", str(tmp_path)) == "ens6"
     assert clouds.interface_with_mac("02:00:00:00:00:03", str(tmp_path)) is None
+
+
+# ----- cloud-refresh -------------------------------------------------------------------------------------------------
+
+@AS_ROOT
+def test_a_bundle_unpacked_again_changes_only_what_differs(tmp_path: Path) -> None:
+    files = [HostFile("/etc/etcd/etcd.env", "ETCD_NAME=h1\n"), HostFile("/etc/etcd/pki/server.key", "KEY\n", 0o600)]
+    unpack(bundle(files), str(tmp_path))
+    assert unpack(bundle(files), str(tmp_path)) == [], "the same bundle again"
+    assert unpack(bundle([files[0], HostFile(files[1].path, "KEY\n", 0o640)]), str(tmp_path)) == [
+        tmp_path / "etc/etcd/pki/server.key"], "a mode is a change"
+    assert unpack(bundle([HostFile(files[0].path, "ETCD_NAME=h2\n")]), str(tmp_path)) == [
+        tmp_path / "etc/etcd/etcd.env"]
+
+
+class Refresh:
+    """A cloud machine for `cloud-refresh`: the boot.env, slot.env and cluster.env boot left, bundles in a stand-in
+    secret store, every file under `root`; the lock, etcd, installs and systemd record their steps instead."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, roles: tuple[str, ...]) -> None:
+        self.tmp, self.root, self.roles = tmp_path, tmp_path / "root", roles
+        self.steps: list[str] = []
+        self.secrets = {"prod-host-programs": bundle([HostFile(AGENT, b"agent 1", 0o755)])}
+        self.slot, self.learner, self.installed = ("prod-etcd-0" if "etcd" in roles else "prod-api"), False, "3.5.33"
+        (tmp_path / "boot.env").write_text(render_env(BootEnv(**{**vars(ENV), "roles": roles}), "test"))
+        (tmp_path / "cluster.env").write_text(render_env(ClusterEnv(
+            cluster_name="prod", member_name="prod-etcd-0", peer_url="https://10.0.0.2:2380",
+            client_url="https://10.0.0.2:2379", members=("prod-etcd-0=https://10.0.0.2:2380",),
+            client_endpoints=("https://10.0.0.2:2379",), etcd_ca="ca", etcd_cert="crt", etcd_key="key",
+            data_dir="data", started_config_file=str(tmp_path / "started")), "test"))
+        monkeypatch.setenv(BootEnv.OVERRIDE, str(tmp_path / "boot.env"))
+        monkeypatch.setenv(ClusterEnv.OVERRIDE, str(tmp_path / "cluster.env"))
+        monkeypatch.setenv(SlotEnv.OVERRIDE, str(self.root / SlotEnv.PATH.lstrip("/")))
+        self.publish()
+        for text in self.secrets.values():  # what boot placed and started on
+            unpack(text, str(self.root))
+        (tmp_path / "started").write_text(self.etcd_env())
+        self._stand_ins(monkeypatch)
+
+    def etcd_env(self) -> str:
+        return (self.root / "etc/etcd/etcd.env").read_text()
+
+    def publish(self, version: str = "3.5.33", election: str = "1000", kube: str = "v1") -> None:
+        """A `pulumi up`: new bundles in the secret store."""
+        api, member = "apiserver" in self.roles, "etcd" in self.roles
+        slot = SlotEnv(self.slot, ("release", version, "-"), kubelet_install=("1.36.4",) if api else (),
+                       etcd_endpoints=() if member else ("https://10.0.0.2:2379",),
+                       etcd_client=() if member else ("ca", "crt", "key"))
+        files = [HostFile(SlotEnv.PATH, render_env(slot, "test")),
+                 HostFile("/etc/etcd/etcd.env", f"ETCD_ELECTION_TIMEOUT={election}\n")]
+        self.secrets[self.slot] = bundle(files + ([HostFile("/etc/kubernetes/pki/apiserver.crt", kube)] if api else []))
+
+    def rolling_restart(self, argv: list[str]) -> int:
+        """etcd-rolling-restart's decision: a restart only when what etcd reads differs from what it started with."""
+        started = self.tmp / "started"
+        if started.is_file() and started.read_text() == self.etcd_env():
+            self.steps.append("etcd unchanged")
+        else:
+            self.steps.append("etcd restart")
+            started.write_text(self.etcd_env())
+        return 0
+
+    def _stand_ins(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        machine, steps = self, self.steps
+
+        class Cloud:
+            def __init__(self, env: BootEnv) -> None:
+                pass
+
+            def secret(self, name: str) -> str:
+                return machine.secrets[name]
+
+        @contextlib.contextmanager
+        def lock(env: ClusterEnv, ctl: object, endpoints: list[str]) -> Iterator[None]:
+            steps.append(f"lock (waits {env.lock_wait_seconds}s)")
+            try:
+                yield
+            finally:
+                steps.append("unlock")
+
+        def record(step: str) -> Callable[..., int]:
+            return lambda *args, **kwargs: steps.append(step) or 0
+
+        def exec_agent(path: str, argv: list[str]) -> None:
+            raise SystemExit(f"exec {' '.join(argv)}")
+
+        monkeypatch.setitem(cloudboot.CLOUDS, "gce", Cloud)
+        monkeypatch.setattr(cloudboot, "unpack", functools.partial(unpack, root=str(self.root)))
+        monkeypatch.setattr(refresh, "replacement_lock", lock)
+        monkeypatch.setattr(refresh, "REFRESH_APPLIED", str(self.tmp / "applied"))
+        monkeypatch.setattr(refresh, "STATIC_PODS_STARTED", str(self.tmp / "pods-started"))
+        monkeypatch.setattr(refresh, "KUBELET_READS", (str(self.root / "etc/kubernetes"),))
+        monkeypatch.setattr(refresh.os, "execv", exec_agent)
+        monkeypatch.setattr(refresh.Etcdctl, "members", lambda ctl, endpoints: [
+            Member(1, "prod-etcd-1", ("https://10.0.0.3:2380",), ("https://10.0.0.3:2379",), self.learner)])
+        monkeypatch.setattr(lifecycle, "await_voters_healthy", record("voters healthy"))
+        monkeypatch.setattr(lifecycle, "rolling_restart", self.rolling_restart)
+        monkeypatch.setattr(install, "version_of", lambda argv, pattern: self.installed)
+        monkeypatch.setattr(install, "etcd", lambda argv: steps.append(f"etcd-install {argv[1]}") or 0)
+        monkeypatch.setattr(install, "kubelet", record("kubelet-install"))
+        monkeypatch.setattr(systemd, "act", lambda *args: steps.append(f"systemctl {' '.join(args)}"))
+        monkeypatch.setattr(refresh, "restart_static_pods", record("static pods restart"))
+        monkeypatch.setattr(refresh, "await_readyz", record("readyz"))
+
+    def run(self) -> int:
+        self.steps.clear()
+        return cli.main(["cloud-refresh"])
+
+
+def test_refresh_applies_a_new_bundle_under_the_lock_and_a_second_run_changes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    assert machine.run() == 0 and machine.steps[0] == "lock (waits 300s)", "the same bundles as boot: still checked"
+    assert "etcd unchanged" in machine.steps
+    machine.publish(election="1200")
+    assert machine.run() == 0
+    assert machine.steps == ["lock (waits 300s)", "voters healthy", "systemctl daemon-reload", "etcd-install 3.5.33",
+                             "etcd restart", "unlock"]
+    assert (machine.root / "etc/etcd/etcd.env").read_text() == "ETCD_ELECTION_TIMEOUT=1200\n"
+    assert machine.run() == 0 and machine.steps == [], "applied: no lock, nothing touched"
+
+
+def test_a_new_etcd_release_is_installed_and_restarts_etcd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    machine.publish(version="3.5.34")  # etcd's configuration stays the same
+    assert machine.run() == 0
+    assert machine.steps[-3:] == ["etcd-install 3.5.34", "etcd restart", "unlock"], "a new binary is a change"
+
+
+def test_a_failed_refresh_records_nothing_and_the_next_run_tries_again(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    machine.publish(election="1200")
+
+    def unhealthy(argv: list[str]) -> int:
+        raise Abort(1, "voters not healthy after 120s: prod-etcd-0")
+
+    monkeypatch.setattr(lifecycle, "rolling_restart", unhealthy)
+    assert machine.run() == 1 and machine.steps[-1] == "unlock"
+    assert not (tmp_path / "applied").exists()
+    machine.learner = True
+    assert machine.run() == 5, "a joining member: not now"
+    assert machine.steps == ["lock (waits 300s)", "voters healthy", "unlock"]
+
+
+def test_a_new_agent_build_is_unpacked_and_applies_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    machine.secrets["prod-host-programs"] = bundle([HostFile(AGENT, b"agent 2", 0o755)])
+    with pytest.raises(SystemExit, match=f"exec {AGENT} cloud-refresh"):
+        machine.run()
+    assert (machine.root / AGENT.lstrip("/")).read_bytes() == b"agent 2" and machine.steps == []
+
+
+def test_an_api_server_restarts_its_static_pods_only_when_their_files_change(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = Refresh(tmp_path, monkeypatch, ("apiserver",))
+    assert machine.run() == 0
+    assert machine.steps == ["lock (waits 300s)", "etcd-install 3.5.33", "unlock"], "boot's files: no restart"
+    machine.publish(election="1200")  # not a file the static pods read
+    assert machine.run() == 0 and "static pods restart" not in machine.steps
+    machine.publish(election="1200", kube="v2")
+    assert machine.run() == 0
+    assert machine.steps[-5:] == ["etcd-install 3.5.33", "kubelet-install", "static pods restart", "readyz", "unlock"]
+
+
+def test_static_pods_are_removed_while_the_kubelet_is_stopped_and_created_anew(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _stand_in(tmp_path, monkeypatch, "systemctl", "*) ;;")
+    _stand_in(tmp_path, monkeypatch, "crictl", "*'pods -q --namespace kube-system') printf 'p1\\np2\\n' ;;\n*) ;;")
+    refresh.restart_static_pods()
+    crictl = " ".join(refresh.CRICTL[1:])
+    assert calls.read_text().splitlines() == ["stop kubelet", f"{crictl} pods -q --namespace kube-system",
+                                              f"{crictl} rmp --force p1 p2", "restart containerd", "start kubelet"]
+
+
+class _Readyz(BaseHTTPRequestHandler):
+    answers: ClassVar[list[int]] = []
+
+    def do_GET(self) -> None:
+        self.send_response(self.answers.pop(0) if self.answers else 200 if self.path == "/readyz" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_readyz_is_awaited_on_the_node_over_https(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving certificate names no node address (here: a throwaway self-signed one); only the status counts."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp_path / "key"), "-out", str(tmp_path / "crt"), "-subj", "/CN=elsewhere",
+                    "-days", "1"], capture_output=True, check=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "crt", tmp_path / "key")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Readyz)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(cloudboot, "node_address", lambda: "127.0.0.1")
+    monkeypatch.setattr(refresh, "API_PORT", httpd.server_address[1])
+    monkeypatch.setattr(refresh.time, "sleep", lambda _: None)
+    try:
+        _Readyz.answers = [500, 500]
+        refresh.await_readyz(60)
+        assert _Readyz.answers == [], "not ready twice, then ready"
+        _Readyz.answers = [500] * 3
+        with pytest.raises(Abort, match="readyz not ready after 0s"):
+            refresh.await_readyz(0)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -19,6 +19,7 @@ from components.topology import quorum
 from tests.conftest import ALL_STACKS
 from tests.integration.realtls import SECRET_SIG
 from tests.program import ROOT, Declared, Program, stack_config
+from tests.unit.test_cloud_boot import refresh_problems
 
 GCE_STACKS = [s for s in ALL_STACKS if stack_config(ROOT / "stacks" / f"Pulumi.{s}.yaml")["target"] == "gce"]
 T = "gcp:compute/"
@@ -114,9 +115,31 @@ def test_local_mode_puts_etcd_on_local_ssd(stack) -> None:
     assert bool(scratch) == (cfg["etcd"]["disk"] == "local"), f"{template.name}: local SSD {scratch}"
 
 
-def test_members_are_never_rolled_together(stack) -> None:
-    for group in stack[1].of_type(IGM):
-        assert group.inputs["updatePolicy"]["type"] == "OPPORTUNISTIC", f"{group.name} rolls on template change"
+def test_a_template_change_never_takes_two_etcd_members_down_at_once(stack) -> None:
+    """A member group holds one VM and never acts on a new template by itself (OPPORTUNISTIC: only when its VM is
+    replaced anyway), and could replace no more than that one; changes reach members by `cloud-refresh`, one at a
+    time. The API servers may roll, never below their count (no unavailable instance, surge instead)."""
+    program = stack[1]
+    groups, configs = program.of_type(IGM), program.of_type(PIC)
+    assert sorted(c.inputs["instanceGroupManager"] for c in configs) == sorted(g.inputs["name"] for g in groups), \
+        "one per-instance config, so one VM, per member group"
+    for group in groups:
+        policy = group.inputs["updatePolicy"]
+        assert policy["type"] == "OPPORTUNISTIC", f"{group.name} rolls on a template change"
+        assert policy["maxUnavailableFixed"] <= 1 and policy["maxSurgeFixed"] == 0, f"{group.name}: {policy}"
+        assert "targetSize" not in group.inputs, f"{group.name}: more than its one VM"
+    for group in program.of_type(RIGM):
+        policy = group.inputs["updatePolicy"]
+        assert policy["maxUnavailableFixed"] == 0 and policy["maxSurgeFixed"] >= 1, f"{group.name}: {policy}"
+
+
+def test_every_cloud_machine_runs_the_bundle_refresh_timer(stack) -> None:
+    """Every group boots from a template whose startup script installs and starts the refresh timer."""
+    program = stack[1]
+    templates = {t.urn: t.inputs["metadata"]["startup-script"] for t in program.of_type(TEMPLATE)}
+    for group in [*program.of_type(IGM), *program.of_type(RIGM)]:
+        (template,) = group.property_dependencies["versions"]
+        assert refresh_problems(templates[template]) == [], group.name
 
 
 def _firewall(program: Program, kind: str) -> Declared:

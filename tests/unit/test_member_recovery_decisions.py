@@ -119,6 +119,19 @@ def test_a_join_env_that_no_longer_matches_the_members_is_redone(host: Host) -> 
     decided(result, 0, "decision: replace this member (data: empty)")
 
 
+def test_a_host_the_stack_dropped_stays_stopped_even_with_its_data(host: Host) -> None:
+    result = recovery(host.with_data(member_id="a1").formed().marked_removed("h1").peers(
+        started("a2", "h2"), started("a3", "h3"), healthy=("h2", "h3")))
+    decided(result, 4, "the stack no longer lists h1")
+    assert not (host.root / "state" / "not-a-member").exists(), "a dry run wrote the not-a-member note"
+
+
+def test_a_removal_mark_of_another_host_changes_nothing(host: Host) -> None:
+    result = recovery(host.with_data(member_id="a1").formed().marked_removed("h2").peers(
+        started("a1", "h1"), started("a3", "h3"), healthy=("h3",)))
+    decided(result, 0, "local data of a current member")
+
+
 def test_etcdctl_without_learners_is_refused(host: Host) -> None:
     decided(recovery(host, version="3.3.27"), 2, "no learner support")
 

@@ -7,13 +7,15 @@ import base64
 import gzip
 import io
 import tarfile
+import tomllib
 
 import pytest
 import yaml
 
+from components import versions
 from components.render import etcd, kubernetes
 from components.render.etcd import STRONG_CIPHER_SUITES, Member
-from components.render.hostfiles import HostFile, bundle
+from components.render.hostfiles import BackupPlan, Cluster, Credentials, HostFile, apiserver_files, bundle
 
 MEMBERS = (Member("m0", "10.0.0.10"), Member("m1", "10.0.1.10"), Member("m2", "10.0.2.10"))
 SETTINGS = etcd.EtcdSettings("prod", heartbeat_ms=150, election_ms=1500, cluster_token="prod-etcd")
@@ -136,3 +138,34 @@ def test_bundle_is_reproducible_and_keeps_modes_and_owners() -> None:
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(base64.b64decode(bundle(files))))) as tar:
         key = tar.getmember("etc/etcd/pki/server.key")
         assert (key.mode, key.uname) == (0o600, "etcd")
+
+
+def _apiserver_files() -> dict[str, HostFile]:
+    names = ("apiserver", "apiserver-kubelet-client", "apiserver-etcd-client", "front-proxy-client",
+             "controller-manager", "scheduler")
+    creds = Credentials({n: "CA" for n in ("etcd-ca", "kubernetes-ca", "front-proxy-ca")},
+                        {n: ("CERT", "KEY") for n in names}, "CA KEY", "SA KEY", "SA PUB", "ENC")
+    cluster = Cluster("prod", SETTINGS, MEMBERS, (), API, BackupPlan("ssh://b/srv", 30, True))
+    return {f.path: f for f in apiserver_files(cluster, creds)}
+
+
+def test_api_servers_get_the_kubelet_and_containerd_units_and_configuration() -> None:
+    """Host files, like everything a host needs: `kubelet-install` only adds the binaries and starts the units."""
+    files = _apiserver_files()
+    kubelet = yaml.safe_load(files[kubernetes.KUBELET_CONFIG].content)
+    assert kubelet["staticPodPath"] == "/etc/kubernetes/manifests"
+    assert "/etc/kubernetes/manifests/kube-apiserver.yaml" in files, "the kubelet runs the static pods of this bundle"
+    assert (kubelet["address"], kubelet["readOnlyPort"], kubelet["authentication"]["anonymous"]["enabled"]) == (
+        "127.0.0.1", 0, False)
+    unit = files["/etc/systemd/system/kubelet.service"].content
+    assert f"ExecStart=/usr/local/bin/kubelet --config={kubernetes.KUBELET_CONFIG}\n" in unit
+    assert "Requires=containerd.service\n" in unit and "WantedBy=multi-user.target\n" in unit
+    assert "ExecStart=/usr/local/bin/containerd\n" in files["/etc/systemd/system/containerd.service"].content
+    containerd = tomllib.loads(str(files["/etc/containerd/config.toml"].content))
+    runc = containerd["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["runc"]["options"]
+    assert kubelet["cgroupDriver"] == "systemd" and runc == {"SystemdCgroup": True}, "both on systemd's cgroups"
+    assert kubelet["containerRuntimeEndpoint"] == kubernetes.CONTAINERD_SOCKET
+    major, minor = map(int, versions.CONTAINERD_VERSION.split(".")[:2])
+    assert containerd["version"] == 4 and (major, minor) >= (2, 3), "config version 4 needs containerd 2.3 or later"
+    assert all(files[p].mode == 0o644 and files[p].owner == "root" for p in (
+        kubernetes.KUBELET_CONFIG, "/etc/containerd/config.toml", "/etc/systemd/system/kubelet.service"))

@@ -1,0 +1,166 @@
+"""cloud-refresh: configuration, certificate and version changes reach running GCE and AWS machines, one at a time.
+
+Bundles are otherwise read only at boot, and the groups never roll etcd members, so `kcp-cloud-refresh.timer` runs
+this on every cloud machine. It fetches the agent's and the slot's bundles as the boot path does; when they differ
+from the ones it applied last, it holds the lock that member replacements take (so the two never overlap), checks that
+every voter is healthy and none is joining, unpacks, installs a new release, restarts only what reads a changed file
+and waits until healthy again before the next machine may go. A failure records nothing and exits non-zero: the lock
+goes (its lease, if this process died), the others find a voter unhealthy before they touch anything, and the next
+run tries again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from kcp_host import cloudboot, install, lifecycle, systemd
+from kcp_host.clouds import CloudError, retry
+from kcp_host.contract import (
+    AGENT,
+    REFRESH_APPLIED,
+    STATIC_PODS_STARTED,
+    BootEnv,
+    ClusterEnv,
+    ContractError,
+    SlotEnv,
+    load_env,
+)
+from kcp_host.etcd import Etcdctl
+from kcp_host.files import write_atomic
+from kcp_host.log import Abort, log
+from kcp_host.membership import replacement_lock
+
+READY_SECONDS = 300  # for healthy voters before a member goes, for /readyz after an API server restart
+API_PORT = 6443
+# What the kubelet and its static pods read (components/render/kubernetes.py): a change restarts them.
+KUBELET_READS = ("/etc/kubernetes", "/etc/containerd", "/var/lib/kubelet/config.yaml",
+                 "/etc/systemd/system/kubelet.service", "/etc/systemd/system/containerd.service")
+CRICTL = ("crictl", "--runtime-endpoint", "unix:///run/containerd/containerd.sock")
+
+
+def fetch(env: BootEnv, slot: str) -> tuple[str, str]:
+    """The agent's bundle (its pieces joined, as kcp-bootstrap joins them) and the slot's, from the secret store."""
+    cloud = cloudboot.cloud_of(env)
+
+    def read(name: str) -> str:
+        return retry(f"read the secret {name}", 5, 10, lambda: cloud.secret(name))
+
+    return "".join(read(name) for name in env.programs_secrets), read(slot)
+
+
+def etcd_client(env: BootEnv, slot: SlotEnv) -> ClusterEnv:
+    """A member reaches etcd as itself; an API server, no member, as the client its bundle names (for the lock)."""
+    if "etcd" in env.roles:
+        return load_env(ClusterEnv)
+    if len(slot.etcd_client) != 3 or not slot.etcd_endpoints:
+        raise ContractError(f"{SlotEnv.PATH} names no etcd client for an API server")
+    ca, cert, key = slot.etcd_client
+    return ClusterEnv(cluster_name=env.cluster, member_name=slot.name, peer_url="", client_url="", members=(),
+                      client_endpoints=slot.etcd_endpoints, etcd_ca=ca, etcd_cert=cert, etcd_key=key, data_dir="")
+
+
+def kubelet_fingerprint(release: tuple[str, ...]) -> str:
+    """What the static pods run on: the kubelet's release and every file the kubelet and they read."""
+    digest = hashlib.sha256(repr(release).encode())
+    for top in map(Path, KUBELET_READS):
+        for path in sorted([top] if top.is_file() else top.rglob("*")):
+            if path.is_file():
+                digest.update(f"{path}\n".encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def crictl(*args: str) -> str:
+    proc = subprocess.run([*CRICTL, *args], capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise Abort(1, f"crictl {args[0]}: {proc.stderr.strip()[-300:] or f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def restart_static_pods() -> None:
+    """The pods removed while the kubelet is stopped, so that it creates every one anew from the current manifests
+    and files: a pod whose manifest did not change would otherwise go on with the old certificates."""
+    systemd.act("stop", "kubelet")
+    pods = crictl("pods", "-q", "--namespace", "kube-system").split()
+    if pods:
+        crictl("rmp", "--force", *pods)
+    systemd.act("restart", "containerd")
+    systemd.act("start", "kubelet")
+
+
+def await_readyz(timeout: float) -> None:
+    """This node's API server is ready: /readyz answers anonymous callers, and only its status is read, so the
+    serving certificate (which need not name the node) is not checked."""
+    url = f"https://{cloudboot.node_address()}:{API_PORT}/readyz"
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with opener.open(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:  # not listening yet, or not ready (HTTPError)
+            pass
+        if time.monotonic() >= deadline:
+            raise Abort(1, f"{url} not ready after {timeout:.0f}s")
+        time.sleep(2)
+
+
+def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None:
+    """Under the lock: unpack, install, restart what reads a changed file; healthy before and after."""
+    if "etcd" in env.roles:
+        ctl = Etcdctl.of(client)
+        lifecycle.await_voters_healthy(client, ctl, READY_SECONDS)
+        if any(m.learner for m in ctl.members(client.client_endpoints) or ()):
+            raise Abort(5, "a member is joining as a learner: this machine refreshes after its promotion")
+    pods = Path(STATIC_PODS_STARTED)
+    if "apiserver" in env.roles and not pods.is_file():  # in /run: the first refresh since boot placed the files
+        write_atomic(pods, kubelet_fingerprint(before.kubelet_install))
+    if cloudboot.unpack(files):
+        systemd.act("daemon-reload")
+    after = load_env(SlotEnv)
+    if install.version_of([str(install.BIN / "etcd"), "--version"], install.ETCD_VERSION) != after.etcd_install[1]:
+        # A new release: the running etcd is not what a start would run, so its start record goes and it restarts.
+        Path(client.started_config_file).unlink(missing_ok=True)
+    install.etcd(list(after.etcd_install))
+    if "etcd" in env.roles:
+        lifecycle.rolling_restart([])  # only if what etcd reads at start changed; waits until every voter is healthy
+    if "apiserver" in env.roles and pods.read_text() != (now := kubelet_fingerprint(after.kubelet_install)):
+        install.kubelet(list(after.kubelet_install))
+        restart_static_pods()
+        await_readyz(READY_SECONDS)
+        write_atomic(pods, now)
+
+
+def main(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="kcp-host cloud-refresh", description=__doc__.splitlines()[0]).parse_args(argv)
+    env, slot = load_env(BootEnv), load_env(SlotEnv)  # the slot boot unpacked: a machine keeps it for life
+    programs, files = fetch(env, slot.name)
+    digest = hashlib.sha256(f"{programs}\n{files}".encode()).hexdigest()
+    applied = Path(REFRESH_APPLIED)
+    if applied.is_file() and applied.read_text().strip() == digest:
+        print("the bundles are the ones applied last: nothing to do")
+        return 0
+    try:
+        if cloudboot.unpack(programs):  # the agent alone: replacing it restarts nothing
+            log("a new agent build: it applies the slot's bundle")
+            os.execv(AGENT, [AGENT, "cloud-refresh"])
+        client = etcd_client(env, slot)
+        waits = dataclasses.replace(client, lock_wait_seconds=env.refresh_seconds)  # in line until the next run
+        with replacement_lock(waits, Etcdctl.of(client), list(client.client_endpoints)):
+            log("new bundles; holding the rollout lock")
+            apply(env, client, files, slot)
+            write_atomic(applied, digest + "\n")
+    except CloudError as error:  # a bundle that does not unpack
+        raise Abort(1, str(error)) from None
+    log("applied the new bundles")
+    return 0

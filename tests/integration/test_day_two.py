@@ -1,0 +1,410 @@
+"""Day two on real hosts: every kind of change to a running control plane, applied the way a second
+`pulumi up` applies it, under writes.
+
+Each scenario changes the stack's config, captures the program again (outputs kept where the engine
+keeps them), plans the update from the two graphs by the engine's rules (tests/integration/update_plan.py,
+each rule citing its source), prints it as `pulumi preview` would, and runs it on the local test hosts
+(tests/integration/replay.py). Meanwhile one writer puts keys through the etcd load balancer (the API
+VIP), another against the member list (as kube-apiserver connects), and a sampler records the healthy
+voters every 100 ms. Pass: no acknowledged write lost; healthy voters never below quorum; at most one
+voter down at a time; the write gap against the member list at most 2 x the election timeout; the run
+converges, and planning it again finds nothing to do. Scenarios run in file order on one cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from components.render import agent
+from components.topology import quorum
+from testbed.sandbox import Sandbox
+from tests.integration.conftest import LOCAL_STACK, local_stack_for, sandbox_identity
+from tests.integration.realtls import RealTlsMocks, plain
+from tests.integration.replay import Replay, UpdateRun
+from tests.integration.update_plan import UpdatePlan, plan_update, rerun_program
+from tests.program import Program, run_program, stack_config
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).parent
+AGENT = "/usr/local/lib/kcp/kcp-host"
+EXTRA = {"h4": 15, "h5": 16, "h6": 17}  # hosts the scenarios add, by last address byte
+
+
+@dataclass
+class Cluster:
+    sandbox: Sandbox
+    replay: Replay
+    program: Program
+    config: dict[str, Any]
+    workdir: Path
+    build: pytest.MonkeyPatch  # a new build of the project, from scenario a on
+    figures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def members(self) -> list[str]:
+        return [h["name"] for h in self.config["baremetal"]["hosts"] if "etcd" in h["roles"]]
+
+    def url(self, host: str) -> str:
+        return f"https://{self.sandbox.address(host)}:2379"
+
+    def etcdctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+        """This machine's etcdctl with the API servers' client certificate, from the backup host's netns."""
+        ca, cert, key = self.tls
+        return self.sandbox.run_in_netns("backup", [
+            "env", "ETCDCTL_API=3", "etcdctl", f"--endpoints={','.join(self.url(m) for m in self.members)}",
+            f"--cacert={ca}", f"--cert={cert}", f"--key={key}", "--command-timeout=30s", *args], timeout=timeout)
+
+    @property
+    def tls(self) -> tuple[Path, Path, Path]:
+        paths = tuple(self.workdir / n for n in ("ca.crt", "client.crt", "client.key"))
+        if not paths[0].exists():
+            out = self.program.outputs
+            paths[0].write_text(plain(out["local-pki-etcd-ca"]["certPem"]))
+            paths[1].write_text(plain(out["local-pki-apiserver-etcd-client"]["certPem"]))
+            paths[2].write_text(plain(out["local-pki-apiserver-etcd-client-key"]["privateKeyPem"]))
+            paths[2].chmod(0o600)
+        return paths  # type: ignore[return-value]
+
+    def etcd_pids(self, hosts: list[str]) -> dict[str, str]:
+        return {h: self.sandbox.ssh(h, "systemctl show -p MainPID --value etcd").stdout.decode().strip()
+                for h in hosts}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    from tests.integration.conftest import _require_testbed
+
+    _require_testbed()
+    name, subnet = sandbox_identity()
+    base = stack_config(LOCAL_STACK)
+    hosts = {h["name"]: h["address"].replace("10.250.0.", f"{subnet}.")
+             for h in [*base["baremetal"]["hosts"], *base["baremetal"]["spares"]]}
+    hosts |= {h: f"{subnet}.{byte}" for h, byte in EXTRA.items()}
+    hosts["backup"] = base["baremetal"]["backupHost"]["address"].replace("10.250.0.", f"{subnet}.")
+    build = pytest.MonkeyPatch()
+    with Sandbox(name=name, subnet=subnet, hosts=hosts) as sandbox, tempfile.TemporaryDirectory() as tmp:
+        config = local_stack_for(subnet, sandbox.ssh_key_path)
+        # The spare sits in the third rack, so that adopting it keeps one member per failure domain.
+        config["baremetal"]["spares"][0]["zone"] = "rack-c"
+        program = run_program(config, stack="local", mocks=RealTlsMocks)
+        replay = Replay.of(sandbox, program)
+        replay.create()
+        yield Cluster(sandbox, replay, program, config, Path(tmp), build)
+    build.undo()
+
+
+# ----- observing a change ------------------------------------------------------------------------------
+
+@dataclass
+class Observed:
+    started: float
+    acks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def gap(self, writer: str) -> float:
+        """Longest time without an acknowledged write, from the start of the change."""
+        times = [self.started, *sorted(a["t"] for a in self.acks[writer]), self.started + self.seconds]
+        return max(b - a for a, b in itertools.pairwise(times))
+
+
+def _process(c: Cluster, script: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    ca, cert, key = c.tls
+    argv = ["ip", "netns", "exec", c.sandbox.netns("backup"), sys.executable, str(HERE / script),
+            "--cacert", str(ca), "--cert", str(cert), "--key", str(key), "--out", str(log), *args]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+
+
+@contextmanager
+def under_writes(c: Cluster, name: str) -> Iterator[Observed]:
+    vip = f"https://{c.config['baremetal']['apiVip']}:2379"
+    members = ",".join(c.url(m) for m in c.members)
+    every = ",".join(c.url(h) for h in c.sandbox.hosts if h != "backup")
+    logs = {w: c.workdir / f"{name}-{w}.jsonl" for w in ("lb", "members", "voters")}
+    procs = {
+        "lb": _process(c, "writeload.py", logs["lb"], "--endpoints", vip, "--prefix", f"day2/{name}/lb/",
+                       "--count", "100000", "--seconds", "900", "--interval", "0.02", "--timeout", "0.5"),
+        "members": _process(c, "writeload.py", logs["members"], "--endpoints", members, "--prefix",
+                            f"day2/{name}/members/", "--count", "100000", "--seconds", "900", "--interval", "0.02",
+                            "--timeout", "0.5"),
+        "voters": _process(c, "voters.py", logs["voters"], "--endpoints", every),
+    }
+    deadline = time.monotonic() + 30
+    while len(_lines(logs["members"])) < 10 or not _lines(logs["voters"]):
+        assert time.monotonic() < deadline, f"{name}: the writers or the sampler did not start"
+        time.sleep(0.2)
+    seen = Observed(time.time())
+    try:
+        yield seen
+    finally:
+        seen.seconds = time.time() - seen.started
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+    seen.acks = {w: _lines(logs[w]) for w in ("lb", "members")}
+    seen.samples = [s for s in _lines(logs["voters"]) if s["t"] >= seen.started]
+
+
+def lost_writes(c: Cluster, seen: Observed, name: str) -> int:
+    lost = 0
+    for writer, acks in seen.acks.items():
+        out = c.etcdctl("get", "--prefix", f"day2/{name}/{writer}/", "-w", "json", timeout=120)
+        assert out.returncode == 0, out.stderr.decode()
+        stored = {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]).decode()
+                  for kv in json.loads(out.stdout).get("kvs", [])}
+        lost += sum(stored.get(a["key"]) != a["value"] for a in acks)
+    return lost
+
+
+# ----- one change ----------------------------------------------------------------------------------------
+
+def plan(c: Cluster, edit: Callable[[dict[str, Any]], None]) -> tuple[dict[str, Any], Program, UpdatePlan]:
+    config = copy.deepcopy(c.config)
+    edit(config)
+    after = rerun_program(config, c.program, stack="local", mocks=RealTlsMocks)
+    return config, after, plan_update(c.program, after)
+
+
+def apply(c: Cluster, name: str, edit: Callable[[dict[str, Any]], None]) -> tuple[UpdatePlan, UpdateRun, Observed]:
+    """Plan, print and run one change under writes; check the day-two bar; keep the new state."""
+    config, after, update = plan(c, edit)
+    print(f"\n== {name}: `pulumi preview`\n{update.preview()}")
+    with under_writes(c, name) as seen:
+        run = c.replay.run(update)
+    assert run.ok, f"{name}: the update failed\n{run.report()}"
+    c.program, c.config = after, config
+    again = plan_update(after, rerun_program(config, after, stack="local", mocks=RealTlsMocks))
+    assert not [ch.name for ch in again.changes if ch.op != "same"], \
+        f"{name}: a second up still plans\n{again.preview()}"
+    lost = lost_writes(c, seen, name)
+    low = min((s["healthy"] - quorum(s["voters"]) for s in seen.samples if s["voters"]), default=0)
+    down = max((s["voters"] - s["healthy"] for s in seen.samples), default=0)
+    gap, limit = seen.gap("members"), 2 * c.config["etcd"]["electionMs"] / 1000
+    figure = {"scenario": name, "seconds": round(seen.seconds, 1), "acked_lb": len(seen.acks["lb"]),
+              "acked_members": len(seen.acks["members"]), "lost": lost, "min_healthy_voters": min(
+                  (s["healthy"] for s in seen.samples), default=None), "min_quorum_margin": low,
+              "most_down_at_once": down, "largest_gap_members_s": round(gap, 2), "gap_limit_s": limit,
+              "steps_run": len([r for r in run.results if not r.skipped])}
+    c.figures.append(figure)
+    slowest = sorted((r for r in run.results if not r.skipped), key=lambda r: -r.seconds)[:4]
+    print(f"FIGURE (local test bed) day two, {json.dumps(figure)}; slowest steps: "
+          + ", ".join(f"{r.name} {r.kind} {r.seconds:.1f}s" for r in slowest))
+    assert lost == 0, f"{name}: {lost} acknowledged writes lost"
+    assert low >= 0, f"{name}: healthy voters fell below quorum"
+    assert down <= 1, f"{name}: {down} voters were down at once"
+    assert gap <= limit, f"{name}: write gap against the member list {gap:.2f}s > {limit:.1f}s"
+    return update, run, seen
+
+
+def forget(program: Program, host: str) -> Program:
+    """What `pulumi state delete` (scripts/forget-host) does for a dead host's resources: the engine no
+    longer knows them, so nothing tries to reach the host."""
+    gone = {r.urn for r in program.resources if r.name.startswith(f"local-{host}-")}
+    kept = [copy.copy(r) for r in program.resources if r.urn not in gone]
+    for r in kept:
+        r.dependencies = [u for u in r.dependencies if u not in gone]
+        r.property_dependencies = {k: [u for u in v if u not in gone] for k, v in r.property_dependencies.items()}
+    return Program(resources=kept, outputs=program.outputs, generation=program.generation)
+
+
+def updated(update: UpdatePlan, op: str = "update") -> set[str]:
+    return set(update.named(op))
+
+
+# ----- the scenarios, in order ------------------------------------------------------------------------------
+
+def test_i_an_up_with_no_change_runs_nothing(cluster: Cluster) -> None:
+    _, _, update = plan(cluster, lambda cfg: None)
+    assert [c.name for c in update.changes if c.op != "same"] == [], update.preview()
+    assert not [a for r in update.registrations for a in r.actions] and not update.deletes
+
+
+def test_d_a_new_backup_interval_restarts_no_member(cluster: Cluster) -> None:
+    pids = cluster.etcd_pids(cluster.members)
+    update, _, _ = apply(cluster, "backup-interval", lambda cfg: cfg["backup"].update(intervalMinutes=30))
+    assert updated(update) == {f"local-{h}-etcd-config" for h in (*cluster.members, "spare1")}, update.preview()
+    assert cluster.etcd_pids(cluster.members) == pids, "a backup setting restarted etcd"
+    timer = cluster.sandbox.ssh("h1", "systemctl cat etcd-backup.timer").stdout.decode()
+    assert "OnCalendar=*-*-* *:00/30:00" in timer
+
+
+def test_c_a_new_election_timeout_restarts_members_one_at_a_time(cluster: Cluster) -> None:
+    pids = cluster.etcd_pids(cluster.members)
+    apply(cluster, "election-timeout", lambda cfg: cfg["etcd"].update(electionMs=1200))
+    after = cluster.etcd_pids(cluster.members)
+    assert all(after[h] != pids[h] for h in cluster.members), f"not every member restarted: {pids} -> {after}"
+    env = cluster.sandbox.ssh("h2", "cat /proc/$(systemctl show -p MainPID --value etcd)/environ | tr '\\0' '\\n'")
+    assert b"ETCD_ELECTION_TIMEOUT=1200" in env.stdout
+
+
+def test_a_a_new_build_updates_every_host_in_place(cluster: Cluster) -> None:
+    pids = cluster.etcd_pids(cluster.members)
+    before = cluster.sandbox.ssh("h1", f"sha256sum {AGENT}").stdout.split()[0]
+    sources = agent.agent_sources()
+    new_build = {**sources, "kcp_host/__init__.py": sources["kcp_host/__init__.py"] + "# build 2\n"}
+    cluster.build.setattr(agent, "agent_sources", lambda: new_build)  # the later scenarios keep the new build
+    update, _, _ = apply(cluster, "new-build", lambda cfg: None)
+    hosts = [h for h in cluster.sandbox.hosts if h not in ("h4", "h5", "h6")]
+    assert updated(update) == {f"local-{h}-agent" for h in hosts}, update.preview()
+    assert not update.named("replace") and not update.named("delete"), "a new build must not replace or delete"
+    for host in hosts:
+        now = cluster.sandbox.ssh(host, f"sha256sum {AGENT} && {AGENT} --help >/dev/null").stdout.split()[0]
+        assert now != before, f"{host} still runs the old build"
+    assert cluster.etcd_pids(cluster.members) == pids, "a new build restarted etcd"
+    backup = cluster.sandbox.ssh("h1", f"{AGENT} etcd-backup --any-member", check=False, timeout=300)
+    assert backup.returncode == 0, f"backups stopped working after the new build: {backup.stderr.decode()[-500:]}"
+
+
+def _served_serial(c: Cluster, host: str) -> str:
+    ca, cert, key = c.tls
+    probe = c.sandbox.run_in_netns("backup", ["sh", "-c", f"openssl s_client -connect {c.sandbox.address(host)}:2379 "
+                                              f"-CAfile {ca} -cert {cert} -key {key} </dev/null 2>/dev/null | "
+                                              "openssl x509 -noout -serial"], timeout=30)
+    return probe.stdout.decode().strip()
+
+
+def _declared_serial(c: Cluster, host: str) -> str:
+    pem = plain(c.program.outputs[f"local-pki-etcd-server-{host}"]["certPem"])
+    out = subprocess.run(["openssl", "x509", "-noout", "-serial"], input=pem.encode(), capture_output=True, check=True)
+    return out.stdout.decode().strip()
+
+
+def test_b_a_pki_rotation_makes_every_member_serve_its_new_certificate(cluster: Cluster) -> None:
+    old = {h: _served_serial(cluster, h) for h in cluster.members}
+    update, _, _ = apply(cluster, "pki-rotation", lambda cfg: cfg.setdefault("pki", {}).update(rotation=1))
+    assert not [n for n in update.named("replace") if "-ca" in n and "etcd-server" not in n], "a CA was replaced"
+    for host in cluster.members:
+        now = _served_serial(cluster, host)
+        assert now != old[host] and now == _declared_serial(cluster, host), f"{host} serves {now}, was {old[host]}"
+
+
+def test_h_an_operator_range_that_locks_out_the_program_is_refused_at_the_first_host(cluster: Cluster) -> None:
+    rules = {h: cluster.sandbox.ssh(h, "nft list set inet kcp operators").stdout for h in cluster.members}
+    _, _, update = plan(cluster, lambda cfg: cfg["baremetal"].update(operatorCidrs=["192.0.2.0/24"]))
+    print(f"\n== operators-lockout: `pulumi preview`\n{update.preview()}")
+    run = cluster.replay.run(update)
+    assert not run.ok
+    (failed,) = run.failed
+    assert failed.name == "local-h1-firewall" and "refusing the new firewall" in failed.output, run.report()
+    for host in cluster.members:
+        assert cluster.sandbox.ssh(host, "nft list set inet kcp operators").stdout == rules[host], host
+
+
+def test_h_an_operator_range_change_goes_host_by_host(cluster: Cluster) -> None:
+    _, run, _ = apply(cluster, "operators", lambda cfg: cfg["baremetal"]["operatorCidrs"].append("192.0.2.0/24"))
+    firewalls = sorted((r.started, r.name) for r in run.results if r.name.endswith("-firewall"))
+    for (_, previous), (started, _) in itertools.pairwise(firewalls):
+        ended = next(r.started + r.seconds for r in run.results if r.name == previous)
+        assert started >= ended - 0.01, f"firewalls changed together: {firewalls}"
+    for host in cluster.members:
+        assert "192.0.2.0/24" in cluster.sandbox.ssh(host, "nft list set inet kcp operators").stdout.decode()
+
+
+def test_h_a_new_api_vip_moves_the_vip_and_the_etcd_load_balancer(cluster: Cluster) -> None:
+    vip = cluster.config["baremetal"]["apiVip"].rsplit(".", 1)[0] + ".101"
+    apply(cluster, "api-vip", lambda cfg: cfg["baremetal"].update(apiVip=vip))
+    holders = [h for h in cluster.members
+               if f" {vip}/" in cluster.sandbox.ssh(h, "ip -4 -o addr show dev eth0").stdout.decode()]
+    assert len(holders) == 1, f"the new VIP {vip} is held by {holders}"
+    ca, cert, key = cluster.tls
+    probe = cluster.sandbox.run_in_netns("backup", ["env", "ETCDCTL_API=3", "etcdctl", f"--endpoints=https://{vip}:2379",
+                                                    f"--cacert={ca}", f"--cert={cert}", f"--key={key}",
+                                                    "endpoint", "health"], timeout=30)
+    assert probe.returncode == 0, probe.stderr.decode()
+
+
+def _host(name: str, zone: str, c: Cluster) -> dict[str, Any]:
+    return {"name": name, "address": c.sandbox.address(name), "zone": zone,
+            "roles": ["etcd", "apiserver", "loadbalancer"]}
+
+
+def _voters(c: Cluster) -> list[str]:
+    listed = json.loads(c.etcdctl("member", "list", "-w", "json").stdout)["members"]
+    return sorted(m.get("name", "") for m in listed if not m.get("isLearner"))
+
+
+def test_e_three_to_five_members_join_one_at_a_time(cluster: Cluster) -> None:
+    pids = cluster.etcd_pids(cluster.members)
+
+    def grow(cfg: dict[str, Any]) -> None:
+        cfg["baremetal"]["hosts"] += [_host("h4", "rack-a", cluster), _host("h5", "rack-b", cluster)]
+        cfg["etcd"]["members"] = cfg["apiServers"]["count"] = 5
+
+    apply(cluster, "grow-to-5", grow)
+    assert _voters(cluster) == ["h1", "h2", "h3", "h4", "h5"]
+    assert {h: p for h, p in cluster.etcd_pids(["h1", "h2", "h3"]).items()} == pids, "growing restarted a member"
+
+
+def test_e_five_to_three_members_leave_one_at_a_time(cluster: Cluster) -> None:
+    def shrink(cfg: dict[str, Any]) -> None:
+        cfg["baremetal"]["hosts"] = [h for h in cfg["baremetal"]["hosts"] if h["name"] not in ("h4", "h5")]
+        cfg["etcd"]["members"] = cfg["apiServers"]["count"] = 3
+
+    update, _, _ = apply(cluster, "shrink-to-3", shrink)
+    assert update.named("delete") and all(("-h4" in n or "-h5" in n) for n in update.named("delete")), \
+        update.preview()
+    assert _voters(cluster) == ["h1", "h2", "h3"]
+    for host in ("h4", "h5"):
+        state = cluster.sandbox.ssh(host, "systemctl is-enabled etcd; systemctl is-active etcd", check=False)
+        assert b"enabled" not in state.stdout.split() and b"\nactive" not in b"\n" + state.stdout, host
+
+
+def test_g_adopting_a_spares_takeover_restarts_no_healthy_member(cluster: Cluster) -> None:
+    sandbox = cluster.sandbox
+    sandbox.kill_host("h3")  # gone for good: the spare takes its slot
+    sandbox.ssh("spare1", "mkdir -p /run/systemd/system/etcd-spare-watch.service.d && printf '[Service]\\n"
+                          "Environment=KCP_SPARE_TAKEOVER_AFTER_SECONDS=10\\n' > /run/systemd/system/"
+                          "etcd-spare-watch.service.d/test.conf && systemctl daemon-reload")
+    deadline = time.monotonic() + 180
+    while sandbox.ssh("spare1", "test -e /var/lib/kcp/takeover.json", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "no takeover within 180 s"
+        sandbox.ssh("spare1", "systemctl start etcd-spare-watch.service", check=False, timeout=600)
+        time.sleep(3)
+    cluster.program = forget(cluster.program, "h3")  # a dead host runs no delete step: `pulumi state delete` it
+    pids = cluster.etcd_pids(["h1", "h2", "spare1"])
+
+    def adopt(cfg: dict[str, Any]) -> None:
+        cfg["baremetal"]["hosts"] = [h for h in cfg["baremetal"]["hosts"] if h["name"] != "h3"]
+        cfg["baremetal"]["hosts"].append(_host("spare1", "rack-c", cluster))
+        cfg["baremetal"]["spares"] = []
+
+    apply(cluster, "adopt-takeover", adopt)
+    assert _voters(cluster) == ["h1", "h2", "spare1"]
+    assert cluster.etcd_pids(["h1", "h2", "spare1"]) == pids, "adopting the takeover restarted a healthy member"
+
+
+def test_f_a_dead_host_replaced_by_a_new_one_at_a_new_address(cluster: Cluster) -> None:
+    cluster.sandbox.kill_host("h2")
+    cluster.program = forget(cluster.program, "h2")
+
+    def replace(cfg: dict[str, Any]) -> None:
+        cfg["baremetal"]["hosts"] = [h if h["name"] != "h2" else _host("h6", "rack-b", cluster)
+                                     for h in cfg["baremetal"]["hosts"]]
+
+    apply(cluster, "replace-dead-host", replace)
+    assert _voters(cluster) == ["h1", "h6", "spare1"]

@@ -1,0 +1,62 @@
+"""Day-two guards of the host agent that run without etcd: what restarts a member, what a firewall
+change may cut off, and who the etcd load balancer falls back to."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from components.render import etcd, loadbalancer
+from kcp_host.contract import ClusterEnv
+from kcp_host.lifecycle import config_fingerprint
+from tests.unit.hostscript_harness import ROOT
+
+SETTINGS = etcd.EtcdSettings("t", 100, 1000, "t-etcd")
+MEMBERS = (etcd.Member("h1", "10.0.0.11"), etcd.Member("h2", "10.0.0.12"), etcd.Member("h3", "10.0.0.13"))
+
+
+def fingerprint(tmp_path: Path, members=MEMBERS, settings=SETTINGS, cert: str = "cert-1") -> str:
+    (tmp_path / "units").mkdir(exist_ok=True)
+    (tmp_path / "units" / "etcd.service").write_text(etcd.etcd_unit("t"))
+    text = etcd.etcd_env(settings, members[0], members).replace(etcd.PKI, str(tmp_path))
+    (tmp_path / "etcd.env").write_text(text)
+    for name in ("ca.crt", "server.crt", "server.key", "peer.crt", "peer.key"):
+        (tmp_path / name).write_text(cert if name == "server.crt" else name)
+    env = ClusterEnv("t", "h1", "p", "c", (), (), "ca", "cert", "key", "/d")
+    return config_fingerprint(env, str(tmp_path / "etcd.env"), str(tmp_path / "units"))
+
+
+def test_a_membership_change_does_not_restart_a_member(tmp_path: Path) -> None:
+    """Only the bootstrap settings name the other members: adding h4 changes nothing etcd reads."""
+    bigger = (*MEMBERS, etcd.Member("h4", "10.0.0.14"))
+    assert fingerprint(tmp_path) == fingerprint(tmp_path, members=bigger)
+
+
+def test_new_timing_or_new_certificates_restart_a_member(tmp_path: Path) -> None:
+    before = fingerprint(tmp_path)
+    assert fingerprint(tmp_path, settings=etcd.EtcdSettings("t", 100, 1200, "t-etcd")) != before
+    assert fingerprint(tmp_path, cert="cert-2") != before
+
+
+def test_a_firewall_that_would_lock_out_the_program_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    for tool in ("nft", "systemctl"):
+        (tmp_path / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        (tmp_path / tool).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "SSH_CONNECTION": "192.0.2.7 50000 10.0.0.11 22"}
+    proc = subprocess.run([sys.executable, "-m", "kcp_host", "firewall-apply", "--operators=10.250.0.0/24"],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "192.0.2.7" in proc.stderr and "baremetal.operatorCidrs" in proc.stderr
+    assert not calls.exists(), f"the firewall was touched: {calls.read_text()}"
+
+
+def test_spares_back_the_etcd_load_balancer_up_without_taking_traffic_from_members() -> None:
+    spare = etcd.Member("spare1", "10.0.0.14")
+    config = loadbalancer.haproxy_config("10.0.0.100", MEMBERS, MEMBERS, (spare,))
+    backend = config.split("backend etcd-members", 1)[1]
+    assert "server spare1 10.0.0.14:2379 backup" in backend
+    assert all(f"server {m.name} {m.address}:2379\n" in backend for m in MEMBERS), "members are not backups"
