@@ -13,7 +13,7 @@ import pulumi
 import pulumi.runtime
 
 from components.config import TOP_LEVEL_KEYS, ClusterConfig, ConfigError
-from components.validation import load
+from components.validation import load, ssh_key_file
 
 PROJECT = "resilient-control-plane"
 
@@ -32,7 +32,11 @@ def raw_stack_config() -> dict[str, Any]:
 
 
 def read_stack_config() -> ClusterConfig:
+    """The validated config, and the key file the program will read: a missing one is one config error, not a
+    traceback halfway through declaring."""
     try:
-        return load(raw_stack_config())
+        cfg = load(raw_stack_config())
+        ssh_key_file(cfg)
     except ConfigError as error:
         raise pulumi.RunError(str(error)) from None
+    return cfg

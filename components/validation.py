@@ -8,10 +8,12 @@ really carry the roles asked of them.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from components import versions
@@ -19,12 +21,17 @@ from components.config import BareMetal, ClusterConfig, ConfigError, parse
 from components.naming import CLUSTER_NAME_MAX
 from components.topology import plan, quorum
 
-_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Patterns are applied with fullmatch: `$` also matches before a trailing newline.
+_DNS_LABEL = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
 _ZONE_PATTERNS = {
-    "gce": (re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$"), "a GCE zone such as europe-west1-b"),
-    "aws": (re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9][a-z]$"), "an AWS zone such as eu-west-1a"),
-    "baremetal": (_DNS_LABEL, "a lowercase failure-domain label such as rack-a"),
+    "gce": (re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]"), "a GCE zone such as europe-west1-b"),
+    "aws": (re.compile(r"[a-z]{2}(?:-gov)?-[a-z]+-[0-9][a-z]"), "an AWS zone such as eu-west-1a"),
+    "baremetal": (_DNS_LABEL, "a lowercase failure-domain label such as rack-a (at most 63 characters)"),
 }
+# The backup user owns <backupHost.path>/<clusterName>: never one of these, nor a folder inside or above one.
+_SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root", "/run",
+                "/sbin", "/sys", "/tmp", "/usr", "/var/cache", "/var/lib", "/var/log", "/var/mail", "/var/run",
+                "/var/spool", "/var/tmp")
 
 
 def load(raw: Mapping[str, Any]) -> ClusterConfig:
@@ -40,7 +47,7 @@ def load(raw: Mapping[str, Any]) -> ClusterConfig:
 
 
 def _names_and_versions(cfg: ClusterConfig) -> None:
-    if len(cfg.cluster_name) > CLUSTER_NAME_MAX or not _DNS_LABEL.match(cfg.cluster_name):
+    if len(cfg.cluster_name) > CLUSTER_NAME_MAX or not _DNS_LABEL.fullmatch(cfg.cluster_name):
         raise ConfigError("clusterName", cfg.cluster_name,
                           f"a DNS-1123 label starting with a letter, at most {CLUSTER_NAME_MAX} characters")
     known = sorted(versions.KUBELET_SHA256["amd64"])
@@ -82,7 +89,7 @@ def _etcd_timing(cfg: ClusterConfig) -> None:
 def _zones(cfg: ClusterConfig) -> None:
     pattern, what = _ZONE_PATTERNS[cfg.target]
     for i, zone in enumerate(cfg.zones):
-        if not pattern.match(zone):
+        if not pattern.fullmatch(zone):
             raise ConfigError(f"zones[{i}]", zone, what)
     dupes = [z for z, n in Counter(cfg.zones).items() if n > 1]
     if dupes:
@@ -95,12 +102,13 @@ def _zones(cfg: ClusterConfig) -> None:
 
 
 def _network(key: str, value: str) -> ipaddress.IPv4Network:
+    """The value as written reaches nftables, firewall rules and flags: only the canonical `a.b.c.d/n` form."""
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError:
-        raise ConfigError(key, value, "an IPv4 CIDR with no host bits set, e.g. 10.96.0.0/12") from None
-    if not isinstance(net, ipaddress.IPv4Network):
-        raise ConfigError(key, value, "an IPv4 CIDR")
+        net = None
+    if not isinstance(net, ipaddress.IPv4Network) or str(net) != value:
+        raise ConfigError(key, value, "an IPv4 CIDR a.b.c.d/n with no host bits set, e.g. 10.96.0.0/12")
     return net
 
 
@@ -114,8 +122,6 @@ def _networks(cfg: ClusterConfig) -> None:
                           f"a range that does not overlap network.podCidr ({cfg.network.pod_cidr})")
     for i, cidr in enumerate(cfg.network.admin_cidrs):
         _network(f"network.adminCidrs[{i}]", cidr)
-    if not _DNS_LABEL.match(cfg.network.cluster_domain.replace(".", "-")):
-        raise ConfigError("network.clusterDomain", cfg.network.cluster_domain, "a DNS domain such as cluster.local")
 
 
 def _target_sections(cfg: ClusterConfig) -> None:
@@ -130,12 +136,13 @@ def _target_sections(cfg: ClusterConfig) -> None:
 
 
 def _address(key: str, value: str) -> ipaddress.IPv4Address:
+    """The value as written reaches templates and commands: only the canonical dotted quad."""
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
-        raise ConfigError(key, value, "an IPv4 address such as 10.0.0.11") from None
-    if not isinstance(address, ipaddress.IPv4Address):
-        raise ConfigError(key, value, "an IPv4 address")
+        address = None
+    if not isinstance(address, ipaddress.IPv4Address) or str(address) != value:
+        raise ConfigError(key, value, "an IPv4 address such as 10.0.0.11")
     return address
 
 
@@ -155,8 +162,6 @@ def _baremetal(cfg: ClusterConfig, bm: BareMetal) -> None:
     keys = [f"baremetal.hosts[{i}]" for i in range(len(bm.hosts))] + \
            [f"baremetal.spares[{i}]" for i in range(len(bm.spares))]
     for key, host in zip(keys, everyone, strict=True):
-        if not _DNS_LABEL.match(host.name):
-            raise ConfigError(f"{key}.name", host.name, "a DNS-1123 label")
         _address(f"{key}.address", host.address)
         if host.zone not in cfg.zones:
             raise ConfigError(f"{key}.zone", host.zone, f"one of zones {cfg.zones}")
@@ -164,6 +169,8 @@ def _baremetal(cfg: ClusterConfig, bm: BareMetal) -> None:
     _unique("baremetal.hosts.address", [h.address for h in everyone], "address")
     _baremetal_roles(cfg, bm)
     _baremetal_addresses(cfg, bm)
+    _host_keys(bm)
+    _backup_receiver(cfg, bm)
 
 
 def _baremetal_roles(cfg: ClusterConfig, bm: BareMetal) -> None:
@@ -198,13 +205,118 @@ def _baremetal_addresses(cfg: ClusterConfig, bm: BareMetal) -> None:
     if str(backup) in etcd_hosts:
         raise ConfigError("baremetal.backupHost.address", bm.backup_host.address,
                           "a host that is not an etcd member (a backup must not die with a member)")
-    if not bm.backup_host.path.startswith("/"):
-        raise ConfigError("baremetal.backupHost.path", bm.backup_host.path, "an absolute path")
     for i, cidr in enumerate(bm.operator_cidrs):
         _network(f"baremetal.operatorCidrs[{i}]", cidr)
+    for i, cidr in enumerate(bm.monitoring_cidrs):
+        _network(f"baremetal.monitoringCidrs[{i}]", cidr)
 
 
-_AWS_SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+def _backup_receiver(cfg: ClusterConfig, bm: BareMetal) -> None:
+    """`kcp-host backup-host-setup` runs as root on the backup host: it makes backupHost.user (useradd if new),
+    replaces that user's authorized_keys with the forced command and gives it <path>/<clusterName>."""
+    bh = bm.backup_host
+    if bh.user in ("root", bm.user):
+        raise ConfigError("baremetal.backupHost.user", bh.user,
+                          f"a user of its own, not root or baremetal.user ({bm.user}): its authorized_keys is "
+                          "replaced by a forced command that can only add backups")
+    folder = f"{bh.path}/{cfg.cluster_name}"
+    near = [d for d in _SYSTEM_DIRS if folder == d or folder.startswith(f"{d}/") or d.startswith(f"{folder}/")]
+    if near or bh.path == "/home":
+        raise ConfigError("baremetal.backupHost.path", bh.path,
+                          f"a folder for backups, such as /srv/etcd-backups: the backup user will own {folder}, "
+                          f"which must not be, hold or lie in a system directory ({', '.join(_SYSTEM_DIRS)}) "
+                          "or be a home directory")
+
+
+_KEY_FILE_MAX_BYTES = 65_536  # an RSA 16384 key is under 13 KB
+
+
+def ssh_key_file(cfg: ClusterConfig) -> None:
+    """baremetal.sshPrivateKeyPath names a readable private key. Checked by `pulumi up` (components/stack_config.py)
+    before anything is declared; offline tools read stack files on machines that hold no key."""
+    path = cfg.baremetal.ssh_private_key_path if cfg.baremetal else None
+    if path is None:
+        return
+    key = Path(path)
+    try:
+        if key.exists() and not key.is_file():  # a directory, or a device or pipe that never ends
+            problem = "it is not a regular file"
+        else:
+            with key.open("rb") as file:
+                text = file.read(_KEY_FILE_MAX_BYTES + 1)
+            problem = "it is empty" if not text.strip() else \
+                f"it is larger than {_KEY_FILE_MAX_BYTES} bytes" if len(text) > _KEY_FILE_MAX_BYTES else \
+                None if b"PRIVATE KEY-----" in text else "it holds no OpenSSH or PEM private key (the .pub file?)"
+    except FileNotFoundError:
+        problem = "there is no such file"
+    except OSError as error:
+        problem = f"it cannot be read ({error.strerror})"
+    if problem:
+        raise ConfigError("baremetal.sshPrivateKeyPath", path,
+                          f"a readable, non-empty private key file; {Path(path).absolute()}: {problem}")
+
+
+# The host key types that pulumi-command (v1.2.1, connection.go) can verify: it offers the server only the pinned
+# key's own type as host key algorithm, and for RSA that is `ssh-rsa` (SHA-1), which OpenSSH >= 8.8 refuses to sign.
+# Type -> the curve its blob names (ECDSA) and the length of its public key.
+HOST_KEY_TYPES: dict[str, tuple[bytes | None, int]] = {
+    "ssh-ed25519": (None, 32),
+    "ecdsa-sha2-nistp256": (b"nistp256", 65),
+    "ecdsa-sha2-nistp384": (b"nistp384", 97),
+    "ecdsa-sha2-nistp521": (b"nistp521", 133),
+}
+_HOST_KEY = re.compile(r"(?P<type>[a-z0-9-]{1,40}) (?P<blob>[A-Za-z0-9+/]{1,2000}={0,2})"
+                       r"(?: [A-Za-z0-9@._:+=-]{1,100})?")
+HOST_KEY_ALLOWED = ("an OpenSSH public host key line `TYPE BASE64 [COMMENT]` (no options, no host name, one line) of "
+                    f"type {', '.join(HOST_KEY_TYPES)}, e.g. the host's /etc/ssh/ssh_host_ed25519_key.pub, checked "
+                    "out of band")
+
+
+def _ssh_fields(blob: bytes) -> list[bytes] | None:
+    """The length-prefixed strings of an SSH wire-format key; None when the lengths do not add up."""
+    fields, at = [], 0
+    while at < len(blob):
+        size = int.from_bytes(blob[at:at + 4], "big")
+        if at + 4 + size > len(blob):
+            return None
+        fields.append(blob[at + 4:at + 4 + size])
+        at += 4 + size
+    return fields
+
+
+def _check_host_key(key: str, value: str) -> None:
+    """A pinned host key is allowed only in the shape that pulumi-command and OpenSSH both verify."""
+    shape = _HOST_KEY.fullmatch(value)
+    kind = shape["type"] if shape else value.split(" ", 1)[0]
+    if kind == "ssh-rsa":
+        raise ConfigError(key, value, f"{HOST_KEY_ALLOWED}; ssh-rsa cannot be verified (pulumi-command would offer "
+                          "only the SHA-1 `ssh-rsa` algorithm, which OpenSSH >= 8.8 refuses): pin the ed25519 key")
+    if shape is None or kind not in HOST_KEY_TYPES:
+        raise ConfigError(key, value, HOST_KEY_ALLOWED)
+    try:
+        fields = _ssh_fields(base64.b64decode(shape["blob"], validate=True))
+    except ValueError:
+        fields = None
+    curve, size = HOST_KEY_TYPES[kind]
+    wanted = [kind.encode(), *([curve] if curve else [])]
+    if fields is None or fields[:-1] != wanted or len(fields[-1]) != size or (curve and fields[-1][:1] != b"\x04"):
+        raise ConfigError(key, value, f"{HOST_KEY_ALLOWED}; this base64 is not a {kind} public key")
+
+
+def _host_keys(bm: BareMetal) -> None:
+    """Every host the program connects to is pinned, unless trustOnFirstUse lets the first contact pin it."""
+    hosts = [(f"baremetal.hosts[{i}].hostKey", h.host_key) for i, h in enumerate(bm.hosts)]
+    hosts += [(f"baremetal.spares[{i}].hostKey", h.host_key) for i, h in enumerate(bm.spares)]
+    hosts.append(("baremetal.backupHost.hostKey", bm.backup_host.host_key))
+    for key, value in hosts:
+        if value is not None:
+            _check_host_key(key, value)
+        elif not bm.trust_on_first_use:
+            raise ConfigError(key, None, f"{HOST_KEY_ALLOWED}: every connection verifies it before a secret is sent; "
+                              "or baremetal.trustOnFirstUse: true to pin the key a host reports at its first contact")
+
+
+_AWS_SUBNET = re.compile(r"subnet-[0-9a-f]{8,17}")
 
 
 def _cloud_networks(cfg: ClusterConfig) -> None:
@@ -225,7 +337,7 @@ def _cloud_networks(cfg: ClusterConfig) -> None:
             raise ConfigError("aws.subnetIds", ids,
                               f"one private subnet per zone, in the order of zones ({len(cfg.zones)})")
         for i, subnet in enumerate(ids):
-            if not _AWS_SUBNET.match(subnet):
+            if not _AWS_SUBNET.fullmatch(subnet):
                 raise ConfigError(f"aws.subnetIds[{i}]", subnet, "a subnet ID such as subnet-0123456789abcdef0")
 
 

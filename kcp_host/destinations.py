@@ -1,18 +1,19 @@
 """Where etcd-backup puts a snapshot (`KCP_BACKUP_DEST`): the backup host's receiver over SSH, or a
-versioned bucket (gs://, s3://) with fixed keys. Layouts and the reasons for them: docs/backups.md.
+bucket (gs://, s3://) with one new object per file, which the bucket's retention lock keeps. Layouts and the
+reasons for them: docs/backups.md.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
 from kcp_host.contract import BackupEnv
-from kcp_host.files import write_atomic
+from kcp_host.files import utc_stamp
 
 
 class UploadError(Exception):
@@ -24,8 +25,12 @@ class Receiver:
 
     def __init__(self, backup: BackupEnv) -> None:
         url = urlsplit(backup.dest)
-        options = ("BatchMode=yes", "ConnectTimeout=10", "ServerAliveInterval=10", "StrictHostKeyChecking=accept-new",
-                   f"UserKnownHostsFile={backup.ssh_known_hosts}")
+        # The program ships known_hosts with the backup host's pinned key: then no other key is accepted. Without
+        # one (trustOnFirstUse and no hostKey) the first key seen is learned, and later ones must match it.
+        pinned = Path(backup.ssh_known_hosts).is_file()
+        options = ("BatchMode=yes", "ConnectTimeout=10", "ServerAliveInterval=10",
+                   f"StrictHostKeyChecking={'yes' if pinned else 'accept-new'}",
+                   f"UserKnownHostsFile={backup.ssh_known_hosts}", "GlobalKnownHostsFile=/dev/null")
         self.argv = ["ssh", "-i", backup.ssh_key, "-p", str(url.port or 22),
                      *(arg for option in options for arg in ("-o", option)), f"{url.username}@{url.hostname}"]
 
@@ -47,43 +52,31 @@ class Receiver:
 
 
 class Bucket:
-    """Fixed keys in a versioned bucket; the bucket's lifecycle rules keep the counts."""
+    """New keys only, created once (`<prefix>/snapshots/<name>.db|.json`); the bucket's retention lock keeps every
+    object for its period and its lifecycle rules delete them by age, so hosts never overwrite or delete."""
 
     def __init__(self, backup: BackupEnv) -> None:
         self.base = backup.dest.rstrip("/")
-        self.marker = Path(backup.work_dir) / ".daily-marker"
 
-    def put(self, file: Path, key: str, tags: str | None = None, create_only: bool = False) -> bool:
-        """A create-only put answers False, quietly, where the object exists already (or the request failed)."""
+    def put(self, file: Path, key: str, tags: str | None = None) -> None:
         url = f"{self.base}/{key}"
-        if url.startswith("gs://"):
-            argv = ["gcloud", "storage", "cp", "--quiet", *(["--if-generation-match=0"] if create_only else []),
+        if url.startswith("gs://"):  # create-only: a key that exists already is refused, never replaced
+            argv = ["gcloud", "storage", "cp", "--quiet", "--if-generation-match=0",
                     *([f"--custom-metadata={tags}"] if tags else []), str(file), url]
-        elif create_only:
-            bucket, _, path = url.removeprefix("s3://").partition("/")
-            argv = ["aws", "s3api", "put-object", "--if-none-match", "*", "--bucket", bucket, "--key", path,
-                    "--body", str(file)]
-        else:
-            argv = ["aws", "s3", "cp", "--only-show-errors", *(["--metadata", tags] if tags else []), str(file), url]
-        quiet = subprocess.DEVNULL if create_only else None
-        done = subprocess.run(argv, stdout=quiet, stderr=quiet, check=False).returncode == 0
-        if not done and not create_only:
+        else:  # Object Lock needs a checksum on every upload; an upload over a key only adds a version
+            argv = ["aws", "s3", "cp", "--only-show-errors", "--checksum-algorithm", "CRC32",
+                    *(["--metadata", tags] if tags else []), str(file), url]
+        if subprocess.run(argv, check=False).returncode != 0:
             raise UploadError(f"could not store {url}")
-        return done
 
     def store(self, db: Path, meta_path: Path, meta: dict[str, Any]) -> None:
-        tags = object_metadata(meta)
-        for slot in ("bad",) if meta.get("verified") is False else ("recent", "daily"):
-            if slot == "daily":  # the first verified snapshot of the UTC day, cluster-wide, creates its marker
-                write_atomic(self.marker, f"{meta['name']}\n", 0o600)
-                day = time.strftime("%Y-%m-%d", time.gmtime())
-                if not self.put(self.marker, f"daily-markers/{day}", tags, create_only=True):
-                    return
-            for path in (db, meta_path):
-                self.put(path, f"{slot}/snapshot{path.suffix}", tags)
+        folder, tags = "bad" if meta.get("verified") is False else "snapshots", object_metadata(meta)
+        for path in (db, meta_path):
+            self.put(path, f"{folder}/{path.name}", tags)
 
     def report(self, status: Path, failure: str = "") -> None:
-        self.put(status, "status.json")
+        """A new object per report (an existing one cannot be replaced under the lock); the newest is the status."""
+        self.put(status, f"status/{utc_stamp()}-{socket.gethostname()}.json")
 
 
 def destination(backup: BackupEnv) -> Receiver | Bucket:

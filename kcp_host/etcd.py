@@ -62,6 +62,7 @@ class Etcdctl:
     ca: str
     cert: str
     key: str
+    cwd: str | None = None  # where relative unix:// endpoints resolve (the verification etcd's scratch dir)
 
     @classmethod
     def of(cls, env: ClusterEnv, cert: str | None = None, key: str | None = None) -> Etcdctl:
@@ -77,7 +78,7 @@ class Etcdctl:
         if not endpoints:
             raise EtcdError("no endpoints to ask")
         proc = subprocess.run(self.argv(endpoints, *args, dial=dial, timeout=timeout), capture_output=True,
-                              text=True, env=command_env(), timeout=300, check=False)
+                              text=True, env=command_env(), cwd=self.cwd, timeout=300, check=False)
         if check and proc.returncode != 0:
             raise EtcdError(last_line(proc.stderr or proc.stdout) or f"etcdctl {args[0]} exit {proc.returncode}")
         return proc
@@ -145,4 +146,6 @@ def snapshot_status(path: str) -> dict[str, Any]:
     if proc.returncode != 0:
         raise EtcdError(last_line(proc.stderr or proc.stdout) or "snapshot status failed")
     status: dict[str, Any] = json.loads(proc.stdout)
+    # A store starts at revision 1, but the snapshot of one that never held a key says 0; restored, it serves 1.
+    status["revision"] = max(int(status.get("revision") or 0), 1)
     return status

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,9 +22,13 @@ from kcp_host.etcd import Etcdctl, EtcdError, command_env, last_line, snapshot_s
 from kcp_host.files import flocked, read_json, sha256_of, update_json, utc_iso
 from kcp_host.log import Abort, log
 
+# The throwaway etcd listens on unix sockets in its scratch dir (0700, root's), relative to it (a socket path has at
+# most 107 bytes): no TCP port to collide with, and no other user of the host can read the snapshot through it.
+CLIENT_SOCKET, PEER_SOCKET = "unix://kcpverify:0", "unix://kcpverify-peer:0"
+
 
 class _Plain(Etcdctl):
-    """The throwaway etcd serves plain HTTP, and etcdctl refuses empty certificate flags."""
+    """The throwaway etcd has no TLS (only root reaches its sockets), and etcdctl refuses empty certificate flags."""
 
     def argv(self, endpoints: Sequence[str], *args: str, dial: str = "2s", timeout: str = "5s") -> list[str]:
         return [a for a in super().argv(endpoints, *args, dial=dial, timeout=timeout)
@@ -57,12 +60,7 @@ def check(snapshot: Path, recorded: dict[str, Any] | None, backup: BackupEnv) ->
     failures = differences(("snapshot revision", "revision", status.get("revision")),
                            ("snapshot total keys", "total_keys", status.get("totalKey")),
                            ("snapshot hash", "snapshot_hash", status.get("hash")))
-    for port in (backup.verify_client_port, backup.verify_peer_port):
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                raise Abort(2, f"port 127.0.0.1:{port} is in use; a throwaway etcd cannot start there")
-    work = Path(backup.work_dir)
-    client, peer = (f"http://127.0.0.1:{port}" for port in (backup.verify_client_port, backup.verify_peer_port))
+    work, client, peer = Path(backup.work_dir), CLIENT_SOCKET, PEER_SOCKET
     with contextlib.ExitStack() as stack:
         try:  # the lock also makes the work dir
             stack.enter_context(flocked(work / ".verify.lock", wait_seconds=600, what="verification"))
@@ -81,10 +79,10 @@ def check(snapshot: Path, recorded: dict[str, Any] | None, backup: BackupEnv) ->
         etcd = stack.enter_context(subprocess.Popen(
             ["etcd", "--name", name, "--data-dir", str(scratch / "data"), "--listen-client-urls", client,
              "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--listen-metrics-urls", ""], env={"PATH": command_env()["PATH"]},
+             "--listen-metrics-urls", ""], env={"PATH": command_env()["PATH"]}, cwd=scratch,
             stdout=stack.enter_context((scratch / "etcd.log").open("wb")), stderr=subprocess.STDOUT))
         stack.callback(etcd.kill)
-        ctl, deadline = _Plain("etcdctl", "", "", ""), time.monotonic() + 30
+        ctl, deadline = _Plain("etcdctl", "", "", "", cwd=str(scratch)), time.monotonic() + 30
         # Healthy, and answering with our own member name: we talk to the etcd we started, not a stray one.
         while not (ctl.healthy([client]) and any(m.name == name for m in ctl.members([client]) or ())):
             if time.monotonic() >= deadline or etcd.poll() is not None:

@@ -26,7 +26,7 @@ import subprocess
 import tarfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -109,6 +109,10 @@ class Sandbox:
     def address(self, host: str) -> str:
         """IPv4 address of a host."""
         return self._known_hosts()[host]
+
+    def host_key(self, host: str) -> str:
+        """The SSH host key the host made at creation, `TYPE BASE64`: what a stack pins as its hostKey."""
+        return " ".join((self.host_dir(host) / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2])
 
     def netns(self, host: str) -> str:
         """Network namespace name of a host."""
@@ -224,14 +228,14 @@ class Sandbox:
         keygen(self.ssh_key_path, f"kcp-sandbox-{self.name}")
 
     def _write_hosts_json(self) -> None:
-        """The inventory other tools (and people) read: names, addresses, key."""
+        """The inventory other tools (and people) read: names, addresses, SSH key, host keys."""
         inventory = {
             "name": self.name,
             "address": self.gateway,
             "subnet": f"{self.subnet}.0/24",
             "suite": self.suite,
             "ssh_key": str(self.ssh_key_path),
-            "hosts": [{"name": h, "address": a} for h, a in self._known_hosts().items()],
+            "hosts": [{"name": h, "address": a, "host_key": self.host_key(h)} for h, a in self._known_hosts().items()],
         }
         (self.dir / "hosts.json").write_text(json.dumps(inventory, indent=2) + "\n")
 
@@ -291,6 +295,7 @@ class Sandbox:
         self._refuse_conflicts()
         self._start(host, image.ensure_image(self.root, self.suite), wipe=wipe)
         self.wait_running(host, self.boot_timeout)
+        self._write_hosts_json()  # a wiped host has a new host key
 
     def _start(self, host: str, base: Path, wipe: bool) -> None:
         """Network, disk, then systemd-nspawn in the background."""
@@ -429,10 +434,13 @@ class Sandbox:
 
     # ----- commands --------------------------------------------------------
 
-    def ssh_argv(self, host: str, connect_timeout: int = 5) -> list[str]:
-        """The ssh command line for a host (handy for tools that want argv)."""
+    def ssh_argv(self, host: str, connect_timeout: int = 5, options: Sequence[str] = ()) -> list[str]:
+        """The ssh command line for a host (handy for tools that want argv).
+
+        It checks no host key (test inspection), unless `options` (first, so they win) say otherwise.
+        """
         return [
-            "ssh", "-F", "/dev/null", "-i", str(self.ssh_key_path),
+            "ssh", *options, "-F", "/dev/null", "-i", str(self.ssh_key_path),
             "-o", "IdentitiesOnly=yes",
             "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null",
@@ -452,10 +460,11 @@ class Sandbox:
         timeout: float = 60,
         check: bool = True,
         connect_timeout: int = 5,
+        options: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[bytes]:
         """Run a shell command on a host as root over ssh; raise SshError if check and it fails."""
         proc = subprocess.run(
-            [*self.ssh_argv(host, connect_timeout), "--", command],
+            [*self.ssh_argv(host, connect_timeout, options), "--", command],
             input=input,
             stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,

@@ -11,15 +11,20 @@ these settings point at.
 from __future__ import annotations
 
 import re
+import shlex
 
 from kcp_host.contract import AGENT, PKI, BackupEnv, render_env
 
 SERVICE = "/etc/systemd/system/etcd-backup.service"
+# etcd's backend quota (ETCD_QUOTA_BACKEND_BYTES, render/etcd.py) is 8 GiB, and a snapshot is the backend file:
+# twice that leaves room for the pages a database over its quota still holds.
+SNAPSHOT_MAX_BYTES = 16 * 1024**3
 TIMER = "/etc/systemd/system/etcd-backup.timer"
 
 _SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
 _PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
 _PUBLIC_KEY = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/]+={0,3}( [^\s\"]*)?$")
+_HOST = re.compile(r"^[A-Za-z0-9.:-]+$")
 _DEST = re.compile(r"^(ssh://[A-Za-z0-9._-]+@[A-Za-z0-9.:\[\]-]+/[A-Za-z0-9._/-]+|(gs|s3)://[a-z0-9._-]+(/[A-Za-z0-9._/-]*)?)$")
 
 
@@ -122,16 +127,28 @@ def backup_host_files(cluster_name: str, dest: str, interval_minutes: int, verif
     }
 
 
+def known_hosts(address: str, host_key: str) -> str:
+    """The etcd hosts' known_hosts for the receiver: the backup host's pinned key and nothing else, so
+    `kcp-host etcd-backup` connects with StrictHostKeyChecking=yes (kcp_host/destinations.py)."""
+    _require(_HOST, "backup host address", address)
+    return f"{address} {_require(_PUBLIC_KEY, 'backup host key', host_key)}\n"
+
+
 def backup_receiver_authorized_key(public_key_openssh: str, backup_path: str, cluster_name: str,
-                                   retain_recent: int, retain_daily: int) -> str:
+                                   retain_recent: int, retain_daily: int,
+                                   max_bytes: int = SNAPSHOT_MAX_BYTES) -> str:
     """One authorized_keys line: the etcd hosts' key can only run the receiver for this cluster.
 
     `restrict` turns off forwarding, PTYs and user rc; `command=` replaces whatever the client
-    asks for, so the key grants "add new files below <path>/<cluster>" and nothing else.
+    asks for, so the key grants "add new files below <path>/<cluster>" and nothing else, each
+    snapshot at most `max_bytes` (its metadata at most 1 MiB), so the folder's size has a bound:
+    (recent + daily + 3 bad + 2 in flight) snapshots.
     """
     key = _require(_PUBLIC_KEY, "backup public key", public_key_openssh.strip())
     if retain_recent < 1 or retain_daily < 0:
         raise ValueError(f"backup retention: recent={retain_recent} daily={retain_daily} is not allowed")
-    command = (f"{AGENT} etcd-backup-receive --root {receiver_root(backup_path, cluster_name)} "
-               f"--retain-recent {retain_recent} --retain-daily {retain_daily}")
+    if max_bytes < 1:
+        raise ValueError(f"backup size bound: {max_bytes} bytes is not allowed")
+    command = (f"{AGENT} etcd-backup-receive --root {shlex.quote(receiver_root(backup_path, cluster_name))} "
+               f"--retain-recent {retain_recent} --retain-daily {retain_daily} --max-bytes {max_bytes}")
     return f'restrict,command="{command}" {key}\n'

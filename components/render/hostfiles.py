@@ -15,7 +15,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from components.render import backup, etcd, firewall, kubernetes, loadbalancer, recovery
+from components.render import backup, etcd, firewall, kubernetes, loadbalancer, maintenance, monitoring, recovery
 from components.render.etcd import Member
 from components.render.firewall import FirewallPeers, nftables_config
 from kcp_host.contract import ETCD_ENV, ClusterEnv
@@ -64,7 +64,7 @@ class Credentials:
 
 
 def etcd_member_files(cluster: Cluster, me: Member, creds: Credentials) -> list[HostFile]:
-    """Config, TLS material, backup and self-healing units of one etcd member (or a spare)."""
+    """Config, TLS material, backup, maintenance, metrics and self-healing units of one etcd member (or a spare)."""
     server_cert, server_key = creds.certs[f"etcd-server-{me.name}"]
     peer_cert, peer_key = creds.certs[f"etcd-peer-{me.name}"]
     backup_cert, backup_key = creds.certs["etcd-backup-client"]
@@ -82,6 +82,8 @@ def etcd_member_files(cluster: Cluster, me: Member, creds: Credentials) -> list[
         HostFile(f"{pki}/backup-client.key", backup_key, 0o600),
         *text_files(recovery.member_recovery_files()),
         *text_files(_backup_files(cluster)),
+        *text_files(maintenance.maintenance_files()),
+        *text_files(monitoring.monitoring_files(cluster.backup.interval_minutes)),
     ]
 
 

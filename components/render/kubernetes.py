@@ -60,7 +60,8 @@ def apiserver_flags(s: ApiServerSettings) -> dict[str, str]:
         "allow-privileged": "true",
         "authorization-mode": "Node,RBAC",
         "authentication-config": f"{K8S}/auth/authentication-config.yaml",
-        "enable-admission-plugins": "NodeRestriction",
+        # NamespaceLifecycle and ServiceAccount are on by default; named so that no one turns them off by accident.
+        "enable-admission-plugins": "NamespaceLifecycle,ServiceAccount,NodeRestriction",
         "enable-bootstrap-token-auth": "true",
         "client-ca-file": f"{PKI}/ca.crt",
         "tls-cert-file": f"{PKI}/apiserver.crt",
@@ -142,50 +143,70 @@ def _probe(path: str, port: int, host: str | None) -> dict[str, Any]:
             "timeoutSeconds": 15, "failureThreshold": 8}
 
 
-def _static_pod(component: str, version: str, flags: dict[str, str], mounts: dict[str, str],
-                probe: dict[str, Any], env: list[dict[str, Any]] | None = None) -> str:
-    volumes = [{"name": f"v{i}", "hostPath": {"path": path, "type": "DirectoryOrCreate"}}
-               for i, path in enumerate(mounts)]
+@dataclass(frozen=True)
+class Component:
+    """One static pod: kubeadm's requests (no limits: a throttled or OOM-killed control plane is worse),
+    probes on its own health endpoints, and host paths (files mounted as files)."""
+
+    name: str
+    flags: dict[str, str]
+    mounts: dict[str, str]  # host path -> "ro" | "rw"
+    live: dict[str, Any]
+    ready: dict[str, Any]
+    cpu: str
+    memory: str
+    env: tuple[dict[str, Any], ...] = ()
+
+
+def _static_pod(c: Component, version: str) -> str:
+    volumes = [{"name": f"v{i}", "hostPath": {"path": path, "type": "FileOrCreate" if path.endswith(".conf")
+                                              else "DirectoryOrCreate"}} for i, path in enumerate(c.mounts)]
     volume_mounts = [{"name": f"v{i}", "mountPath": path, "readOnly": read_only == "ro"}
-                     for i, (path, read_only) in enumerate(mounts.items())]
+                     for i, (path, read_only) in enumerate(c.mounts.items())]
     container: dict[str, Any] = {
-        "name": component, "image": _image(component, version),
-        "command": [component, *_flags(flags)],
-        "livenessProbe": probe, "startupProbe": {**probe, "failureThreshold": 24},
-        "resources": {"requests": {"cpu": "100m"}},
+        "name": c.name, "image": _image(c.name, version),
+        "command": [c.name, *_flags(c.flags)],
+        "livenessProbe": c.live, "readinessProbe": c.ready, "startupProbe": {**c.live, "failureThreshold": 24},
+        "resources": {"requests": {"cpu": c.cpu, "memory": c.memory}},
         "volumeMounts": volume_mounts,
-        "securityContext": {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"}},
+        # Root stays (the keys it reads are root's, 0600, as kubeadm lays them out); nothing else does.
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
     }
-    if env:
-        container["env"] = env
+    if c.env:
+        container["env"] = list(c.env)
     pod = {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": component, "namespace": "kube-system",
-                     "labels": {"component": component, "tier": "control-plane"}},
+        "metadata": {"name": c.name, "namespace": "kube-system",
+                     "labels": {"component": c.name, "tier": "control-plane"}},
         "spec": {"hostNetwork": True, "priorityClassName": "system-node-critical",
+                 "automountServiceAccountToken": False,
+                 "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
                  "containers": [container], "volumes": volumes},
     }
     return yaml.safe_dump(pod, sort_keys=False)
 
 
 def apiserver_manifest(s: ApiServerSettings) -> str:
-    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    env = ({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},)
     mounts = {PKI: "ro", f"{K8S}/auth": "ro", f"{K8S}/encryption": "ro", f"{K8S}/audit": "ro",
               "/var/log/kubernetes/audit": "rw"}
-    return _static_pod("kube-apiserver", s.kubernetes_version, apiserver_flags(s), mounts,
-                       _probe("/livez", API_PORT, None), env)
+    return _static_pod(Component("kube-apiserver", apiserver_flags(s), mounts, _probe("/livez", API_PORT, None),
+                                 _probe("/readyz", API_PORT, None), "250m", "512Mi", env), s.kubernetes_version)
 
 
 def controller_manager_manifest(s: ApiServerSettings) -> str:
     mounts = {PKI: "ro", f"{K8S}/controller-manager.conf": "ro"}
-    return _static_pod("kube-controller-manager", s.kubernetes_version, controller_manager_flags(s),
-                       mounts, _probe("/healthz", 10257, "127.0.0.1"))
+    probe = _probe("/healthz", 10257, "127.0.0.1")
+    return _static_pod(Component("kube-controller-manager", controller_manager_flags(s), mounts, probe, probe,
+                                 "200m", "128Mi"), s.kubernetes_version)
 
 
 def scheduler_manifest(s: ApiServerSettings) -> str:
     mounts = {f"{K8S}/scheduler.conf": "ro"}
-    return _static_pod("kube-scheduler", s.kubernetes_version, scheduler_flags(s), mounts,
-                       _probe("/healthz", 10259, "127.0.0.1"))
+    probe = _probe("/healthz", 10259, "127.0.0.1")
+    return _static_pod(Component("kube-scheduler", scheduler_flags(s), mounts, probe, probe, "100m", "64Mi"),
+                       s.kubernetes_version)
 
 
 def kubeconfig(cluster_name: str, server: str, user: str, ca_pem: str, cert_pem: str, key_pem: str) -> str:

@@ -75,8 +75,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
         hosts, spares = parse_hosts(args.hosts), parse_hosts(args.spares or "")
     if not hosts:
         raise RestoreError("no etcd hosts: give --stack with baremetal.hosts or --hosts")
+    # The stack's pinned host keys, by address: they also hold for --hosts and --backup-host at those addresses.
+    pinned = {h.address: h.host_key for h in (*bm.hosts, *bm.spares, bm.backup_host) if h.host_key} if bm else {}
     ssh = Ssh(user=args.ssh_user or (bm.user if bm else DEFAULT_USER),
-              key=args.ssh_key or (bm.ssh_private_key_path if bm else None), options=args.ssh_option)
+              key=args.ssh_key or (bm.ssh_private_key_path if bm else None), options=args.ssh_option,
+              host_keys=pinned)
     return Plan(hosts, ssh, source_of(args, cfg, ssh), spares)
 
 
@@ -89,7 +92,8 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--ssh-user", help="login user on members and backup host (default: baremetal.user or root)")
     p.add_argument("--ssh-key", help="private key file (default: baremetal.sshPrivateKeyPath)")
     p.add_argument("--ssh-option", action="append", default=[],
-                   help="extra ssh -o option, repeatable (e.g. UserKnownHostsFile=...)")
+                   help="extra ssh -o option, repeatable, first (it wins). Default host key checking: strict, "
+                   "against the stack's hostKey where it pins the address, else against your known_hosts")
     p.add_argument("--backup-host", help="backup host address (default: baremetal.backupHost.address)")
     p.add_argument("--backup-path", help="the cluster's folder on it (default: backupHost.path/clusterName)")
     p.add_argument("--backup-user", help="login user on the backup host (default: --ssh-user)")

@@ -8,7 +8,7 @@ import os
 import shlex
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -17,15 +17,21 @@ from typing import IO, Any
 CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
            "aes128-ctr,aes192-ctr,aes256-ctr")
 PIPE_SIZE = 1 << 20  # pipe buffer to and from each ssh: fewer wake-ups than the 64 KiB default
+KNOWN_HOSTS = "known_hosts"  # in the control folder: the stack's pinned host keys
 
 
 @dataclass
 class Ssh:
-    """ssh with one multiplexed connection per host: a restore makes ~6 round trips per member."""
+    """ssh with one multiplexed connection per host: a restore makes ~6 round trips per member.
+
+    A host whose key the stack pins (`host_keys`: address -> hostKey) is checked against that key only; any
+    other host against the operator's own known_hosts. An unknown or changed key is always refused.
+    """
 
     user: str
     key: str | None
     options: Sequence[str] = ()
+    host_keys: Mapping[str, str] = field(default_factory=dict)
     _control_dir: str | None = field(default=None, init=False, repr=False)
 
     @property
@@ -33,10 +39,20 @@ class Ssh:
         """A private folder for the multiplexing sockets, made on first use and removed by close()."""
         if self._control_dir is None:
             self._control_dir = tempfile.mkdtemp(prefix="kcp-restore-")
+            with open(os.path.join(self._control_dir, KNOWN_HOSTS), "w", encoding="utf-8") as known:
+                known.writelines(f"{address} {key}\n" for address, key in self.host_keys.items())
         return self._control_dir
 
+    def _host_key_options(self, address: str) -> list[str]:
+        """Strict: a pinned host by its key and type only (as pulumi-command checks it), else the operator's file."""
+        key = self.host_keys.get(address)
+        if key is None:
+            return ["-o", "StrictHostKeyChecking=yes"]
+        return ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.control_dir}/{KNOWN_HOSTS}",
+                "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlgorithms={key.split()[0]}"]
+
     def argv(self, address: str, user: str | None = None) -> list[str]:
-        """The ssh command line; host key options come from --ssh-option (default: strict).
+        """The ssh command line; host key options come from --ssh-option, else the pinned keys (always strict).
 
         ssh keeps the first value given for an option, so --ssh-option goes first and wins.
         """
@@ -45,7 +61,7 @@ class Ssh:
             args += ["-o", option]
         args += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=10",
                  "-o", f"Ciphers={CIPHERS}", "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/%C",
-                 "-o", "ControlPersist=120"]
+                 "-o", "ControlPersist=120", *self._host_key_options(address)]
         if self.key:
             args += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
         return [*args, f"{user or self.user}@{address}"]
@@ -77,7 +93,9 @@ class Ssh:
             return
         for address in addresses:
             subprocess.run([*self.argv(address, user), "-O", "exit"], capture_output=True, timeout=10, check=False)
-        with contextlib.suppress(OSError):  # not empty: another master still runs
+        with contextlib.suppress(OSError):  # more than known_hosts left: another master still runs
+            if os.listdir(self._control_dir) == [KNOWN_HOSTS]:
+                os.unlink(os.path.join(self._control_dir, KNOWN_HOSTS))
             os.rmdir(self._control_dir)
             self._control_dir = None
 

@@ -2,7 +2,7 @@
 
 Only what is specific to AWS lives here; slots, bundles, retention and the boot path come from
 components/targets/cloud.py and kcp_host/cloudboot.py. Shape, method for method the same as
-components/targets/gce.py: endpoints, network, firewall, backup bucket, secrets, health checks,
+components/targets/gce.py: endpoints, network, firewall, identities, backup bucket, secrets, health checks,
 etcd member groups, API server group, load balancers.
 
 - Every etcd member is an Auto Scaling group of one in its zone. Its network interface (the
@@ -33,7 +33,8 @@ from components.targets import SharedAssets, cloud
 from components.targets.aws_access import (
     attach_policy,
     backup_bucket,
-    control_plane_identity,
+    cluster_key,
+    instance_role,
     secrets_read_policy,
 )
 from components.targets.aws_network import AwsNetwork, network, security_groups
@@ -87,27 +88,37 @@ class AwsTarget(cloud.CloudTarget):
     def _firewall(self) -> None:
         self._sg = security_groups(self._cfg, self._net, self._aws.public_api, self._opts)
 
-    # -- secrets and backups ---------------------------------------------------------
+    # -- identities, secrets and backups ---------------------------------------------
+    def _identities(self) -> None:
+        """An instance role per role (cloud.IDENTITIES), all under the cluster's one KMS key; each launch template
+        runs as its role's."""
+        self._key = cluster_key(self._cfg, self._opts)
+        self._instance_roles = {identity: instance_role(self._cfg, identity, self._key, self._opts)
+                                for identity in cloud.identity_secrets(self._cfg.cluster_name, self._slots)}
+
     def _backup_bucket(self) -> None:
-        """Versioned, private, SSE-KMS S3 bucket with exact-count lifecycle rules; hosts may only add."""
-        self._identity = control_plane_identity(self._cfg, self._aws.region, self._opts)
-        self._bucket = backup_bucket(self._cfg, self._identity, self._aws.region, self._opts)
+        """Private, SSE-KMS S3 bucket under Object Lock, expiry by age; only the etcd role may add snapshots."""
+        writer = self._instance_roles[cloud.etcd_identity(self._slots)]
+        self._bucket = backup_bucket(self._cfg, writer, self._aws.region, self._opts)
         self._backup_url = self._bucket.bucket.apply(lambda b: f"s3://{b}/{cloud.backup_prefix(self._cfg.cluster_name)}")
         self._marker_url = self._bucket.bucket.apply(lambda b: f"s3://{b}/{cloud.marker_key(self._cfg.cluster_name)}")
 
     def _secrets(self, assets: SharedAssets) -> None:
-        """One Secrets Manager secret per bundle under the cluster's KMS key; only the instance role reads."""
+        """One Secrets Manager secret per bundle under the cluster's KMS key, readable only by the roles whose
+        instances fetch it."""
         cluster = cloud.resolved_cluster(self._cfg, self._topology, self._endpoints, self._backup_url)
-        arns = []
+        arns: dict[str, pulumi.Output[str]] = {}
         for secret_name, payload in cloud.secret_payloads(self._cfg, self._topology, cluster,
                                                           assets.credentials).items():
             secret = aws.secretsmanager.Secret(
-                f"{secret_name}-secret", name=secret_name, kms_key_id=self._identity.key.arn,
+                f"{secret_name}-secret", name=secret_name, kms_key_id=self._key.arn,
                 recovery_window_in_days=7, tags=_tags(self._cfg.cluster_name), opts=self._opts)
             aws.secretsmanager.SecretVersion(f"{secret_name}-secret-version", secret_id=secret.id,
                                              secret_string=payload, opts=self._opts)
-            arns.append(secret.arn)
-        secrets_read_policy(self._cfg, self._identity, self._aws.region, arns, self._opts)
+            arns[secret_name] = secret.arn
+        for identity, secrets in cloud.identity_secrets(self._cfg.cluster_name, self._slots).items():
+            secrets_read_policy(self._cfg, self._instance_roles[identity], self._aws.region,
+                                [arns[s] for s in secrets], self._opts)
 
     # -- machines --------------------------------------------------------------------
     def _health_checks(self) -> None:
@@ -146,7 +157,8 @@ class AwsTarget(cloud.CloudTarget):
             self._child(role, "template"), name_prefix=f"{self._child(role)}-", image_id=image.id,
             instance_type=instance_type, vpc_security_group_ids=groups, update_default_version=True,
             user_data=user_data,
-            iam_instance_profile=aws.ec2.LaunchTemplateIamInstanceProfileArgs(arn=self._identity.profile.arn),
+            iam_instance_profile=aws.ec2.LaunchTemplateIamInstanceProfileArgs(
+                arn=self._instance_roles[slot.identity].profile.arn),
             metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
                 http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1,
                 instance_metadata_tags="enabled"),
@@ -167,7 +179,7 @@ class AwsTarget(cloud.CloudTarget):
         partition, caller = aws.get_partition_output(), aws.get_caller_identity_output()
         instances = pulumi.Output.all(partition.partition, caller.account_id).apply(
             lambda v: f"arn:{v[0]}:ec2:{self._aws.region}:{v[1]}:instance/*")
-        attach_policy(self._cfg, self._identity, instances, [v.arn for v in volumes.values()],
+        attach_policy(self._cfg, self._instance_roles[slot.identity], instances, [v.arn for v in volumes.values()],
                       [i.arn for i in self._interfaces.values()], self._opts)
         return [self._etcd_member_group(m, template, slot) for m in self._topology.etcd_members]
 

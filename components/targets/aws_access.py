@@ -1,11 +1,11 @@
 """Who the AWS control-plane instances are, and what they may touch.
 
-One instance role for every control-plane instance, with inline policies that name exact
-resources: GetSecretValue on this cluster's secrets; PutObject under the backup prefix (an
-overwrite in a versioned bucket only adds a version; docs/backups.md) and create/read of the
-one cluster-formed marker; attaching only the members' own volumes and interfaces, to
-instances of this cluster. Describe calls have no resource-level permissions in EC2, so they
-are the only `*` resources, and they only read.
+One instance role per role (components/targets/cloud.py: `etcd`, `api`, or `cp` when colocated),
+with inline policies that name exact resources: every role GetSecretValue on the host programs and
+its own slots' secrets, and the cluster key's Decrypt for those secrets only. Only the role of the
+instances that run etcd may touch the backup bucket (`_backup_write_policy`) and attach volumes and
+interfaces: only the members' own, to instances of this cluster. Describe calls have no
+resource-level permissions in EC2, so they are the only `*` resources, and they only read.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import pulumi_aws as aws
 
 from components.config import ClusterConfig
 from components.naming import resource_name
-from components.targets.cloud import VersionRule, backup_prefix, marker_key, retention_rules
+from components.targets.cloud import ExpiryRule, backup_prefix, lock_days, marker_key, retention_rules
 
 
 @dataclass(frozen=True)
 class Identity:
+    name: str  # cloud.IDENTITIES
     role: aws.iam.Role
     profile: aws.iam.InstanceProfile
-    key: aws.kms.Key  # encrypts the secrets and the backup bucket
+    key: aws.kms.Key  # the cluster's one key (shared by every role): encrypts the secrets and the backup bucket
 
 
 def _document(statements: list[dict[str, Any]]) -> pulumi.Output[str]:
@@ -38,32 +39,40 @@ def _via(service: str, region: str) -> dict[str, Any]:
     return {"StringEquals": {"kms:ViaService": f"{service}.{region}.amazonaws.com"}}
 
 
-def control_plane_identity(cfg: ClusterConfig, region: str, opts: pulumi.ResourceOptions) -> Identity:
+def cluster_key(cfg: ClusterConfig, opts: pulumi.ResourceOptions) -> aws.kms.Key:
     cluster = cfg.cluster_name
-    key = aws.kms.Key(resource_name(cluster, "kms"), description=f"{cluster} control-plane secrets and backups",
-                      enable_key_rotation=True, deletion_window_in_days=30, tags={"kcp-cluster": cluster}, opts=opts)
+    return aws.kms.Key(resource_name(cluster, "kms"), description=f"{cluster} control-plane secrets and backups",
+                       enable_key_rotation=True, deletion_window_in_days=30, tags={"kcp-cluster": cluster}, opts=opts)
+
+
+def instance_role(cfg: ClusterConfig, identity: str, key: aws.kms.Key, opts: pulumi.ResourceOptions) -> Identity:
+    """The role and instance profile one role's instances run as (`identity`: cloud.IDENTITIES)."""
+    cluster = cfg.cluster_name
     role = aws.iam.Role(
-        resource_name(cluster, "control-plane-role"), name=resource_name(cluster, "control-plane"),
+        resource_name(cluster, identity, "role"), name=resource_name(cluster, "kcp", identity),
         assume_role_policy=json.dumps({"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}),
         tags={"kcp-cluster": cluster}, opts=opts)
-    profile = aws.iam.InstanceProfile(resource_name(cluster, "control-plane-profile"),
-                                      name=resource_name(cluster, "control-plane"), role=role.name, opts=opts)
-    return Identity(role, profile, key)
+    profile = aws.iam.InstanceProfile(resource_name(cluster, identity, "profile"),
+                                      name=resource_name(cluster, "kcp", identity), role=role.name, opts=opts)
+    return Identity(identity, role, profile, key)
 
 
 def policy(cluster: str, identity: Identity, kind: str, statements: list[dict[str, Any]],
            opts: pulumi.ResourceOptions) -> aws.iam.RolePolicy:
-    return aws.iam.RolePolicy(resource_name(cluster, "policy", kind), name=resource_name(cluster, kind),
+    return aws.iam.RolePolicy(resource_name(cluster, identity.name, "policy", kind), name=resource_name(cluster, kind),
                               role=identity.role.id, policy=_document(statements), opts=opts)
 
 
 def secrets_read_policy(cfg: ClusterConfig, identity: Identity, region: str, secret_arns: list[pulumi.Output[str]],
                         opts: pulumi.ResourceOptions) -> None:
+    """Exactly these secrets, and the key only for them (Secrets Manager names the secret in the encryption context):
+    a GetSecretValue on another slot's secret, granted by mistake later, would still not decrypt it."""
+    decrypt = _via("secretsmanager", region)
+    decrypt["StringEquals"]["kms:EncryptionContext:SecretARN"] = secret_arns
     policy(cfg.cluster_name, identity, "read-secrets", [
         {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": secret_arns},
-        {"Effect": "Allow", "Action": "kms:Decrypt", "Resource": identity.key.arn,
-         "Condition": _via("secretsmanager", region)},
+        {"Effect": "Allow", "Action": "kms:Decrypt", "Resource": identity.key.arn, "Condition": decrypt},
     ], opts)
 
 
@@ -83,23 +92,26 @@ def attach_policy(cfg: ClusterConfig, identity: Identity, instances_arn: pulumi.
     policy(cfg.cluster_name, identity, "attach-own-disk-and-address", statements, opts)
 
 
-def _lifecycle_rule(rule: VersionRule) -> aws.s3.BucketLifecycleConfigurationRuleArgs:
-    """S3 counts noncurrent versions only: keeping N versions is N-1 noncurrent beside the live one."""
-    expire = noncurrent = None
-    if rule.keep_versions is not None:
-        noncurrent = aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
-            noncurrent_days=1, newer_noncurrent_versions=rule.keep_versions - 1 or None)
-    else:
-        expire = aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(days=rule.expire_days)
+def _lifecycle_rule(rule: ExpiryRule) -> aws.s3.BucketLifecycleConfigurationRuleArgs:
+    """A current version gets a delete marker `days` after its creation; a noncurrent one (expired, or an upload
+    went over it) is deleted a day after it became noncurrent, but never while Object Lock retains it; the delete
+    marker left alone is then removed by the same expiration. Abandoned multipart uploads go after a day."""
     return aws.s3.BucketLifecycleConfigurationRuleArgs(
         id=rule.prefix.rstrip("/").replace("/", "-"), status="Enabled",
         filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(prefix=rule.prefix),
-        expiration=expire, noncurrent_version_expiration=noncurrent)
+        expiration=aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(days=rule.days),
+        noncurrent_version_expiration=aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
+            noncurrent_days=1),
+        abort_incomplete_multipart_upload=aws.s3.BucketLifecycleConfigurationRuleAbortIncompleteMultipartUploadArgs(
+            days_after_initiation=1))
 
 
 def backup_bucket(cfg: ClusterConfig, identity: Identity, region: str,
                   opts: pulumi.ResourceOptions) -> aws.s3.Bucket:
-    """Versioned, public access blocked, SSE-KMS with the cluster key, exact-count lifecycle rules."""
+    """Versioned, public access blocked, SSE-KMS with the cluster key. Object Lock in governance mode retains every
+    object version `lock_days` (no host, no lifecycle rule deletes it sooner: an upload over a key only adds a
+    version); lifecycle rules delete by age after that. Only `identity` (the etcd members') may write below the
+    backup prefix: its own policy grants it, the bucket policy refuses everyone else."""
     cluster = cfg.cluster_name
     bucket = aws.s3.Bucket(resource_name(cluster, "etcd-backups"), bucket_prefix=f"{cluster}-etcd-backups-",
                            tags={"kcp-cluster": cluster}, opts=opts)
@@ -116,21 +128,35 @@ def backup_bucket(cfg: ClusterConfig, identity: Identity, region: str,
                 apply_server_side_encryption_by_default=aws.s3
                 .BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgs(
                     sse_algorithm="aws:kms", kms_master_key_id=identity.key.arn))], opts=opts)
+    # Enabled here, not by Bucket(object_lock_enabled=True): that would replace an existing bucket and its history;
+    # S3 enables Object Lock on an existing versioned bucket (docs/backups.md). Uploads then need a checksum.
+    aws.s3.BucketObjectLockConfiguration(
+        resource_name(cluster, "etcd-backups-lock"), bucket=bucket.id, object_lock_enabled="Enabled",
+        rule=aws.s3.BucketObjectLockConfigurationRuleArgs(
+            default_retention=aws.s3.BucketObjectLockConfigurationRuleDefaultRetentionArgs(
+                mode="GOVERNANCE", days=lock_days(cfg))),
+        opts=opts.merge(pulumi.ResourceOptions(depends_on=[versioning])))
     # Lifecycle rules on noncurrent versions need versioning first.
     aws.s3.BucketLifecycleConfiguration(
         resource_name(cluster, "etcd-backups-lifecycle"), bucket=bucket.id,
         rules=[_lifecycle_rule(r) for r in retention_rules(cfg)],
         opts=opts.merge(pulumi.ResourceOptions(depends_on=[versioning])))
+    prefix = backup_prefix(cluster)
     aws.s3.BucketPolicy(resource_name(cluster, "etcd-backups-tls-only"), bucket=bucket.id, policy=_document([{
         "Sid": "TlsOnly", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
         "Resource": [bucket.arn, bucket.arn.apply(lambda a: f"{a}/*")],
-        "Condition": {"Bool": {"aws:SecureTransport": "false"}}}]), opts=opts)
+        "Condition": {"Bool": {"aws:SecureTransport": "false"}}}, {
+        "Sid": "OnlyEtcdMembersWriteBackups", "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+        "Resource": bucket.arn.apply(lambda a: f"{a}/{prefix}/*"),
+        "Condition": {"ArnNotEquals": {"aws:PrincipalArn": identity.role.arn}}}]), opts=opts)
     _backup_write_policy(cfg, identity, region, bucket, opts)
     return bucket
 
 
 def _backup_write_policy(cfg: ClusterConfig, identity: Identity, region: str, bucket: aws.s3.Bucket,
                          opts: pulumi.ResourceOptions) -> None:
+    """PutObject only: no delete, no object retention or bypass (the bucket's default retention locks every version
+    without them), no read or list of backups; create and read of the one cluster-formed marker."""
     prefix, marker = backup_prefix(cfg.cluster_name), marker_key(cfg.cluster_name)
     policy(cfg.cluster_name, identity, "write-backups", [
         {"Effect": "Allow", "Action": "s3:PutObject",

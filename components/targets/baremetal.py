@@ -18,7 +18,7 @@ from components import versions
 from components.config import ClusterConfig
 from components.facts import cluster_facts
 from components.pki import Endpoints
-from components.render import backup, recovery
+from components.render import backup, monitoring, recovery
 from components.render.agent import ENSURE_PYTHON, agent_files
 from components.render.etcd import Member
 from components.render.firewall import FirewallPeers
@@ -35,7 +35,10 @@ from components.render.hostfiles import (
 from components.targets import Deployed, SharedAssets
 from components.topology import Machine, Topology
 from components.versions import kubelet_release_args
-from kcp_host.contract import AGENT, BACKUP_SSH_KEY, HOST_IDENTITY
+from kcp_host.contract import AGENT, BACKUP_SSH_KEY, BACKUP_SSH_KNOWN_HOSTS, HOST_IDENTITY
+
+# trustOnFirstUse: the host's ed25519 key as it reports it, `TYPE BASE64` (a hostKey's shape).
+READ_HOST_KEY = "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub"
 
 
 class BareMetalTarget:
@@ -51,6 +54,9 @@ class BareMetalTarget:
             key.get_secret_value() if key is not None else Path(self._bm.ssh_private_key_path or "").read_text())
         self._cluster = cluster_facts(cfg, topology, addresses, self._bm.api_vip, self._backup_dest,
                                       BACKUP_SSH_KEY)
+        bm = self._bm
+        self._host_keys: dict[str, pulumi.Input[str]] = {
+            h.address: h.host_key for h in (*bm.hosts, *bm.spares, bm.backup_host) if h.host_key}
 
     def endpoints(self) -> Endpoints:
         addresses = {m.name: m.address or "" for m in (*self._topology.machines, *self._topology.spares)}
@@ -58,9 +64,30 @@ class BareMetalTarget:
                          member_addresses=addresses)
 
     # -- helpers ---------------------------------------------------------------------
-    def _connection(self, address: str) -> remote.ConnectionArgsDict:
+    def _connection(self, name: str, address: str) -> remote.ConnectionArgsDict:
+        """pulumi-command verifies a host only against `host_key` (then that key, of its type, only): without
+        one, whoever answers on port 22 would receive the bundles."""
+        if address not in self._host_keys:
+            self._host_keys[address] = self._first_seen_key(name, address)
+        return {**self._login(address), "host_key": self._host_keys[address]}
+
+    def _login(self, address: str) -> remote.ConnectionArgsDict:
         return {"host": address, "user": self._bm.user, "private_key": self._ssh_key,
                 "dial_error_limit": 20, "per_dial_timeout": 10}
+
+    def _first_seen_key(self, name: str, address: str) -> pulumi.Output[str]:
+        """trustOnFirstUse and no hostKey: the key the host reports at its first `pulumi up`, kept in the state as
+        this read's output and never read again (changes of its connection are ignored).
+
+        The read is the only connection that verifies nothing, and it ships nothing; every other one verifies the
+        key it returned, so a host presenting another key later (an impostor, a replaced machine) is refused until
+        its key is pinned. Nothing verifies the read itself: whoever answered it first is trusted.
+        """
+        read = remote.Command(
+            f"{self._name}-{name}-host-key", connection=self._login(address), create=READ_HOST_KEY,
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=self._parent, ignore_changes=["connection"]))
+        return read.stdout
 
     def _command(self, host: Machine | str, step: str, create: str, *, address: str | None = None,
                  stdin: pulumi.Input[str] | None = None, update: str | None = None,
@@ -73,7 +100,7 @@ class BareMetalTarget:
         if delete is not None:
             delete = pulumi.Output.from_input(delete).apply(lambda undo: self._owned(name, undo))
         return remote.Command(
-            f"{self._name}-{name}-{step}", connection=self._connection(addr),
+            f"{self._name}-{name}-{step}", connection=self._connection(name, addr),
             create=create, update=update, delete=delete, stdin=stdin, triggers=triggers,
             add_previous_output_in_env=False,
             opts=pulumi.ResourceOptions(parent=self._parent, depends_on=depends_on or []),
@@ -121,6 +148,7 @@ class BareMetalTarget:
             api_servers=addrs(t.api_servers), load_balancers=addrs(t.load_balancers),
             etcd_members=addrs((*t.etcd_members, *t.spares)),
             backup_hosts=(self._bm.backup_host.address,), cluster_hosts=addrs((*t.machines, *t.spares)),
+            monitoring=tuple(self._bm.monitoring_cidrs),
         )
 
     @property
@@ -164,10 +192,11 @@ class BareMetalTarget:
         pairs = lambda machines: ",".join(f"{m.name}=https://{m.address}:2380" for m in machines)  # noqa: E731
         t = self._topology
         return self._command(host, "membership", f"{AGENT} etcd-reconcile-members --members="
-                             f"{pairs(t.etcd_members)} --spares={pairs(t.spares)}", depends_on=list(after))
+                             f"{shlex.quote(pairs(t.etcd_members))} --spares={shlex.quote(pairs(t.spares))}",
+                             depends_on=list(after))
 
     def _firewall(self, host: Machine, after: list[pulumi.Resource]) -> remote.Command:
-        operators = ",".join(self._bm.operator_cidrs)
+        operators = shlex.quote(",".join(self._bm.operator_cidrs))
         return self._files(host, "firewall", pulumi.Output.from_input(firewall_files(self._firewall_peers())),
                            f"{AGENT} firewall-apply --operators={operators}", depends_on=after,
                            undo="systemctl disable --now kcp-firewall; nft delete table inet kcp 2>/dev/null || true")
@@ -183,6 +212,10 @@ class BareMetalTarget:
         """Configure every member before any starts (initial-cluster-state=new), then wait for health."""
         t = self._topology
         spare_files = recovery.spare_watch_files(self._bm.spare_takeover_after_seconds, 30)
+        bh = self._bm.backup_host
+        # The backup job accepts only the pinned key; unpinned (trustOnFirstUse), its first contact learns one.
+        pinned_backup = [HostFile(BACKUP_SSH_KNOWN_HOSTS, backup.known_hosts(bh.address, bh.host_key))] \
+            if bh.host_key else []
         configured: list[remote.Command] = []
         for host in (*t.etcd_members, *t.spares):
             installed = self._install_etcd(host, firewalls[host.name])
@@ -190,6 +223,7 @@ class BareMetalTarget:
                 lambda v, host=host: [
                     *etcd_member_files(self._cluster, Member(host.name, host.address or ""), v[0]),
                     HostFile(BACKUP_SSH_KEY, v[1], 0o600),
+                    *pinned_backup,
                     *(text_files(spare_files) if host in t.spares else []),
                 ])
             # Serial on update: each member restarts and is healthy before the next one.
@@ -210,9 +244,15 @@ class BareMetalTarget:
             self._command(spare, "spare-watch",
                           "systemctl daemon-reload && systemctl enable --now etcd-spare-watch.timer",
                           delete="systemctl disable --now etcd-spare-watch.timer", depends_on=formed)
+        for host in (*t.etcd_members, *t.spares):  # the metrics, on members and spares (docs/alerts.md)
+            self._command(host, "metrics", monitoring.enable_command(),
+                          delete=f"systemctl disable --now {' '.join(monitoring.UNITS)}", depends_on=formed)
         for member in t.etcd_members:
             self._command(member, "backup-timer", "systemctl enable --now etcd-backup.timer",
                           delete="systemctl disable --now etcd-backup.timer", depends_on=formed)
+            self._command(member, "maintain-timer",
+                          "systemctl daemon-reload && systemctl enable --now etcd-maintain.timer",
+                          delete="systemctl disable --now etcd-maintain.timer", depends_on=formed)
         return [healthy, *formed]
 
     def _backup_host(self, assets: SharedAssets, agent: remote.Command) -> remote.Command:
@@ -222,7 +262,8 @@ class BareMetalTarget:
                 key, bh.path, cfg.cluster_name, cfg.backup.retain.recent, cfg.backup.retain.daily))
         return self._command(
             "backup", "receiver",
-            f"{AGENT} backup-host-setup {bh.user} {backup.receiver_root(bh.path, cfg.cluster_name)}",
+            f"{AGENT} backup-host-setup {shlex.quote(bh.user)} "
+            f"{shlex.quote(backup.receiver_root(bh.path, cfg.cluster_name))}",
             address=bh.address, stdin=line, depends_on=[agent])
 
     def _apiserver(self, host: Machine, assets: SharedAssets, after: list[pulumi.Resource]) -> None:

@@ -5,11 +5,21 @@ topology's machine) and one group for the API servers (one shared slot). A slot'
 a bundle of its host files, named like the slot, so a booting machine needs to know only
 its slot. Nothing here declares a resource; the targets turn these facts into their cloud's
 resources, so the two target modules differ only where the clouds do.
+
+Machines run as one cloud identity per role (GCE service account, AWS instance role): `etcd` for the
+members, `api` for the API servers, `cp` for colocated members (which hold both roles' keys anyway). An
+identity reads the host programs and its own slots' bundles only: an internet-facing API server cannot
+read a member's peer and server keys, nor a member the Kubernetes CA key. Only the identity that runs
+etcd writes backups and the cluster-formed marker (on AWS it also attaches the members' volumes and
+interfaces). Members share their identity, so one can read another's bundle: each already holds the
+whole keyspace and a peer certificate the others trust, so a peer's keys add little, while an
+identity per member would need a machine template per member.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +50,10 @@ ETCD_DATA_DEVICE = "etcd-data"
 ETCD_LB_PORTS = (CLIENT_PORT, METRICS_PORT)  # client traffic and the /health probes
 
 
+# The cloud identity a slot's machines run as, by the slot's roles (module docstring).
+IDENTITIES = {("etcd",): "etcd", ("apiserver",): "api", ("etcd", "apiserver"): "cp"}
+
+
 @dataclass(frozen=True)
 class Slot:
     """One identity that a group keeps filled: an etcd member, or the API servers' shared one."""
@@ -50,6 +64,10 @@ class Slot:
 
     def has(self, role: str) -> bool:
         return role in self.roles
+
+    @property
+    def identity(self) -> str:
+        return IDENTITIES[self.roles]
 
 
 def slots(cfg: ClusterConfig, topology: Topology) -> list[Slot]:
@@ -80,12 +98,25 @@ def programs_secrets(cluster: str) -> list[str]:
     return [first, *(f"{first}-{i}" for i in range(2, len(programs_parts()) + 1))]
 
 
+def identity_secrets(cluster: str, slots: list[Slot]) -> dict[str, list[str]]:
+    """Identity -> the secrets its machines may read: the host programs (no key in them), then only its own slots'
+    bundles, each granted on its own."""
+    return {identity: [*programs_secrets(cluster), *(s.name for s in slots if s.identity == identity)]
+            for identity in dict.fromkeys(s.identity for s in slots)}
+
+
+def etcd_identity(slots: list[Slot]) -> str:
+    """The identity of the machines that run etcd: the only one that writes backups and the cluster-formed marker."""
+    return next(s.identity for s in slots if s.has("etcd"))
+
+
 def role_tag(cluster: str, role: str) -> str:
     """Network tag / tag value that firewall rules and policies select machines by."""
     return resource_name(cluster, role)
 
 
 def backup_prefix(cluster: str) -> str:
+    """Hosts add `snapshots/<name>.db|.json`, `bad/...` and `status/<stamp>-<host>.json` below it, never replace."""
     return f"{cluster}/backups"
 
 
@@ -175,25 +206,28 @@ def startup_script(provider: str, settings: dict[str, Any], max_bytes: int | Non
             k: tuple(x) if isinstance(x, list) else x for k, x in zip(keys, v, strict=True)}), max_bytes))
 
 
+def lock_days(cfg: ClusterConfig) -> int:
+    """How long the backup bucket's retention lock (S3 Object Lock, GCS retention policy) keeps every object: the
+    daily history, long enough for `retain.recent` snapshots at the backup interval, at least a day. Nothing
+    deletes or replaces an object sooner: not a host, not the lifecycle rules. docs/backups.md."""
+    retain = cfg.backup.retain
+    return max(retain.daily, math.ceil(retain.recent * cfg.backup.interval_minutes / 1440), 1)
+
+
 @dataclass(frozen=True)
-class VersionRule:
-    """Lifecycle of the objects under `prefix`: keep the newest `keep_versions` (live included),
-    or delete objects `expire_days` after creation. docs/backups.md has the layout."""
+class ExpiryRule:
+    """Lifecycle of the objects under `prefix`: delete each `days` after its creation, once its lock has ended
+    (S3: the current version, then its noncurrent ones a day later). docs/backups.md has the layout."""
 
     prefix: str
-    keep_versions: int | None = None
-    expire_days: int | None = None
+    days: int
 
 
-def retention_rules(cfg: ClusterConfig) -> list[VersionRule]:
-    prefix, retain = backup_prefix(cfg.cluster_name), cfg.backup.retain
-    return [
-        VersionRule(f"{prefix}/recent/", keep_versions=retain.recent),
-        VersionRule(f"{prefix}/daily/", keep_versions=max(retain.daily, 1)),
-        VersionRule(f"{prefix}/daily-markers/", expire_days=retain.daily + 1),
-        VersionRule(f"{prefix}/bad/", keep_versions=3),
-        VersionRule(f"{prefix}/status.json", keep_versions=11),
-    ]
+def retention_rules(cfg: ClusterConfig) -> list[ExpiryRule]:
+    """One object per snapshot under new keys: retention is by age, a day past the lock; so the bucket holds
+    every snapshot of the last `lock_days`, which is at least the newest `retain.recent` and the first of each of
+    the newest `retain.daily` days. The whole prefix, so objects of the earlier fixed-key layout expire too."""
+    return [ExpiryRule(f"{backup_prefix(cfg.cluster_name)}/", lock_days(cfg) + 1)]
 
 
 def client_endpoints(endpoints: Endpoints, topology: Topology) -> pulumi.Output[list[str]]:
@@ -223,6 +257,7 @@ class CloudTarget(ABC):
         return resource_name(self._cfg.cluster_name, *kind)
 
     def deploy(self, assets: SharedAssets) -> Deployed:
+        self._identities()
         self._backup_bucket()
         self._secrets(assets)
         self._health_checks()
@@ -232,6 +267,9 @@ class CloudTarget(ABC):
         return Deployed(api_endpoint=api_endpoint(self._endpoints),
                         etcd_client_endpoints=client_endpoints(self._endpoints, self._topology),
                         backup_location=self._backup_url)
+
+    @abstractmethod
+    def _identities(self) -> None: ...
 
     @abstractmethod
     def _backup_bucket(self) -> None: ...

@@ -2,7 +2,7 @@
 
 Only what is specific to GCE lives here; slots, bundles, retention and the boot path come from
 components/targets/cloud.py and kcp_host/cloudboot.py. Shape, method for method the same as
-components/targets/aws.py: endpoints, network, firewall, secrets, backup bucket, health checks,
+components/targets/aws.py: endpoints, network, firewall, identities, backup bucket, secrets, health checks,
 etcd member groups, API server group, load balancers.
 
 - Every etcd member is a zonal managed instance group of one with a per-instance config that
@@ -24,7 +24,7 @@ from components.pki import Endpoints
 from components.render.etcd import CLIENT_PORT, METRICS_PORT
 from components.render.kubernetes import API_PORT
 from components.targets import SharedAssets, cloud
-from components.targets.gce_access import backup_bucket_access, control_plane_identity
+from components.targets.gce_access import backup_bucket_access, service_account
 from components.targets.gce_network import firewall_rules, network
 from components.topology import Machine, Topology
 
@@ -69,17 +69,23 @@ class GceTarget(cloud.CloudTarget):
     def _firewall(self) -> None:
         firewall_rules(self._cfg, self._net, self._opts)
 
-    # -- secrets and backups ---------------------------------------------------------
+    # -- identities, secrets and backups ---------------------------------------------
+    def _identities(self) -> None:
+        """A service account per role (cloud.IDENTITIES); each VM template runs as its role's."""
+        self._accounts = {identity: service_account(self._cfg, self._gce, identity, self._opts)
+                          for identity in cloud.identity_secrets(self._cfg.cluster_name, self._slots)}
+
     def _backup_bucket(self) -> None:
-        """Versioned GCS bucket with exact-count lifecycle rules; hosts may only add snapshots."""
-        self._identity = control_plane_identity(self._cfg, self._gce, self._opts)
-        self._bucket = backup_bucket_access(self._cfg, self._gce, self._identity.member, self._opts)
+        """GCS bucket under a retention policy, expiry by age; only the etcd hosts' account may add snapshots."""
+        writer = self._accounts[cloud.etcd_identity(self._slots)]
+        self._bucket = backup_bucket_access(self._cfg, self._gce, writer.member, self._opts)
         self._backup_url = self._bucket.name.apply(lambda b: f"gs://{b}/{cloud.backup_prefix(self._cfg.cluster_name)}")
         self._marker_url = self._bucket.name.apply(lambda b: f"gs://{b}/{cloud.marker_key(self._cfg.cluster_name)}")
 
     def _secrets(self, assets: SharedAssets) -> None:
-        """One Secret Manager secret per bundle; only the control-plane service account may read them."""
+        """One Secret Manager secret per bundle, readable only by the accounts whose machines fetch it."""
         cluster = cloud.resolved_cluster(self._cfg, self._topology, self._endpoints, self._backup_url)
+        readers = cloud.identity_secrets(self._cfg.cluster_name, self._slots)
         for secret_id, payload in cloud.secret_payloads(self._cfg, self._topology, cluster, assets.credentials).items():
             secret = gcp.secretmanager.Secret(
                 f"{secret_id}-secret", secret_id=secret_id, project=self._gce.project,
@@ -88,9 +94,10 @@ class GceTarget(cloud.CloudTarget):
                 labels={"kcp-cluster": self._cfg.cluster_name}, opts=self._opts)
             gcp.secretmanager.SecretVersion(f"{secret_id}-secret-version", secret=secret.id,
                                             secret_data=payload, opts=self._opts)
-            gcp.secretmanager.SecretIamMember(
-                f"{secret_id}-secret-accessor", project=self._gce.project, secret_id=secret.secret_id,
-                role="roles/secretmanager.secretAccessor", member=self._identity.member, opts=self._opts)
+            for identity in (i for i, secrets in readers.items() if secret_id in secrets):
+                gcp.secretmanager.SecretIamMember(
+                    f"{secret_id}-secret-accessor-{identity}", project=self._gce.project, secret_id=secret.secret_id,
+                    role="roles/secretmanager.secretAccessor", member=self._accounts[identity].member, opts=self._opts)
 
     # -- machines --------------------------------------------------------------------
     def _health_checks(self) -> None:
@@ -108,7 +115,7 @@ class GceTarget(cloud.CloudTarget):
 
     def _machine_template(self, slot: cloud.Slot, machine_type: str,
                           extra_disks: list[gcp.compute.InstanceTemplateDiskArgs]) -> gcp.compute.InstanceTemplate:
-        """Shielded VM, no external address, the control-plane service account, the shared boot path."""
+        """Shielded VM, no external address, its role's service account, the shared boot path."""
         role = "etcd" if slot.has("etcd") else "api"
         settings = cloud.boot_settings(self._cfg, slot, self._marker_url, cloud.lb_ports(slot))
         lbs = [self._etcd_lb_address.address] if slot.has("etcd") else []
@@ -130,7 +137,7 @@ class GceTarget(cloud.CloudTarget):
                    *extra_disks],
             network_interfaces=[gcp.compute.InstanceTemplateNetworkInterfaceArgs(subnetwork=self._net.subnetwork)],
             service_account=gcp.compute.InstanceTemplateServiceAccountArgs(
-                email=self._identity.email, scopes=["https://www.googleapis.com/auth/cloud-platform"]),
+                email=self._accounts[slot.identity].email, scopes=["https://www.googleapis.com/auth/cloud-platform"]),
             shielded_instance_config=gcp.compute.InstanceTemplateShieldedInstanceConfigArgs(
                 enable_secure_boot=True, enable_vtpm=True, enable_integrity_monitoring=True),
             opts=self._opts)

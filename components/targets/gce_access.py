@@ -1,10 +1,9 @@
-"""Who the GCE control-plane VMs are, and what they may touch: their service account, the backup bucket.
+"""Who the GCE control-plane VMs are, and what they may touch: their service accounts, the backup bucket.
 
-One dedicated service account runs every control-plane VM. It gets exactly: log and metric
-writing, read access to this cluster's secrets (granted per secret, in gce.py), and in the
-backup bucket object create/delete under the backup prefix (an overwrite in a versioned bucket
-is a create plus a delete of the live version; docs/backups.md) plus create-only and read of
-the one cluster-formed marker object. No list, no read of backups.
+One dedicated service account per role (components/targets/cloud.py: `etcd`, `api`, or `cp` when
+colocated) runs that role's VMs. Each gets log and metric writing and read access to the host
+programs and its own slots' secrets (granted per secret, in gce.py). Only the account of the
+machines that run etcd gets any access to the backup bucket: what `backup_bucket_access` grants.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import pulumi_gcp as gcp
 
 from components.config import ClusterConfig, Gce
 from components.naming import resource_name, short_name
-from components.targets.cloud import VersionRule, backup_prefix, marker_key, retention_rules
+from components.targets.cloud import ExpiryRule, backup_prefix, lock_days, marker_key, retention_rules
 
 PROJECT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
 SOFT_DELETE_SECONDS = 7 * 86_400  # a compromised host's deletes stay recoverable for a week
@@ -28,45 +27,48 @@ class Identity:
     member: pulumi.Output[str]  # "serviceAccount:<email>", as IAM bindings name it
 
 
-def control_plane_identity(cfg: ClusterConfig, gce: Gce, opts: pulumi.ResourceOptions) -> Identity:
+def service_account(cfg: ClusterConfig, gce: Gce, identity: str, opts: pulumi.ResourceOptions) -> Identity:
+    """The account one role's VMs run as (`identity`: cloud.IDENTITIES); every role writes logs and metrics."""
+    cluster = cfg.cluster_name
     account = gcp.serviceaccount.Account(
-        resource_name(cfg.cluster_name, "control-plane-sa"), project=gce.project,
-        account_id=short_name(cfg.cluster_name, "kcp-vm"),
-        display_name=f"{cfg.cluster_name} control-plane VMs", opts=opts)
+        resource_name(cluster, identity, "sa"), project=gce.project, account_id=short_name(cluster, "kcp", identity),
+        display_name=f"{cluster} control-plane VMs: {identity}", opts=opts)
     member = account.email.apply(lambda email: f"serviceAccount:{email}")
     for role in PROJECT_ROLES:
-        gcp.projects.IAMMember(resource_name(cfg.cluster_name, "sa", role.split(".")[-1].lower()),
+        gcp.projects.IAMMember(resource_name(cluster, identity, "sa", role.split(".")[-1].lower()),
                                project=gce.project, role=role, member=member, opts=opts)
     return Identity(account.email, member)
 
 
-def _lifecycle_rule(rule: VersionRule) -> gcp.storage.BucketLifecycleRuleArgs:
-    """GCS counts `num_newer_versions` including the live version: N keeps exactly N versions."""
-    if rule.keep_versions is not None:
-        condition = gcp.storage.BucketLifecycleRuleConditionArgs(
-            matches_prefixes=[rule.prefix], with_state="ARCHIVED", num_newer_versions=rule.keep_versions)
-    else:
-        condition = gcp.storage.BucketLifecycleRuleConditionArgs(matches_prefixes=[rule.prefix], age=rule.expire_days)
-    return gcp.storage.BucketLifecycleRuleArgs(action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"),
-                                               condition=condition)
+def _lifecycle_rule(rule: ExpiryRule) -> gcp.storage.BucketLifecycleRuleArgs:
+    """By age, live or not (objects of the earlier versioned layout expire too); never before the retention ends."""
+    return gcp.storage.BucketLifecycleRuleArgs(
+        action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"),
+        condition=gcp.storage.BucketLifecycleRuleConditionArgs(matches_prefixes=[rule.prefix], age=rule.days,
+                                                               with_state="ANY"))
 
 
 def backup_bucket_access(cfg: ClusterConfig, gce: Gce, member: pulumi.Output[str],
                          opts: pulumi.ResourceOptions) -> gcp.storage.Bucket:
-    """Versioned, never public, uniformly IAM-controlled; encrypted at rest with Google-managed keys."""
+    """Never public, uniformly IAM-controlled, encrypted at rest with Google-managed keys. A retention policy of
+    `lock_days` (not locked: an owner can still lift it) keeps every object from deletion and replacement; it and
+    Object Versioning are mutually exclusive, so versioning is off: each snapshot is a new object anyway.
+    `member` (the etcd members' identity) is the only one granted anything: create only below the backup prefix (no
+    overwrite: that needs delete; no delete, no read, no list), create and read of the cluster-formed marker."""
     cluster = cfg.cluster_name
     bucket = gcp.storage.Bucket(
         resource_name(cluster, "etcd-backups"), project=gce.project, location=gce.region.upper(),
         uniform_bucket_level_access=True, public_access_prevention="enforced",
-        versioning=gcp.storage.BucketVersioningArgs(enabled=True),
+        versioning=gcp.storage.BucketVersioningArgs(enabled=False),
+        retention_policy=gcp.storage.BucketRetentionPolicyArgs(retention_period=str(lock_days(cfg) * 86_400)),
         soft_delete_policy=gcp.storage.BucketSoftDeletePolicyArgs(retention_duration_seconds=SOFT_DELETE_SECONDS),
         lifecycle_rules=[_lifecycle_rule(r) for r in retention_rules(cfg)],
         labels={"kcp-cluster": cluster}, opts=opts)
     writer = gcp.projects.IAMCustomRole(
         resource_name(cluster, "backup-writer-role"), project=gce.project,
         role_id=f"kcpBackupWriter_{cluster.replace('-', '_')}", title=f"{cluster} etcd backup writer",
-        description="Add object versions under the backup prefix (create, and delete of the replaced live version).",
-        permissions=["storage.objects.create", "storage.objects.delete"], opts=opts)
+        description="Add new objects under the backup prefix; no overwrite (that needs delete), no delete, no read.",
+        permissions=["storage.objects.create"], opts=opts)
     prefix, marker = backup_prefix(cluster), marker_key(cluster)
     grants = [
         ("backup-writer", writer.name, "backup prefix only", 'resource.name.startsWith("{o}/' + prefix + '/")'),

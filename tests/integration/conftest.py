@@ -12,13 +12,14 @@ host's network namespace (`sandbox.run_in_netns(backup_host, ...)`) or over SSH.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,18 @@ def sandbox_identity() -> tuple[str, str]:
 
 
 def local_stack_for(subnet: str, key_path: Path) -> dict[str, Any]:
-    """The shipped `local` stack, moved onto `subnet` and this sandbox's SSH key."""
+    """The shipped `local` stack, moved onto `subnet` and the sandbox whose SSH key is `key_path`: its hosts'
+    own host keys, from the inventory that `up` wrote beside the key, are pinned, so every connection is
+    verified as on real machines (no trust on first use)."""
     text = json.dumps(stack_config(LOCAL_STACK)).replace("10.250.0.", f"{subnet}.")
     cfg = json.loads(text)
-    cfg["baremetal"]["sshPrivateKeyPath"] = str(key_path)
+    bm = cfg["baremetal"]
+    bm["sshPrivateKeyPath"] = str(key_path)
+    inventory = json.loads(key_path.with_name("hosts.json").read_text())
+    keys = {h["address"]: h["host_key"] for h in inventory["hosts"]}
+    for host in (*bm["hosts"], *bm["spares"], bm["backupHost"]):
+        host["hostKey"] = keys[host["address"]]
+    bm["trustOnFirstUse"] = False
     return cfg
 
 
@@ -70,11 +79,9 @@ class Deployment:
 
     @property
     def stack_file(self) -> Path:
-        """A stack config file pointing at these hosts (for scripts/etcd-restore and friends)."""
+        """A stack config file pointing at these hosts (for scripts/etcd-restore and friends), as configured now."""
         path = self.workdir / "Pulumi.local.yaml"
-        if not path.exists():
-            path.write_text(yaml.safe_dump({"config": {f"resilient-control-plane:{k}": v
-                                                       for k, v in self.config.items()}}))
+        path.write_text(yaml.safe_dump({"config": {f"resilient-control-plane:{k}": v for k, v in self.config.items()}}))
         return path
 
     @property
@@ -109,12 +116,23 @@ class Deployment:
         return self.sandbox.ssh(host, command, timeout=timeout, check=check)
 
     def redeploy_host(self, host: str) -> None:
-        """What `pulumi up` does for a replaced machine: run that host's steps again."""
+        """What `pulumi up` does for a replaced machine, once its new host key is pinned in the stack: run that
+        host's steps again."""
+        key, address = self.sandbox.host_key(host), self.sandbox.address(host)
+        bm = self.config["baremetal"]
+        for entry in (*bm["hosts"], *bm["spares"], bm["backupHost"]):
+            if entry["address"] == address:
+                entry["hostKey"] = key
+        self.replay.pin(host, key)
         self.replay.create(self.replay.for_host(host))
 
 
-@pytest.fixture(scope="module")
-def local_cluster() -> Iterator[Deployment]:
+@contextlib.contextmanager
+def deployed(workdir_prefix: str, configure: Callable[[dict[str, Any], Sandbox], None] | None = None,
+             ) -> Iterator[Deployment]:
+    """Fresh hosts for the `local` stack (plus an outsider in no role), the program run under mocks that issue
+    real certificates, its commands replayed onto them; everything torn down afterwards, also on failure.
+    `configure` may change the stack config first."""
     _require_testbed()
     name, subnet = sandbox_identity()
     cfg0 = stack_config(LOCAL_STACK)
@@ -123,12 +141,21 @@ def local_cluster() -> Iterator[Deployment]:
     hosts["backup"] = cfg0["baremetal"]["backupHost"]["address"].replace("10.250.0.", f"{subnet}.")
     hosts["outsider"] = f"{subnet}.30"  # in no role: what the firewall must keep out
     with Sandbox(name=name, subnet=subnet, hosts=hosts) as sandbox, \
-            tempfile.TemporaryDirectory(prefix="kcp-deploy-") as tmp:
-        sandbox.up()
+            tempfile.TemporaryDirectory(prefix=workdir_prefix) as tmp:
         cfg = local_stack_for(subnet, sandbox.ssh_key_path)
+        if configure is not None:
+            configure(cfg, sandbox)
         program = run_program(cfg, stack="local", mocks=RealTlsMocks)
         replay = Replay.of(sandbox, program)
         replay.create()
         yield Deployment(sandbox, program, replay, cfg, Path(tmp),
                          members=[h["name"] for h in cfg["baremetal"]["hosts"] if "etcd" in h["roles"]],
                          spares=[s["name"] for s in cfg["baremetal"]["spares"]])
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> Iterator[Deployment]:
+    with deployed("kcp-deploy-") as deployment:
+        yield deployment
+
+

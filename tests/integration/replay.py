@@ -12,6 +12,10 @@ step_executor.go (pulumi/pulumi 1b5949891b):
 - continue_on_error (`pulumi up --continue-on-error`): only what depends on a failed step is skipped
   (handleSingleEvent: doesStepDependOn); the delete phase runs but spares every resource a failed
   step transitively depends on (performPostSteps: erroredDeps).
+Host keys are checked as pulumi-command v1.2.1 checks them (remote/connection.go): a connection with a
+`hostKey` accepts that key only, and only that key's type (ssh StrictHostKeyChecking=yes against a
+known_hosts made of it), so a host presenting another key is refused before any stdin is sent; a
+connection without one accepts any key.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import os
 import shlex
 import subprocess
 import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +60,23 @@ class Step:
     def stdin(self) -> bytes | None:
         value = self.inputs.get("stdin")
         return value.encode() if value is not None else None
+
+    @property
+    def host_key(self) -> str | None:
+        return self.inputs["connection"].get("hostKey")
+
+
+@contextmanager
+def verified(address: str, host_key: str | None) -> Iterator[list[str]]:
+    """ssh options that check the host as pulumi-command does: only `host_key`, only its type; none: any key."""
+    if host_key is None:
+        yield []
+        return
+    with tempfile.NamedTemporaryFile("w", prefix="kcp-known-hosts-") as known_hosts:
+        known_hosts.write(f"{address} {host_key}\n")
+        known_hosts.flush()
+        yield ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts.name}",
+               "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlgorithms={host_key.split()[0]}"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,11 @@ class Replay:
     def for_host(self, host: str) -> list[Step]:
         return [s for s in self.steps if self.host_of(s.address) == host]
 
+    def pin(self, host: str, host_key: str) -> None:
+        """What editing the host's `hostKey` in the stack does to its steps: their connections pin the new key."""
+        for step in self.for_host(host):
+            step.inputs["connection"]["hostKey"] = host_key
+
     def create(self, steps: list[Step] | None = None) -> None:
         for step in steps if steps is not None else self.steps:
             started = time.monotonic()
@@ -141,8 +170,9 @@ class Replay:
             self.steps = Replay.of(self.sandbox, plan.after).steps
         return run
 
-    def apply(self, action: Action, timeout: float) -> tuple[bool, int | None, str]:
-        """One provider call on its host: (ok, exit status, output tail). Never raises for the step's failure."""
+    def apply(self, action: Action, timeout: float, host_key: str | None = None) -> tuple[bool, int | None, str]:
+        """One provider call on its host, over a connection pinned to `host_key`: (ok, exit status, output tail).
+        Never raises for the step's failure."""
         if action.copy is not None:
             command, stdin = _copy_command(action.copy)
         elif action.command:
@@ -150,15 +180,20 @@ class Replay:
         else:
             return True, None, action.why_not
         try:
-            result = self.sandbox.ssh(self.host_of(action.address or ""), command, input=stdin, timeout=timeout,
-                                      check=False)
+            result = self._ssh(action.address or "", host_key, command, stdin, timeout)
         except (subprocess.TimeoutExpired, KeyError) as error:
             return False, None, str(error)
         output = f"stdout: {result.stdout.decode()[-2000:]}\nstderr: {result.stderr.decode()[-2000:]}"
         return result.returncode == 0, result.returncode, output
 
+    def _ssh(self, address: str, host_key: str | None, command: str, stdin: bytes | None,
+             timeout: float) -> subprocess.CompletedProcess[bytes]:
+        host = self.host_of(address)
+        with verified(address, host_key) as options:
+            return self.sandbox.ssh(host, command, input=stdin, timeout=timeout, check=False, options=options)
+
     def _run(self, step: Step, command: str, stdin: bytes | None) -> None:
-        result = self.sandbox.ssh(self.host_of(step.address), command, input=stdin, timeout=300, check=False)
+        result = self._ssh(step.address, step.host_key, command, stdin, 300)
         if result.returncode != 0:
             raise AssertionError(
                 f"step {step.name} failed ({result.returncode}): {command}\n"
@@ -189,6 +224,10 @@ class _PlanRun:
         self.run = UpdateRun()
         self.failed: set[str] = set()  # URNs whose step failed (step_executor.go erroredSteps)
         self.skipped: set[str] = set()  # URNs skipped because they wait for a failed step
+        # Deletes run over the stored connection, everything else over the new one (commandController.go).
+        self.host_keys = {phase: {r.name: (plain(r.inputs).get("connection") or {}).get("hostKey")
+                                  for r in program.resources if r.type in (COMMAND, COPY)}
+                          for phase, program in (("before", plan.before), ("after", plan.after))}
 
     def execute(self) -> UpdateRun:
         try:
@@ -209,7 +248,8 @@ class _PlanRun:
                 results.append(StepResult(action.name, action.kind, False, skipped="the run was cancelled"))
                 continue
             began = time.monotonic()
-            ok, status, output = self.replay.apply(action, self.step_timeout)
+            keys = self.host_keys["before" if action.kind.startswith("delete") else "after"]
+            ok, status, output = self.replay.apply(action, self.step_timeout, keys.get(action.name))
             results.append(StepResult(action.name, action.kind, ok, began - self.start, time.monotonic() - began,
                                       action.command, status, output))
             if not ok:

@@ -339,8 +339,9 @@ def test_h_a_new_api_vip_moves_the_vip_and_the_etcd_load_balancer(cluster: Clust
 
 
 def _host(name: str, zone: str, c: Cluster) -> dict[str, Any]:
+    """A stack entry for a test host, its host key pinned as an operator would (checked out of band)."""
     return {"name": name, "address": c.sandbox.address(name), "zone": zone,
-            "roles": ["etcd", "apiserver", "loadbalancer"]}
+            "roles": ["etcd", "apiserver", "loadbalancer"], "hostKey": c.sandbox.host_key(name)}
 
 
 def _voters(c: Cluster) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import math
 import re
 from collections import Counter
 from typing import Any
@@ -220,11 +221,18 @@ def test_instances_attach_only_their_own_volumes_and_interfaces(stack) -> None:
 
 
 def test_instances_read_only_their_secrets(stack) -> None:
+    """Which role reads which secret: tests/unit/test_cloud_identities.py. Here: each role's read policy names exact
+    secrets of this cluster, and the key decrypts, through Secrets Manager only, exactly those."""
     program = stack[1]
-    (read, decrypt) = _policy(program, "read-secrets")
     secrets = {f"arn:aws:mock:::{s.name}" for s in program.of_type("aws:secretsmanager/secret:Secret")}
-    assert read["Action"] == "secretsmanager:GetSecretValue" and set(read["Resource"]) == secrets, read
-    assert decrypt["Condition"]["StringEquals"]["kms:ViaService"].startswith("secretsmanager."), decrypt
+    policies = [p for p in program.of_type(POLICY) if p.name.endswith("-policy-read-secrets")]
+    assert len(policies) == 2, f"one read policy per role: {[p.name for p in policies]}"
+    for policy in policies:
+        (read, decrypt) = json.loads(policy.inputs["policy"])["Statement"]
+        assert read["Action"] == "secretsmanager:GetSecretValue" and set(read["Resource"]) < secrets, policy.name
+        condition = decrypt["Condition"]["StringEquals"]
+        assert condition["kms:ViaService"].startswith("secretsmanager."), f"{policy.name}: {decrypt}"
+        assert condition["kms:EncryptionContext:SecretARN"] == read["Resource"], f"{policy.name}: {decrypt}"
     for secret in program.of_type("aws:secretsmanager/secret:Secret"):
         assert secret.inputs["kmsKeyId"].endswith("-kms"), f"{secret.name}: not under the cluster key"
     for version in program.of_type("aws:secretsmanager/secretVersion:SecretVersion"):
@@ -256,16 +264,47 @@ def test_no_secret_in_user_data(stack) -> None:
         assert not re.search(r"[A-Za-z0-9+/=]{400,}", script), f"{template.name}: a bundle-sized blob in user data"
 
 
-def test_backup_bucket_is_versioned_private_kms_encrypted_and_keeps_exact_counts(stack) -> None:
+def _lock_days(cfg: dict[str, Any]) -> int:
+    """docs/backups.md: the daily history, `recent` snapshots at the interval, at least a day."""
+    backup = cfg.get("backup", {})
+    retain = {"recent": 6, "daily": 7} | backup.get("retain", {})
+    return max(retain["daily"], math.ceil(retain["recent"] * backup.get("intervalMinutes", 30) / 1440), 1)
+
+
+def test_backup_bucket_is_locked_private_kms_encrypted_and_expires_by_age(stack) -> None:
+    """Object Lock (governance) keeps every version for the lock period, so no upload over a key and no lifecycle
+    rule removes history sooner; the lifecycle deletes by age after it."""
     cfg, program = stack
-    c, retain = cfg["clusterName"], {"recent": 6, "daily": 7} | cfg.get("backup", {}).get("retain", {})
-    assert program.named(f"{c}-etcd-backups-versioning").inputs["versioningConfiguration"]["status"] == "Enabled"
+    c, days = cfg["clusterName"], _lock_days(cfg)
+    assert days >= max(1, cfg.get("backup", {}).get("retain", {}).get("daily", 7))
+    versioning = program.named(f"{c}-etcd-backups-versioning")
+    assert versioning.inputs["versioningConfiguration"]["status"] == "Enabled"
+    lock = program.named(f"{c}-etcd-backups-lock")
+    assert lock.inputs["objectLockEnabled"] == "Enabled" and lock.inputs["rule"] == {
+        "defaultRetention": {"mode": "GOVERNANCE", "days": days}}, lock.inputs
+    assert versioning.urn in lock.dependencies, "Object Lock needs versioning first"
+    (bucket,) = program.of_type("aws:s3/bucket:Bucket")
+    assert "objectLockEnabled" not in bucket.inputs, "that would replace an existing bucket, and its history with it"
     block = program.named(f"{c}-etcd-backups-public-access").inputs
     assert all(block[k] for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls",
                                   "restrictPublicBuckets")), block
     (rule,) = program.named(f"{c}-etcd-backups-encryption").inputs["rules"]
     assert rule["applyServerSideEncryptionByDefault"]["sseAlgorithm"] == "aws:kms", rule
-    rules = {r["filter"]["prefix"]: r for r in program.named(f"{c}-etcd-backups-lifecycle").inputs["rules"]}
-    newer = lambda p: rules[f"{c}/backups/{p}/"]["noncurrentVersionExpiration"]["newerNoncurrentVersions"]  # noqa: E731
-    assert newer("recent") == retain["recent"] - 1 and newer("daily") == retain["daily"] - 1, rules
-    assert rules[f"{c}/backups/daily-markers/"]["expiration"]["days"] == retain["daily"] + 1
+    (expiry,) = program.named(f"{c}-etcd-backups-lifecycle").inputs["rules"]
+    assert expiry["filter"] == {"prefix": f"{c}/backups/"} and expiry["expiration"] == {"days": days + 1}, expiry
+    assert expiry["noncurrentVersionExpiration"] == {"noncurrentDays": 1}, "no count: the lock decides, not uploads"
+    assert expiry["abortIncompleteMultipartUpload"] == {"daysAfterInitiation": 1}, expiry
+
+
+def test_only_the_etcd_role_may_write_backups_even_if_other_policies_allow_it(stack) -> None:
+    cfg, program = stack
+    c = cfg["clusterName"]
+    etcd = "cp" if cfg.get("etcd", {}).get("placement") == "colocated" else "etcd"
+    (write,) = [p for p in program.of_type(POLICY) if p.name.endswith("-policy-write-backups")]
+    assert write.inputs["role"] == f"{c}-{etcd}-role-id", write.inputs["role"]
+    statements = json.loads(program.named(f"{c}-etcd-backups-tls-only").inputs["policy"])["Statement"]
+    (deny,) = [s for s in statements if s.get("Sid") == "OnlyEtcdMembersWriteBackups"]
+    assert deny["Effect"] == "Deny" and deny["Principal"] == "*" and deny["Action"] == "s3:PutObject", deny
+    assert deny["Resource"] == f"arn:aws:s3:::{c}-etcd-backups/{c}/backups/*", deny
+    role_arn = program.outputs[f"{c}-{etcd}-role"]["arn"]
+    assert deny["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": role_arn}}, deny

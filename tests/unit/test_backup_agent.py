@@ -10,9 +10,11 @@ integration tests do the same on the deployed hosts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -63,8 +65,23 @@ class Receiver:
         return self(f"put {name}.json", meta)
 
     def files(self, sub: str = "") -> set[str]:
+        """The pairs' files (receipts apart)."""
         folder = self.root / sub
-        return {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} - {"status.json"}
+        return {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                and p.suffix != ".receipt"} - {"status.json"}
+
+    def kept(self) -> set[str]:
+        """Names of the snapshots filed (the ones a restore lists)."""
+        return {f.removesuffix(".json") for f in self.files() if f.endswith(".json")}
+
+    def receipt(self, name: str, sub: str = "") -> dict[str, Any]:
+        return json.loads((self.root / sub / f"{name}.receipt").read_text())
+
+    def arrived_at(self, name: str, when: float) -> None:
+        """Stand in for the passing days: the pair's receipt says it arrived `when` (the receiver reads no other
+        record of arrival, and no client can write a receipt)."""
+        path = self.root / f"{name}.receipt"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "arrived": when}))
 
     def everything(self) -> dict[str, bytes]:
         """Every file's content but status.json's, which changes with every request."""
@@ -80,6 +97,18 @@ def receiver(tmp_path: Path) -> Receiver:
     return Receiver(tmp_path)
 
 
+def stamp(epoch: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(epoch))
+
+
+DAY = 86_400
+
+
+def days_ago(days: int, hour: int) -> float:
+    """`hour` o'clock UTC, `days` days before today."""
+    return time.time() // DAY * DAY - days * DAY + hour * 3600
+
+
 # --- the receiver ----------------------------------------------------------------------------------
 
 def test_the_receiver_files_an_intact_verified_pair_and_records_it(receiver: Receiver) -> None:
@@ -91,6 +120,21 @@ def test_the_receiver_files_an_intact_verified_pair_and_records_it(receiver: Rec
     status = receiver.status()
     assert status["last_snapshot"] == name and status["last_success"] and status["last_verified"]
     assert not list((receiver.root / ".incoming").iterdir()), "nothing is left in .incoming"
+
+
+def test_every_filed_pair_gets_a_receipt_of_what_this_host_saw(receiver: Receiver) -> None:
+    """Its own clock and its own sha256, in a file no upload can name or replace."""
+    name = f"{CLUSTER}-20260101T000000Z"
+    before = time.time()
+    assert receiver.send(name).returncode == 0
+    receipt = receiver.receipt(name)
+    db = snapshot_pair(name)[0]
+    assert receipt["name"] == name and receipt["sha256"] == hashlib.sha256(db).hexdigest()
+    assert receipt["bytes"] == len(db) and before <= receipt["arrived"] <= time.time()
+    assert receipt["arrived_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(receipt["arrived"]))
+    refused = receiver(f"put {name}.receipt", b'{"arrived": 1e12}')
+    assert refused.returncode == 1 and b"refusing file name" in refused.stderr
+    assert receiver.receipt(name) == receipt
 
 
 def test_a_snapshot_taken_without_verification_is_kept_but_never_counts_as_verified(receiver: Receiver) -> None:
@@ -116,11 +160,28 @@ def test_the_receiver_never_replaces_a_file(receiver: Receiver) -> None:
     f"../{CLUSTER}-20260101T000000Z.db", f"bad/{CLUSTER}-20260101T000000Z.db", "/etc/passwd", "x.db",
     "other-20260101T000000Z.db", f"{CLUSTER}-20260101T000000Z.sh", f"{CLUSTER}-2026010T000000Z.db",
     f"{CLUSTER}-20260101T000000Z.db.db", f"{CLUSTER}-\uff12\uff10\uff12\uff160101T000000Z.db", "status.json", ".lock",
+    f"{CLUSTER}-20260101T000000Z.receipt", f"{CLUSTER}-20261341T000000Z.db", f"{CLUSTER}-00000101T000000Z.db",
 ])
 def test_the_receiver_refuses_every_other_name(receiver: Receiver, tmp_path: Path, name: str) -> None:
     result = receiver(f"put {name}", b"x")
     assert result.returncode == 1 and b"refusing file name" in result.stderr, result.stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name not in (".lock", "status.json")]
+
+
+@pytest.mark.parametrize(("ahead", "accepted"), [(-400 * DAY, True), (0, True), (240, True), (360, False),
+                                                 (400 * DAY, False)])
+def test_a_name_stamped_more_than_5_minutes_ahead_of_the_receivers_clock_is_refused(
+        receiver: Receiver, ahead: float, accepted: bool) -> None:
+    name = f"{CLUSTER}-{stamp(time.time() + ahead)}"
+    db, meta = snapshot_pair(name)
+    result = receiver(f"put {name}.db", db)
+    assert (result.returncode == 0) is accepted, result.stderr
+    if not accepted:
+        (line,) = result.stderr.decode().splitlines()
+        assert line.startswith(f"etcd-backup-receive: ERROR: refusing {name}.db: stamped ") and \
+            "ahead of the backup host's clock (at most 300s allowed); check the clocks" in line, line
+        assert not list((receiver.root / ".incoming").iterdir())
+        assert receiver(f"put {name}.json", meta).returncode == 1, "nor its metadata"
 
 
 @pytest.mark.parametrize("request_", ["cat /etc/passwd", "get status.json", "put", f"put {CLUSTER}-a.db extra",
@@ -147,6 +208,16 @@ def test_metadata_larger_than_any_real_metadata_is_refused(receiver: Receiver) -
     assert not receiver.files() and not receiver.files("bad")
 
 
+def test_at_most_one_other_upload_waits_for_its_metadata(receiver: Receiver) -> None:
+    """Uploads without their .json would otherwise fill the disk for a day, each up to --max-bytes."""
+    names = [f"{CLUSTER}-2026010{day}T000000Z" for day in range(1, 6)]
+    for name in names:
+        assert receiver(f"put {name}.db", b"db").returncode == 0
+    assert {p.name for p in (receiver.root / ".incoming").iterdir()} == {f"{n}.db" for n in names[-2:]}
+    assert receiver(f"put {names[-2]}.json", snapshot_pair(names[-2])[1]).returncode == 1, "its .db is not the one"
+    assert receiver.send(f"{CLUSTER}-20260201T000000Z").returncode == 0
+
+
 def test_a_sha256_mismatch_is_set_apart_as_bad_and_fails_loudly(receiver: Receiver) -> None:
     name = f"{CLUSTER}-20260101T000000Z"
     db, meta = snapshot_pair(name)
@@ -157,7 +228,20 @@ def test_a_sha256_mismatch_is_set_apart_as_bad_and_fails_loudly(receiver: Receiv
     stored = json.loads((receiver.root / "bad" / f"{name}.json").read_text())
     assert stored["verified"] is False and "sha256" in stored["verify_error"]
     assert stored["name"] == name, "the rest of the metadata stays"
+    assert receiver.receipt(name, "bad")["sha256"] == hashlib.sha256(db[:-1]).hexdigest()
     assert name in receiver.status()["last_failure_reason"]
+
+
+def test_metadata_naming_another_snapshot_is_set_apart_as_bad(receiver: Receiver) -> None:
+    """A restore reads the snapshot named inside the metadata: it must be the one filed with it."""
+    real, other = f"{CLUSTER}-20260101T000000Z", f"{CLUSTER}-20260102T000000Z"
+    receiver.send(real)
+    db, meta = snapshot_pair(other)
+    meta = json.dumps({**json.loads(meta), "name": real}).encode()  # intact, but naming the real one
+    receiver(f"put {other}.db", db)
+    result = receiver(f"put {other}.json", meta)
+    assert result.returncode == 1 and b"its metadata names" in result.stderr, result.stderr
+    assert receiver.kept() == {real} and receiver.files("bad") == {f"{other}.db", f"{other}.json"}
 
 
 def test_a_snapshot_that_failed_verification_is_set_apart_as_bad(receiver: Receiver) -> None:
@@ -193,32 +277,61 @@ def test_a_snapshot_whose_metadata_never_came_is_dropped_after_a_day(receiver: R
     assert not list((receiver.root / ".incoming").iterdir())
 
 
-def expected_kept(names: list[str]) -> set[str]:
-    """docs/backups.md: the newest RECENT, plus the first snapshot of each of the newest DAILY UTC days."""
+def expected_kept(arrivals: dict[str, float]) -> set[str]:
+    """docs/backups.md: the newest RECENT by arrival, plus the first to arrive on each of the newest DAILY UTC days
+    (of arrival); names choose nothing."""
+    newest_first = sorted(arrivals, key=lambda n: arrivals[n], reverse=True)
     first_of_day: dict[str, str] = {}
-    for name in sorted(names):
-        first_of_day.setdefault(name.split("-")[1][:8], name)
+    for name in reversed(newest_first):
+        first_of_day.setdefault(time.strftime("%Y%m%d", time.gmtime(arrivals[name])), name)
     days = sorted(first_of_day, reverse=True)[:DAILY]
-    return set(sorted(names, reverse=True)[:RECENT]) | {first_of_day[d] for d in days}
+    return set(newest_first[:RECENT]) | {first_of_day[d] for d in days}
 
 
-def test_retention_keeps_exactly_the_newest_and_the_first_of_each_newest_day(receiver: Receiver) -> None:
-    offered = [f"{CLUSTER}-202601{day:02d}T{hour:02d}0000Z" for day in range(1, 7) for hour in (1, 2, 3)]
-    for name in offered:
+def history(receiver: Receiver, days: range, hours: tuple[int, ...] = (1, 2, 3)) -> dict[str, float]:
+    """Real snapshots, `hours` o'clock on each of `days` (days ago, oldest first), as if they had arrived then;
+    their names run backwards against time, so an order by name would be the wrong one. Then one today."""
+    arrivals: dict[str, float] = {}
+    for i, (day, hour) in enumerate((d, h) for d in days for h in hours):
+        name = f"{CLUSTER}-20250101T00{59 - i:02d}00Z"
         assert receiver.send(name).returncode == 0
-    kept = {f.removesuffix(".json") for f in receiver.files() if f.endswith(".json")}
-    assert kept == expected_kept(offered)
-    # 4 newest (day 6: 3 runs, day 5: 03:00) plus the first of days 6, 5 and 4.
-    assert kept == {f"{CLUSTER}-20260106T{h}0000Z" for h in ("01", "02", "03")} | {
-        f"{CLUSTER}-20260105T030000Z", f"{CLUSTER}-20260105T010000Z", f"{CLUSTER}-20260104T010000Z"}
+        receiver.arrived_at(name, days_ago(day, hour))
+        arrivals[name] = days_ago(day, hour)
+    today = f"{CLUSTER}-{stamp(time.time() - 60)}"
+    assert receiver.send(today).returncode == 0
+    arrivals[today] = receiver.receipt(today)["arrived"]
+    return arrivals
+
+
+def test_retention_keeps_the_newest_arrivals_and_the_first_arrival_of_each_newest_day(receiver: Receiver) -> None:
+    arrivals = history(receiver, range(6, 0, -1))
+    kept = receiver.kept()
+    assert kept == expected_kept(arrivals)
+    # the 4 newest (today's, then day -1: 03:00, 02:00, 01:00), and the first of today, day -1 and day -2
+    by_time = sorted(arrivals, key=lambda n: arrivals[n])
+    assert kept == {*by_time[-4:], by_time[-4 - 3]}, "day -2's first (01:00) as well"
     assert {f.removesuffix(".db") for f in receiver.files() if f.endswith(".db")} == kept
+    assert {p.stem for p in receiver.root.glob("*.receipt")} == kept, "a pruned pair takes its receipt along"
     assert (receiver.status()["kept_recent"], receiver.status()["kept_daily"]) == (RECENT, DAILY)
 
 
 def test_retention_counts_what_there_is_before_the_slots_fill(receiver: Receiver) -> None:
     receiver.send(f"{CLUSTER}-20260101T010000Z")
+    receiver.arrived_at(f"{CLUSTER}-20260101T010000Z", days_ago(1, 1))
     receiver.send(f"{CLUSTER}-20260102T010000Z")
     assert (receiver.status()["kept_recent"], receiver.status()["kept_daily"]) == (2, 2)
+
+
+def test_a_pair_filed_before_receipts_existed_arrived_when_its_metadata_was_written(receiver: Receiver) -> None:
+    old = f"{CLUSTER}-99990101T000000Z"  # the earlier receiver took any stamp
+    (receiver.root / "bad").mkdir(parents=True)
+    db, meta = snapshot_pair(old)
+    (receiver.root / f"{old}.db").write_bytes(db)
+    (receiver.root / f"{old}.json").write_bytes(meta)
+    os.utime(receiver.root / f"{old}.json", (days_ago(10, 1), days_ago(10, 1)))
+    arrivals = history(receiver, range(3, 0, -1))
+    assert receiver.kept() == expected_kept({**arrivals, old: days_ago(10, 1)})
+    assert old not in receiver.kept(), "the oldest arrival, and its day is no longer among the newest"
 
 
 def test_bad_keeps_only_the_newest_three(receiver: Receiver) -> None:
@@ -237,19 +350,47 @@ def test_a_reported_failure_is_one_printable_line_in_status(receiver: Receiver) 
     assert len(receiver.status()["last_failure_reason"]) == 4096
 
 
+# --- the finding: a holder of the etcd hosts' key plants "newest" snapshots ---------------------------
+
+def test_snapshots_planted_for_the_year_9999_are_refused_and_the_history_stays(receiver: Receiver) -> None:
+    """Four snapshots named for 9999 with matching hashes and `verified: true`, as reported: the old receiver
+    kept them as the newest, pruned every real snapshot, reported success, and a restore picked one."""
+    arrivals = history(receiver, range(5, 0, -1))
+    before, status = receiver.everything(), receiver.status()
+    for i in range(4):
+        name = f"{CLUSTER}-99991231T23595{i}Z"
+        db, meta = snapshot_pair(name)
+        for part, payload in ((".db", db), (".json", meta)):
+            result = receiver(f"put {name}{part}", payload)
+            assert result.returncode == 1 and b"ahead of the backup host's clock" in result.stderr, result.stderr
+    assert receiver.everything() == before and receiver.status() == status, "nothing stored, nothing pruned"
+    assert receiver.kept() == expected_kept(arrivals)
+
+
+def test_a_flood_of_uploads_leaves_the_first_real_snapshot_of_each_day(receiver: Receiver) -> None:
+    """Stamped now, the key holder's uploads are the newest arrivals and fill the `recent` slots; they cannot
+    arrive on earlier days, so the real first snapshot of each of those days stays."""
+    arrivals = history(receiver, range(5, 0, -1))
+    day_of = {n: time.strftime("%Y%m%d", time.gmtime(at)) for n, at in arrivals.items()}
+    firsts = {min((n for n in arrivals if day_of[n] == day), key=lambda n: arrivals[n])
+              for day in sorted(set(day_of.values()))[-DAILY:]}
+    flood = [f"{CLUSTER}-{stamp(time.time() - 3600 - i)}" for i in range(2 * RECENT)]
+    for name in flood:
+        assert receiver.send(name).returncode == 0
+        arrivals[name] = receiver.receipt(name)["arrived"]
+    kept = receiver.kept()
+    assert kept == expected_kept(arrivals) and firsts <= kept, (sorted(kept), sorted(firsts))
+    assert len(firsts) == DAILY, "today's first and the first of the two days before"
+
+
 # --- bucket destinations, against stand-ins for the cloud CLIs ---------------------------------------
 
 FAKE_CLI = f"""#!{sys.executable}
 import json, os, shutil, sys
 with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps(sys.argv) + "\\n")
-if sys.argv[-1].endswith("/status.json"):
+if "/status/" in sys.argv[-1]:
     shutil.copy(sys.argv[-2], os.environ["FAKE_LOG"] + ".status.json")
-if "--if-none-match" in sys.argv or "--if-generation-match=0" in sys.argv:
-    marker = os.path.join(os.path.dirname(os.environ["FAKE_LOG"]), "marker-exists")
-    if os.path.exists(marker):
-        sys.exit(1)
-    open(marker, "w").close()
 """
 
 
@@ -266,11 +407,14 @@ def clouds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "calls"
 
 
-def bucket_run(tmp_path: Path, dest: str, meta: dict[str, Any]) -> None:
+def bucket_run(tmp_path: Path, dest: str, meta: dict[str, Any]) -> tuple[str, str]:
+    """One snapshot stored as etcd-backup stores it; the paths of its two files."""
     backup = BackupEnv(dest=dest, cert="c", key="k", work_dir=str(tmp_path / "work"))
-    (tmp_path / "s.db").write_bytes(b"db")
-    (tmp_path / "s.json").write_text(json.dumps(meta))
-    Bucket(backup).store(tmp_path / "s.db", tmp_path / "s.json", meta)
+    db, js = tmp_path / f"{meta['name']}.db", tmp_path / f"{meta['name']}.json"
+    db.write_bytes(b"db")
+    js.write_text(json.dumps(meta))
+    Bucket(backup).store(db, js, meta)
+    return str(db), str(js)
 
 
 META = {"name": "local-20260101T000000Z", "taken_at": "2026-01-01T00:00:00Z", "revision": 42, "keys": 7,
@@ -287,40 +431,38 @@ def calls(log: Path) -> list[list[str]]:
     return [json.loads(line)[1:] for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_s3_first_verified_snapshot_of_the_day_goes_to_recent_and_daily(tmp_path: Path, clouds: Path) -> None:
+def test_s3_gets_one_new_object_per_file_with_the_checksum_object_lock_needs(tmp_path: Path, clouds: Path) -> None:
+    """No fixed key to overwrite, nothing per day: the bucket's lock and lifecycle keep the history."""
     tags = object_metadata(META)
-    bucket_run(tmp_path, "s3://b/p/", META)
-    db, js = str(tmp_path / "s.db"), str(tmp_path / "s.json")
-    marker = ["s3api", "put-object", "--if-none-match", "*", "--bucket", "b",
-              "--key", f"p/daily-markers/{time.strftime('%Y-%m-%d', time.gmtime())}", "--body",
-              str(tmp_path / "work" / ".daily-marker")]
-    assert calls(clouds) == [
-        ["s3", "cp", "--only-show-errors", "--metadata", tags, db, "s3://b/p/recent/snapshot.db"],
-        ["s3", "cp", "--only-show-errors", "--metadata", tags, js, "s3://b/p/recent/snapshot.json"],
-        marker,
-        ["s3", "cp", "--only-show-errors", "--metadata", tags, db, "s3://b/p/daily/snapshot.db"],
-        ["s3", "cp", "--only-show-errors", "--metadata", tags, js, "s3://b/p/daily/snapshot.json"]]
-    assert (tmp_path / "work" / ".daily-marker").read_text() == f"{META['name']}\n"
-    clouds.unlink()
-    bucket_run(tmp_path, "s3://b/p", META)
-    assert [c[-1] for c in calls(clouds)] == ["s3://b/p/recent/snapshot.db", "s3://b/p/recent/snapshot.json",
-                                              marker[-1]], "the day's marker exists: no second daily"
+    db, js = bucket_run(tmp_path, "s3://b/p/", META)
+    cp = ["s3", "cp", "--only-show-errors", "--checksum-algorithm", "CRC32", "--metadata", tags]
+    assert calls(clouds) == [[*cp, db, f"s3://b/p/snapshots/{META['name']}.db"],
+                             [*cp, js, f"s3://b/p/snapshots/{META['name']}.json"]]
 
 
-def test_gcs_uses_the_same_keys_and_a_create_only_marker(tmp_path: Path, clouds: Path) -> None:
-    bucket_run(tmp_path, "gs://b/p", META)
-    made = calls(clouds)
-    assert [c[-1] for c in made] == ["gs://b/p/recent/snapshot.db", "gs://b/p/recent/snapshot.json",
-                                     f"gs://b/p/daily-markers/{time.strftime('%Y-%m-%d', time.gmtime())}",
-                                     "gs://b/p/daily/snapshot.db", "gs://b/p/daily/snapshot.json"]
-    assert all(c[:3] == ["storage", "cp", "--quiet"] and f"--custom-metadata={object_metadata(META)}" in c
-               for c in made)
-    assert [c for c in made if "--if-generation-match=0" in c] == [made[2]]
+def test_gcs_creates_only_new_objects_and_never_replaces_one(tmp_path: Path, clouds: Path) -> None:
+    """`--if-generation-match=0`: an object of that name exists already, the upload fails (the retention policy and
+    the missing delete permission would refuse a replacement anyway)."""
+    db, js = bucket_run(tmp_path, "gs://b/p", META)
+    cp = ["storage", "cp", "--quiet", "--if-generation-match=0", f"--custom-metadata={object_metadata(META)}"]
+    assert calls(clouds) == [[*cp, db, f"gs://b/p/snapshots/{META['name']}.db"],
+                             [*cp, js, f"gs://b/p/snapshots/{META['name']}.json"]]
 
 
 def test_a_snapshot_that_failed_verification_goes_to_bad_only(tmp_path: Path, clouds: Path) -> None:
     bucket_run(tmp_path, "s3://b/p", {**META, "verified": False})
-    assert [c[-1] for c in calls(clouds)] == ["s3://b/p/bad/snapshot.db", "s3://b/p/bad/snapshot.json"]
+    assert [c[-1] for c in calls(clouds)] == [f"s3://b/p/bad/{META['name']}.db", f"s3://b/p/bad/{META['name']}.json"]
+
+
+def test_each_status_report_is_a_new_object(tmp_path: Path, clouds: Path) -> None:
+    """A fixed status.json could not be replaced under GCS's retention policy; the newest object is the status."""
+    status = tmp_path / "status.json"
+    status.write_text("{}")
+    Bucket(BackupEnv(dest="gs://b/p", cert="c", key="k", work_dir=str(tmp_path))).report(status, "h1: boom")
+    (call,) = calls(clouds)
+    assert call[:4] == ["storage", "cp", "--quiet", "--if-generation-match=0"] and call[-2] == str(status)
+    assert re.fullmatch(rf"gs://b/p/status/[0-9]{{8}}T[0-9]{{6}}Z-{re.escape(socket.gethostname())}\.json",
+                        call[-1]), call
 
 
 # --- a backup run's status and failures (no etcd answers) -------------------------------------------
@@ -345,8 +487,8 @@ class EtcdHost:
     """An etcd host's settings for a backup run; `etcdctl` and the client URL say which etcd it asks."""
 
     def __init__(self, root: Path, client_url: str, etcdctl: str = "etcdctl", pki: Path | None = None,
-                 verify_ports: tuple[int, int] = (23790, 23800), dest: str = SSH_DEST) -> None:
-        self.root, self.backup_host, self.verify_port = root, root / "backup-host" / CLUSTER, verify_ports[0]
+                 dest: str = SSH_DEST) -> None:
+        self.root, self.backup_host = root, root / "backup-host" / CLUSTER
         pki = pki or root
         (root / "bin").mkdir(exist_ok=True)
         (root / "bin" / "ssh").write_text(FAKE_SSH)
@@ -356,8 +498,7 @@ class EtcdHost:
             members=("h1=http://127.0.0.1:1",), client_endpoints=(client_url,), etcd_ca=str(pki / "ca.crt"),
             etcd_cert=str(pki / "c.crt"), etcd_key=str(pki / "c.key"), data_dir=str(root / "data"), etcdctl=etcdctl)
         backup = BackupEnv(dest=dest, cert=str(pki / "c.crt"),
-                           key=str(pki / "c.key"), work_dir=str(root / "work"), ssh_key=str(root / "id"),
-                           verify_client_port=verify_ports[0], verify_peer_port=verify_ports[1])
+                           key=str(pki / "c.key"), work_dir=str(root / "work"), ssh_key=str(root / "id"))
         (root / "cluster.env").write_text(render_env(cluster, "unit test"))
         (root / "backup.env").write_text(render_env(backup, "unit test"))
 
@@ -402,14 +543,14 @@ def free_ports() -> tuple[int, int]:
         return one.getsockname()[1], two.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A single-member etcd on plain HTTP (etcdctl loads the certificates but does not use them on http://)."""
+@contextlib.contextmanager
+def running_etcd(root: Path, keys: int) -> Iterator[str]:
+    """A single-member etcd on plain HTTP holding `keys` keys, and a certificate in `root` (etcdctl loads it but
+    does not use it on http://); its client URL."""
     missing = [tool for tool in ("etcd", "etcdctl", "openssl") if shutil.which(tool) is None]
     if missing:
         pytest.skip(reason=f"needs {', '.join(missing)} on PATH to take real snapshots (`apt-get install etcd-server "
                            "etcd-client openssl`)")
-    root = tmp_path_factory.mktemp("etcd")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                     "-keyout", str(root / "c.key"), "-out", str(root / "c.crt"), "-days", "1", "-subj", "/CN=t"],
                    check=True, capture_output=True)
@@ -426,18 +567,38 @@ def live_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
         while subprocess.run([*ctl, "endpoint", "health"], capture_output=True, check=False).returncode != 0:
             assert time.monotonic() < deadline and etcd.poll() is None, (root / "etcd.log").read_text()
             time.sleep(0.2)
-        for i in range(20):
+        for i in range(keys):
             subprocess.run([*ctl, "put", f"/k{i}", f"v{i}"], capture_output=True, check=True)
-        yield client, root
+        yield client
     finally:
         etcd.terminate()
         etcd.wait(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def live_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("etcd")
+    with running_etcd(root, 20) as client:
+        yield client, root
+
+
+def test_a_new_cluster_that_never_held_a_key_backs_up_verified(tmp_path: Path) -> None:
+    """Its snapshot says revision 0, the restored store serves revision 1: the first backups of a new cluster
+    (before Kubernetes writes) must not be set apart as failed."""
+    (tmp_path / "etcd").mkdir()
+    with running_etcd(tmp_path / "etcd", 0) as client:
+        (tmp_path / "host").mkdir()
+        host = EtcdHost(tmp_path / "host", client, pki=tmp_path / "etcd")
+        done = host.run("etcd-backup")
+    assert done.returncode == 0, done.stderr.decode()
+    meta = json.loads((host.backup_host / f"{host.status()['last_snapshot']}.json").read_text())
+    assert (meta["verified"], meta["revision"], meta["keys"]) == (True, 1, 0), meta
+
+
 @pytest.fixture
 def etcd_host(live_etcd: tuple[str, Path], tmp_path: Path) -> EtcdHost:
     client, pki = live_etcd
-    return EtcdHost(tmp_path, client, pki=pki, verify_ports=free_ports())
+    return EtcdHost(tmp_path, client, pki=pki)
 
 
 def test_a_run_takes_a_verified_snapshot_and_files_it_on_the_backup_host(etcd_host: EtcdHost) -> None:
@@ -472,32 +633,47 @@ def test_verification_catches_a_wrong_recorded_key_count_and_cleans_up(etcd_host
     assert b"etcd-backup-verify: FAILED: " in result.stderr
     meta = json.loads(wrong.read_text())
     assert meta["verified"] is False and meta["verify_error"] == "key count: recorded 21, found 20", meta
-    assert not [p for p in work.iterdir() if p.name.startswith("verify.")], "scratch dir left behind"
-    with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", etcd_host.verify_port)) != 0, "the throwaway etcd still runs"
+    assert not [p for p in work.iterdir() if p.name.startswith("verify.")], "scratch dir (and its sockets) left behind"
+    running = subprocess.run(["pgrep", "-f", "--", f"--data-dir {work}/verify[.]"], capture_output=True, check=False)
+    assert running.returncode == 1, f"the throwaway etcd still runs: {running.stdout!r}"
+
+
+def test_the_throwaway_etcd_listens_on_sockets_only_root_reaches_never_on_a_port(etcd_host: EtcdHost) -> None:
+    """It serves the whole snapshot without TLS: on 127.0.0.1 any local user could read every secret through it."""
+    stand_in = etcd_host.root / "bin" / "etcd"  # a stand-in that records where the real one would listen
+    stand_in.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" > {etcd_host.root}/etcd-args\n'
+                        f'stat -c %a . > {etcd_host.root}/etcd-cwd-mode\nexit 1\n')
+    stand_in.chmod(0o755)
+    assert etcd_host.run("etcd-backup", "--no-upload").returncode == 1
+    args = (etcd_host.root / "etcd-args").read_text().split()
+    urls = [args[i + 1] for i, a in enumerate(args) if a.endswith("-urls") and "metrics" not in a]
+    assert urls and all(url.startswith("unix://") and "/" not in url.removeprefix("unix://") for url in urls), urls
+    assert (etcd_host.root / "etcd-cwd-mode").read_text().strip() == "700", "sockets live in a private folder"
 
 
 def test_a_snapshot_that_fails_verification_goes_to_bad_and_fails_the_run(etcd_host: EtcdHost) -> None:
-    with socket.socket() as squatter:  # the throwaway's port is taken: verification cannot run
-        squatter.bind(("127.0.0.1", etcd_host.verify_port))
-        squatter.listen()
-        result = etcd_host.run("etcd-backup")
+    stand_in = etcd_host.root / "bin" / "etcd"  # a throwaway etcd that cannot start: verification cannot pass
+    stand_in.write_text("#!/bin/sh\necho 'etcd stand-in: cannot start' >&2\nexit 1\n")
+    stand_in.chmod(0o755)
+    result = etcd_host.run("etcd-backup")
     assert result.returncode == 1, result.stderr
-    assert b"in use" in result.stderr and b"stored as bad" in result.stderr, result.stderr
+    assert b"did not become healthy" in result.stderr and b"stored as bad" in result.stderr, result.stderr
     (bad,) = {p.stem for p in (etcd_host.backup_host / "bad").glob("*.json")}
     assert json.loads((etcd_host.backup_host / "bad" / f"{bad}.json").read_text())["verified"] is False
     reason = etcd_host.status()["last_failure_reason"]
-    assert reason.startswith(f"snapshot {bad} failed verification: port 127.0.0.1:") and "in use" in reason, reason
+    assert reason.startswith(f"snapshot {bad} failed verification: throwaway etcd did not become healthy: etcd "
+                             "stand-in: cannot start"), reason
 
 
 def test_a_bucket_gets_status_json_as_this_run_wrote_it(live_etcd: tuple[str, Path], tmp_path: Path,
                                                         clouds: Path) -> None:
     client, pki = live_etcd
-    host = EtcdHost(tmp_path, client, pki=pki, verify_ports=free_ports(), dest="s3://b/p")
+    host = EtcdHost(tmp_path, client, pki=pki, dest="s3://b/p")
     result = host.run("etcd-backup")
     assert result.returncode == 0, result.stderr.decode()
     published = json.loads(Path(f"{clouds}.status.json").read_text())
     first = calls(clouds)[0]
-    assert first[-1] == "s3://b/p/recent/snapshot.db" and f"name={published['last_snapshot']}," in first[4]
+    assert first[-1] == f"s3://b/p/snapshots/{published['last_snapshot']}.db"
+    assert f"name={published['last_snapshot']}," in first[first.index("--metadata") + 1]
     assert published == host.status(), "the run's own outcome, not the previous one"
-    assert [c[-1] for c in calls(clouds)][-1] == "s3://b/p/status.json", "status.json goes last"
+    assert "/status/" in calls(clouds)[-1][-1], "status goes last"

@@ -224,11 +224,17 @@ def test_slots_name_one_secret_per_member_and_one_for_the_api_group() -> None:
     assert [s.roles for s in slots] == [("etcd", "apiserver")] * 3
 
 
-def test_retention_keeps_exactly_the_configured_counts() -> None:
-    rules = {r.prefix: r for r in cloud.retention_rules(_cfg("aws-example"))}
-    assert rules["prod/backups/recent/"].keep_versions == 6 and rules["prod/backups/daily/"].keep_versions == 7
-    assert rules["prod/backups/daily-markers/"].expire_days == 8
-    assert all(not r.prefix.startswith("prod/cluster-formed") for r in rules.values()), "the marker never expires"
+def test_retention_keeps_every_snapshot_of_the_locked_days_and_never_the_marker() -> None:
+    """Snapshots go under new keys and are locked for `retain.daily` days (or longer when `retain.recent` snapshots
+    at the interval span more): expiry is one age rule a day past the lock, so nothing a host uploads can push an
+    older snapshot out."""
+    cfg = _cfg("aws-example")
+    assert cloud.lock_days(cfg) == cfg.backup.retain.daily == 7
+    assert cloud.retention_rules(cfg) == [cloud.ExpiryRule("prod/backups/", 8)]
+    slow = cfg.model_copy(update={"backup": cfg.backup.model_copy(update={"interval_minutes": 1440})})
+    assert cloud.lock_days(slow) == 7 and cloud.lock_days(slow.model_copy(update={"backup": slow.backup.model_copy(
+        update={"retain": slow.backup.retain.model_copy(update={"recent": 10})})})) == 10
+    assert not any("cluster-formed" in r.prefix for r in cloud.retention_rules(cfg)), "the marker never expires"
 
 
 def _methods(cls: type) -> list[str]:

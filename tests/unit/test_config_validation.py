@@ -117,7 +117,7 @@ BAD: list[tuple[str, dict[str, Any], Edit, str]] = [
     ("three-members-over-two-zones", AWS, _set("zones", ["eu-west-1a", "eu-west-1b"]), "zones"),
     ("aws-zone-malformed", AWS, _set("zones", ["eu-west-1", "eu-west-1b", "eu-west-1c"]), "zones[0]"),
     ("aws-section-missing", AWS, _delete("aws"), "aws"),
-    ("second-target-section", AWS, _set("gce", {"project": "p", "region": "europe-west1"}), "gce"),
+    ("second-target-section", AWS, _set("gce", {"project": "my-project", "region": "europe-west1"}), "gce"),
     ("gce-network-without-subnetwork", GCE, _set("gce.network", "shared-vpc"), "gce.subnetwork"),
     ("gce-subnet-cidr-invalid", GCE, _set("gce.subnetCidr", "10.10.0.0/33"), "gce.subnetCidr"),
     ("aws-vpc-cidr-invalid", AWS, _set("aws.vpcCidr", "10.20.0.1/16"), "aws.vpcCidr"),
@@ -226,3 +226,164 @@ def test_pulumi_yaml_declares_every_config_key_with_a_description() -> None:
     assert set(declared) == set(TOP_LEVEL_KEYS), set(declared) ^ set(TOP_LEVEL_KEYS)
     for key, declaration in declared.items():
         assert declaration.get("description"), f"Pulumi.yaml config key {key} has no description"
+
+
+# -- new-user papercuts: the SSH key file, and the README's commands as root without sudo -----------
+
+def _with_key_file(path: Path | str) -> Any:
+    from components.config import ClusterConfig
+    cfg = copy.deepcopy(LOCAL)
+    cfg["baremetal"]["sshPrivateKeyPath"] = str(path)
+    model: ClusterConfig = load(cfg)
+    return model
+
+
+@pytest.mark.parametrize(("make", "problem"), [
+    (lambda d: d / "missing", "there is no such file"),
+    (lambda d: d, "it is not a regular file"),
+    (lambda d: Path("/dev/zero"), "it is not a regular file"),  # read to the end, it would never end
+    (lambda d: (d / "empty").write_text("\n") and d / "empty", "it is empty"),
+    (lambda d: (d / "huge").write_bytes(b"x" * 70_000) and d / "huge", "it is larger than 65536 bytes"),
+    (lambda d: (d / "id.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE0 me\n") and d / "id.pub",
+     "holds no OpenSSH or PEM private key"),
+], ids=["missing", "directory", "device", "empty", "huge", "public-key"])
+def test_a_bad_ssh_key_file_is_one_config_error_naming_key_and_path(
+        tmp_path: Path, make: Callable[[Path], Path], problem: str) -> None:
+    from components.validation import ssh_key_file
+    path = make(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        ssh_key_file(_with_key_file(path))
+    message = str(caught.value)
+    assert caught.value.key == "baremetal.sshPrivateKeyPath" and problem in message
+    assert message.count(str(path)) == 2 and "\n" not in message  # the value, and the path it was read as
+
+
+def test_an_unreadable_ssh_key_file_is_one_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.validation import ssh_key_file
+
+    def denied(self: Path, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ConfigError, match=r"it cannot be read \(Permission denied\)"):
+        ssh_key_file(_with_key_file(tmp_path / "id_ed25519"))
+
+
+def test_a_readable_ssh_key_file_passes(throwaway_ssh_key: Path) -> None:
+    from components.validation import ssh_key_file
+    ssh_key_file(_with_key_file(throwaway_ssh_key))
+
+
+def test_pulumi_up_with_a_missing_key_file_stops_with_the_message_before_declaring_anything(tmp_path: Path) -> None:
+    """Pulumi prints a RunError's message alone: no traceback, and no resource was registered."""
+    import pulumi
+
+    from tests.program import Mocks, run_program
+    registered: list[str] = []
+
+    class Recording(Mocks):
+        def new_resource(self, args: Any) -> tuple[str, dict[str, Any]]:
+            registered.append(args.name)
+            return super().new_resource(args)
+
+    cfg = copy.deepcopy(LOCAL)
+    cfg["baremetal"]["sshPrivateKeyPath"] = str(tmp_path / "id_ed25519")
+    with pytest.raises(pulumi.RunError) as caught:
+        run_program(cfg, stack="local", mocks=Recording)
+    assert str(caught.value).startswith("config key 'baremetal.sshPrivateKeyPath'")
+    assert f"{tmp_path / 'id_ed25519'}: there is no such file" in str(caught.value)
+    assert registered == []
+
+
+def _wrapper_tree(tmp_path: Path, uid: int, sudo: str | None) -> tuple[Path, dict[str, str]]:
+    """A copy of scripts/test and scripts/up beside stubs (install-deps, sandbox, pytest, pulumi), and a PATH that
+    holds bash and coreutils, a stand-in `id` and, unless `sudo` is None, a stand-in `sudo` that runs its command
+    as uid 0 (`sudo -n true` succeeds only when `sudo` is "passwordless")."""
+    import shutil
+    bash = shutil.which("bash")
+    assert bash
+    repo, bin_dir, log = tmp_path / "repo", tmp_path / "bin", tmp_path / "log"
+    stubs = {
+        repo / "scripts" / "install-deps": 'echo "install-deps uid=$(id -u)" >> "$LOG"',
+        repo / "scripts" / "sandbox": 'echo "sandbox uid=$(id -u) $*" >> "$LOG"',
+        repo / ".venv" / "bin" / "python": 'echo "python uid=$(id -u) $*" >> "$LOG"',
+        bin_dir / "pulumi": 'echo "pulumi uid=$(id -u) $*" >> "$LOG"',
+        bin_dir / "id": 'echo "${FAKE_UID:?}"',
+    }
+    if sudo is not None:
+        stubs[bin_dir / "sudo"] = (f'echo "sudo $*" >> "$LOG"\n'
+                                   f'if [[ $1 == -n ]]; then [[ {sudo} == passwordless ]]; exit; fi\n'
+                                   'shift; FAKE_UID=0 exec "$@"')
+    for path, body in stubs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"#!{bash}\n{body}\n")
+        path.chmod(0o755)
+    for script in ("test", "up"):
+        shutil.copy2(ROOT / "scripts" / script, repo / "scripts" / script)
+    (repo / "stacks").mkdir()
+    for stack in ("local", "gce-example"):
+        (repo / "stacks" / f"Pulumi.{stack}.yaml").write_text("config: {}\n")
+    for tool in ("bash", "dirname", "mkdir", "cat", "install", "openssl"):
+        found = shutil.which(tool)
+        assert found
+        (bin_dir / tool).symlink_to(found)
+    return repo, {"PATH": str(bin_dir), "LOG": str(log), "FAKE_UID": str(uid), "HOME": str(tmp_path)}
+
+
+def _run_wrapper(tmp_path: Path, command: list[str], uid: int, sudo: str | None) -> tuple[int, list[str], str]:
+    import subprocess
+    repo, env = _wrapper_tree(tmp_path, uid, sudo)
+    proc = subprocess.run(command, cwd=repo, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=30)
+    log = Path(env["LOG"])
+    return proc.returncode, log.read_text().splitlines() if log.exists() else [], proc.stderr
+
+
+@pytest.mark.parametrize(("uid", "sudo", "expected"), [
+    (0, None, ["install-deps uid=0", "python uid=0 -m pytest -q tests/unit"]),
+    (0, "passwordless", ["install-deps uid=0", "python uid=0 -m pytest -q tests/unit"]),
+    (1000, "passwordless", ["sudo -n true", "sudo -- scripts/test -q tests/unit", "install-deps uid=0",
+                            "python uid=0 -m pytest -q tests/unit"]),
+    (1000, "password-and-no-terminal", ["sudo -n true", "install-deps uid=1000",
+                                        "python uid=1000 -m pytest -q tests/unit"]),
+    (1000, None, ["install-deps uid=1000", "python uid=1000 -m pytest -q tests/unit"]),
+], ids=["root-without-sudo", "root-with-sudo", "user-with-sudo", "user-whose-sudo-cannot-ask", "user-without-sudo"])
+def test_scripts_test_runs_as_root_itself_and_uses_sudo_only_when_not_root(
+        tmp_path: Path, uid: int, sudo: str | None, expected: list[str]) -> None:
+    code, log, stderr = _run_wrapper(tmp_path, ["scripts/test", "-q", "tests/unit"], uid, sudo)
+    assert (code, log) == (0, expected), stderr
+
+
+@pytest.mark.parametrize(("stack", "uid", "sudo", "expected"), [
+    ("local", 0, None, ["install-deps uid=0", "sandbox uid=0 up", "pulumi uid=0 up --stack local --yes"]),
+    ("local", 1000, "passwordless", ["sudo -n true", "sudo -- scripts/up local --yes", "install-deps uid=0",
+                                     "sandbox uid=0 up", "pulumi uid=0 up --stack local --yes"]),
+    ("gce-example", 1000, "passwordless", ["install-deps uid=1000", "pulumi uid=1000 up --stack gce-example --yes"]),
+], ids=["local-as-root-without-sudo", "local-as-user-with-sudo", "cloud-stack-stays-the-user"])
+def test_scripts_up_runs_the_local_stack_as_root_with_or_without_sudo(
+        tmp_path: Path, stack: str, uid: int, sudo: str | None, expected: list[str]) -> None:
+    code, log, stderr = _run_wrapper(tmp_path, ["scripts/up", stack, "--yes"], uid, sudo)
+    assert code == 0, stderr
+    passphrase = tmp_path / "repo" / ".pulumi-state" / "passphrase"
+    if stack == "local":  # the state holds every key of the cluster: its passphrase is this checkout's own
+        assert passphrase.stat().st_mode & 0o777 == 0o600 and len(passphrase.read_text().strip()) >= 40
+    assert [line for line in log if not line.startswith(("pulumi uid=0 login", "pulumi uid=0 stack",
+                                                         "pulumi uid=1000 login", "pulumi uid=1000 stack"))] == expected
+
+
+def test_scripts_up_local_without_root_or_sudo_says_it_needs_root(tmp_path: Path) -> None:
+    code, log, stderr = _run_wrapper(tmp_path, ["scripts/up", "local"], 1000, None)
+    assert (code, log) == (1, []) and "needs root" in stderr
+
+
+def test_readme_commands_need_no_sudo_and_ci_runs_the_readme_test_command() -> None:
+    """The README opens with the two commands (set up and run; test), which work as root with or without sudo
+    installed; nothing in README or docs tells anyone to type `sudo`; CI runs the README's test command."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    commands = [line.split("#", 1)[0].strip() for line in block[:2]]
+    assert commands == ["scripts/up local", "scripts/test"]
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        typed = re.findall(r"(?:^|`)\s*sudo\s+(?!-n`)[^`\n]*", doc.read_text(), flags=re.MULTILINE)
+        assert not typed, f"{doc.name}: {typed}"
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()

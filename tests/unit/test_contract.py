@@ -11,7 +11,7 @@ import pytest
 
 from components.render import etcd
 from kcp_host import contract
-from kcp_host.contract import BackupEnv, ClusterEnv, ContractError, env_name, load_env, render_env
+from kcp_host.contract import BackupEnv, BootEnv, ClusterEnv, ContractError, env_name, load_env, render_env
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMBERS = (etcd.Member("h1", "10.0.0.11"), etcd.Member("h2", "10.0.0.12"), etcd.Member("h3", "10.0.0.13"))
@@ -63,18 +63,24 @@ def test_a_missing_required_variable_is_named_with_its_file(tmp_path: Path) -> N
 
 def test_the_file_wins_over_the_environment_which_wins_over_the_default(tmp_path: Path) -> None:
     base = render_env(BackupEnv(dest="s3://b/p", cert="/c", key="/k"), "test")
-    path = written(tmp_path, base + "KCP_BACKUP_VERIFY_PEER_PORT=1\n")
-    env = load_env(BackupEnv, path, environ={"KCP_BACKUP_VERIFY_PEER_PORT": "2", "KCP_BACKUP_VERIFY_CLIENT_PORT": "3"})
-    assert (env.verify_peer_port, env.verify_client_port, env.work_dir) == (1, 3, BackupEnv.work_dir)
+    path = written(tmp_path, base + "KCP_BACKUP_SSH_KEY=/from-file\n")
+    env = load_env(BackupEnv, path, environ={"KCP_BACKUP_SSH_KEY": "/from-env", "KCP_BACKUP_VERIFY": "false"})
+    assert (env.ssh_key, env.verify, env.work_dir) == ("/from-file", False, BackupEnv.work_dir)
 
 
 @pytest.mark.parametrize(("line", "error"), [("KCP_BACKUP_VERIFY=yes", "true or false"),
-                                              ("KCP_BACKUP_VERIFY_CLIENT_PORT=x", "an integer"),
                                               ("not a line", "KEY=VALUE")])
 def test_bad_values_are_refused_with_the_variable_named(tmp_path: Path, line: str, error: str) -> None:
     base = render_env(BackupEnv(dest="s3://b/p", cert="/c", key="/k"), "test")
     with pytest.raises(ContractError, match=error):
         load_env(BackupEnv, written(tmp_path, base + line + "\n"), environ={})
+
+
+def test_an_integer_setting_that_is_not_one_is_refused_with_the_variable_named(tmp_path: Path) -> None:
+    base = render_env(BootEnv(provider="gce", cluster="c", roles=("etcd",), programs_secrets=("p",), disk="local",
+                              marker="gs://b/m"), "test")
+    with pytest.raises(ContractError, match=r"KCP_BOOT_WAIT_SECONDS.*an integer"):
+        load_env(BootEnv, written(tmp_path, base + "KCP_BOOT_WAIT_SECONDS=x\n"), environ={})
 
 
 def test_the_agent_reads_no_variable_outside_the_contract() -> None:

@@ -236,14 +236,14 @@ def test_no_secret_in_any_metadata_value(stack) -> None:
             assert not re.search(r"[A-Za-z0-9+/=]{400,}", value), f"{name}: a bundle-sized blob is in metadata"
 
 
-def test_secret_access_is_bound_only_to_the_control_plane_service_account(stack) -> None:
+def test_secret_access_is_only_accessor_bindings_of_the_control_plane_service_accounts(stack) -> None:
+    """Which account reads which secret: tests/unit/test_cloud_identities.py. Here: every grant is a read of one
+    secret by one of the cluster's role accounts; no binding replaces a secret's whole policy."""
     cfg, program = stack
-    account = f"serviceAccount:{cfg['clusterName']}-control-plane-sa@mock.iam.gserviceaccount.com"
-    secrets = program.of_type("gcp:secretmanager/secret:Secret")
-    grants = program.of_type(SECRET_IAM)
-    assert len(grants) == len(secrets), "exactly one accessor binding per secret"
-    for grant in grants:
-        assert grant.inputs["member"] == account and grant.inputs["role"] == "roles/secretmanager.secretAccessor", \
+    accounts = {f"serviceAccount:{cfg['clusterName']}-{role}-sa@mock.iam.gserviceaccount.com"
+                for role in ("etcd", "api")}
+    for grant in program.of_type(SECRET_IAM):
+        assert grant.inputs["member"] in accounts and grant.inputs["role"] == "roles/secretmanager.secretAccessor", \
             f"{grant.name}: {grant.inputs['member']} {grant.inputs['role']}"
     for kind in ("secretmanager/secretIamBinding:SecretIamBinding", "secretmanager/secretIamPolicy:SecretIamPolicy"):
         assert not program.of_type(f"gcp:{kind}"), f"unexpected {kind}"
@@ -252,28 +252,36 @@ def test_secret_access_is_bound_only_to_the_control_plane_service_account(stack)
             assert SECRET_SIG in version.inputs["secretData"], f"{version.name}: bundle is not a Pulumi secret"
 
 
-def test_backup_bucket_is_versioned_private_and_keeps_exact_counts(stack) -> None:
+def _lock_days(cfg: dict[str, Any]) -> int:
+    """docs/backups.md: the daily history, `recent` snapshots at the interval, at least a day."""
+    backup = cfg.get("backup", {})
+    retain = {"recent": 6, "daily": 7} | backup.get("retain", {})
+    return max(retain["daily"], math.ceil(retain["recent"] * backup.get("intervalMinutes", 30) / 1440), 1)
+
+
+def test_backup_bucket_retains_every_object_for_the_lock_period_and_is_private(stack) -> None:
+    """A retention policy keeps every object (no one deletes or replaces it sooner, the lifecycle rule neither);
+    versioning is off because GCS allows no retention policy beside it; deletion by age afterwards."""
     cfg, program = stack
     (bucket,) = program.of_type(BUCKET)
-    i = bucket.inputs
-    assert i["versioning"] == {"enabled": True}, f"{bucket.name}: versioning"
+    i, days = bucket.inputs, _lock_days(cfg)
+    assert days >= max(1, cfg.get("backup", {}).get("retain", {}).get("daily", 7))
+    assert i["retentionPolicy"] == {"retentionPeriod": str(days * 86_400)}, f"{bucket.name}: retention policy"
+    assert not i["versioning"]["enabled"], f"{bucket.name}: versioning and a retention policy are exclusive"
     assert i["publicAccessPrevention"] == "enforced" and i["uniformBucketLevelAccess"], f"{bucket.name}: public"
     assert "encryption" not in i, f"{bucket.name}: Google-managed encryption at rest expected"
     assert i["softDeletePolicy"]["retentionDurationSeconds"] >= 86_400, f"{bucket.name}: soft delete"
-    keep = {r["condition"]["matchesPrefixes"][0]: r["condition"].get("numNewerVersions", r["condition"].get("age"))
-            for r in i["lifecycleRules"]}
-    prefix = f"{cfg['clusterName']}/backups"
-    retain = {"recent": 6, "daily": 7} | cfg.get("backup", {}).get("retain", {})
-    assert keep[f"{prefix}/recent/"] == retain["recent"] and keep[f"{prefix}/daily/"] == retain["daily"], keep
-    assert keep[f"{prefix}/daily-markers/"] == retain["daily"] + 1, keep
-    assert all(r["action"]["type"] == "Delete" for r in i["lifecycleRules"]), bucket.name
+    (rule,) = i["lifecycleRules"]
+    assert rule["action"]["type"] == "Delete" and rule["condition"] == {
+        "matchesPrefixes": [f"{cfg['clusterName']}/backups/"], "age": days + 1, "withState": "ANY"}, rule
 
 
-def test_hosts_may_only_add_backups_under_their_prefix(stack) -> None:
+def test_only_etcd_hosts_may_add_backups_and_only_add(stack) -> None:
+    """Create only: overwriting an object needs delete as well, so a host cannot replace or remove any backup."""
     cfg, program = stack
     c = cfg["clusterName"]
     role = program.named(f"{c}-backup-writer-role")
-    assert sorted(role.inputs["permissions"]) == ["storage.objects.create", "storage.objects.delete"], role.name
+    assert role.inputs["permissions"] == ["storage.objects.create"], role.name
     grants = {g.name: g.inputs for g in program.of_type(BUCKET_IAM)}
     assert set(grants) == {f"{c}-backup-writer", f"{c}-marker-creator", f"{c}-marker-reader"}, grants
     objects = f"projects/_/buckets/{c}-etcd-backups/objects"
@@ -281,8 +289,9 @@ def test_hosts_may_only_add_backups_under_their_prefix(stack) -> None:
         f'resource.name.startsWith("{objects}/{c}/backups/")'
     for name in (f"{c}-marker-creator", f"{c}-marker-reader"):
         assert grants[name]["condition"]["expression"] == f'resource.name == "{objects}/{c}/cluster-formed"', name
+    etcd = "cp" if cfg.get("etcd", {}).get("placement") == "colocated" else "etcd"
     for name, grant in grants.items():
-        assert grant["member"].startswith(f"serviceAccount:{c}-control-plane-sa@"), name
+        assert grant["member"].startswith(f"serviceAccount:{c}-{etcd}-sa@"), (name, grant["member"])
 
 
 def test_service_account_has_only_logging_and_metrics_project_roles(stack) -> None:

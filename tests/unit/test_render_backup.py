@@ -102,8 +102,17 @@ def test_backup_key_is_restricted_to_the_receive_program_for_this_cluster() -> N
     options, _, key = line.strip().partition(" ssh-ed25519 ")
     assert options.startswith("restrict,"), "no forwarding, no pty, no user rc"
     assert options == ('restrict,command="/usr/local/lib/kcp/kcp-host etcd-backup-receive '
-                       '--root /srv/etcd-backups/local --retain-recent 4 --retain-daily 3"')
+                       '--root /srv/etcd-backups/local --retain-recent 4 --retain-daily 3 --max-bytes 17179869184"')
     assert ("ssh-ed25519 " + key) == KEY and line.endswith("\n") and line.count("\n") == 1
+
+
+def test_the_size_bound_is_always_on_the_command_line_and_covers_a_full_etcd() -> None:
+    """The receiver refuses a larger upload; etcd's 8 GiB quota (render/etcd.py) keeps a real snapshot below it."""
+    line = backup.backup_receiver_authorized_key(KEY, "/srv/etcd-backups", "local", 4, 3, max_bytes=1 << 20)
+    assert line.split('"')[1].endswith(" --max-bytes 1048576"), line
+    assert backup.SNAPSHOT_MAX_BYTES >= 8 * 1024**3
+    with pytest.raises(ValueError, match="size bound"):
+        backup.backup_receiver_authorized_key(KEY, "/srv/etcd-backups", "local", 4, 3, max_bytes=0)
 
 
 @pytest.mark.parametrize("bad_key", [

@@ -11,6 +11,7 @@ import itertools
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,20 +135,22 @@ def test_a_removed_host_loses_exactly_its_resources_in_the_final_phase(local) ->
     with_h4 = changed(local, baremetal__hosts=[*local["baremetal"]["hosts"], H4])
     before = run_program(with_h4, stack="local")
     plan = plan_update(before, rerun_program(local, before, stack="local"))
-    h4 = ["local-h4-loadbalancer", "local-h4-firewall", "local-h4-agent"]
+    # The shipped stack trusts on first use: the read of h4's key goes last, and deleting it runs nothing.
+    h4 = ["local-h4-loadbalancer", "local-h4-firewall", "local-h4-agent", "local-h4-host-key"]
     assert sorted(plan.named("delete")) == sorted(h4), plan.preview()
     assert not any("-h4-" in a for a in registered_actions(plan))
     deletes = [(old, action) for chain in plan.deletes for old, action in chain]
     assert [a.name for _, a in deletes] == h4, "dependents go first"
     for old, action in deletes:
-        assert action.address == H4["address"] and action.command == plain(old.inputs)["delete"]
+        assert action.address == H4["address"] and action.command == plain(old.inputs).get("delete")
 
 
 def test_an_added_host_creates_its_resources(before, local) -> None:
     plan = second_up(before, changed(local, baremetal__hosts=[*local["baremetal"]["hosts"], H4]))
-    assert plan.named("create") == ["local-h4-agent", "local-h4-firewall", "local-h4-loadbalancer"]
+    assert plan.named("create") == ["local-h4-host-key", "local-h4-agent", "local-h4-firewall", "local-h4-loadbalancer"]
     assert plan.named("delete") == [] and plan.named("replace") == []
     assert "local-h4-agent" in plan.waits_for("local-h4-firewall")
+    assert "local-h4-host-key" in plan.waits_for("local-h4-agent"), "trust on first use: its key is read first"
 
 
 # -- rules on small hand-made graphs ------------------------------------------------------------
@@ -288,7 +291,7 @@ class FakeHosts:
         self._lock = threading.Lock()
 
     def ssh(self, host: str, command: str, input: bytes | None = None, timeout: float = 60,
-            check: bool = True) -> subprocess.CompletedProcess[bytes]:
+            check: bool = True, options: Sequence[str] = ()) -> subprocess.CompletedProcess[bytes]:
         started = time.monotonic()
         time.sleep(self.seconds * (3 if command in self.slow else 1))
         with self._lock:
