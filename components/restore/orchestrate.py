@@ -9,7 +9,6 @@ untouched. Each step's time and each member's own timings are printed; the repor
 from __future__ import annotations
 
 import secrets
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +17,9 @@ from typing import IO, Any
 from components.restore import RestoreError, members
 from components.restore.plan import Plan
 from components.restore.ssh import widen_pipe
-from components.restore.stream import SnapshotStream, fan_out
+from components.restore.stream import SnapshotStream, fan_out, header
 
-Sessions = dict[str, subprocess.Popen[bytes]]  # member name -> its `prepare` session
+Sessions = dict[str, members.Session]  # member name -> its `restore` session
 
 
 class Clock:
@@ -56,99 +55,126 @@ class Clock:
 def stdin_of(sessions: Sessions) -> dict[str, IO[bytes]]:
     """Each session's stdin, with a wide pipe: the snapshot goes through it."""
     sinks = {}
-    for name, proc in sessions.items():
-        assert proc.stdin
-        widen_pipe(proc.stdin)
-        sinks[name] = proc.stdin
+    for name, session in sessions.items():
+        assert session.proc.stdin
+        widen_pipe(session.proc.stdin)
+        sinks[name] = session.proc.stdin
     return sinks
+
+
+def show(sessions: Sessions, clock: Clock) -> None:
+    """What the members logged since the last time (their own timings), under the running step."""
+    for session in sessions.values():
+        for line in session.news():
+            clock.note(line)
+
+
+def halt(sessions: Sessions, message: str) -> RestoreError:
+    """End every session and say why: the message, then why each member stopped, except the members that stopped
+    only because the operator did. A member that had not switched removes what it prepared."""
+    reasons = [why for session in sessions.values() if (why := session.end()) and "the operator stopped" not in why]
+    return RestoreError("; ".join([message, *reasons]))
+
+
+def expect(sessions: Sessions, answers: dict[str, list[str]], word: str, clock: Clock, message: str) -> None:
+    """Every member answered `word`, or the restore stops here with `message` (`{names}`: those that did not)."""
+    show(sessions, clock)
+    if failed := [name for name, words in answers.items() if words[:1] != [word]]:
+        raise halt(sessions, message.format(names=", ".join(failed)))
 
 
 def pick_and_guard(plan: Plan, sessions: Sessions, snapshot_name: str | None, force: bool,
                    clock: Clock) -> dict[str, Any]:
     """The snapshot's metadata, picked while every member says whether it sees a healthy quorum.
 
-    Every member is asked, so one member that is cut off cannot hide a cluster that still
-    works: a restore discards every write since the snapshot. A refusal sends `abort` to every
-    member: nothing was written anywhere.
+    Every member is asked, so one member that is cut off cannot hide a cluster that still works: a restore
+    discards every write since the snapshot. A refusal ends every session: nothing was written anywhere.
     """
     with ThreadPoolExecutor(max_workers=len(sessions) + 1) as pool:
         picked = pool.submit(plan.source.pick, snapshot_name)
-        seen = {name: pool.submit(members.first_line, proc) for name, proc in sessions.items()}
+        seen = {name: pool.submit(session.answer) for name, session in sessions.items()}
     try:
         meta = picked.result()
-        answers = {name: future.result() for name, future in seen.items()}
-        if unanswered := [name for name, line in answers.items() if line not in ("quorum healthy", "quorum none")]:
-            raise RestoreError(f"{', '.join(unanswered)} did not answer (their errors follow); nothing was changed")
-        if healthy := [name for name, line in answers.items() if line == "quorum healthy"]:
-            if not force:
-                raise RestoreError(f"the cluster has a healthy quorum (seen from {', '.join(healthy)}); a restore "
-                                   "would discard every write since the snapshot. Nothing was changed. Use --force "
-                                   "to restore anyway.")
-            clock.step(f"healthy quorum seen from {', '.join(healthy)}; continuing because of --force")
     except RestoreError as exc:
-        fan_out([b"abort\n"], stdin_of(sessions))
-        failures, _ = members.collect(sessions, clock.note)
-        unrelated = [f for f in failures if "stopped before sending" not in f]
-        raise RestoreError("; ".join([str(exc), *unrelated])) from None
+        raise halt(sessions, str(exc)) from None
+    answers = {name: future.result() for name, future in seen.items()}
+    if unanswered := [name for name, words in answers.items() if words not in (["quorum", "healthy"],
+                                                                                ["quorum", "none"])]:
+        raise halt(sessions, f"{', '.join(unanswered)} did not answer (their errors follow); nothing was changed")
+    if healthy := [name for name, words in answers.items() if words == ["quorum", "healthy"]]:
+        if not force:
+            raise halt(sessions, f"the cluster has a healthy quorum (seen from {', '.join(healthy)}); a restore "
+                                 "would discard every write since the snapshot. Nothing was changed. Use --force to "
+                                 "restore anyway.")
+        clock.step(f"healthy quorum seen from {', '.join(healthy)}; continuing because of --force")
     return meta
 
 
 def stream_and_prepare(plan: Plan, sessions: Sessions, meta: dict[str, Any],
                        clock: Clock) -> dict[str, dict[str, float]]:
-    """The snapshot from its source into every member at once; each member's timings."""
+    """The snapshot from its source into every member at once (each has room for it); each member's timings
+    and peak memory."""
     fetch = plan.source.open(meta)
     stream = SnapshotStream(fetch.stream, meta)
+    for session in sessions.values():
+        session.say("send")
     with fetch.stream:
-        fan_out(stream, stdin_of(sessions))
-    failures, timings = members.collect(sessions, clock.note)
-    if why := fetch.failure(stream.count):
-        failures.insert(0, why)
-    if stream.refusal and not failures:
-        failures.append(stream.refusal)  # every member refused it; say why once
-    if stream.refusal or failures:
-        raise RestoreError(f"REFUSED {meta['name']}; no member was changed: " + "; ".join(failures))
-    return timings
+        fan_out(stream, stdin_of(sessions), close=False)
+    answers = members.ask(sessions, None, timeout=300 + int(meta["file_bytes"]) / 5e6)
+    show(sessions, clock)
+    failed = [name for name, words in answers.items() if words[:1] != ["prepared"]]
+    why = [w for w in (fetch.failure(stream.count), None if failed else stream.refusal) if w]  # members say theirs
+    if failed or why:
+        raise halt(sessions, "; ".join([f"REFUSED {meta['name']}; no member was changed", *why]))
+    return {name: dict(zip(("bytes", "receive_seconds", "restore_seconds", "peak_kib", "restore_tool_peak_kib"),
+                           map(float, words[1:]), strict=False)) for name, words in answers.items()}
 
 
-def stage(plan: Plan, snapshot_name: str | None, force: bool, token: str,
-          clock: Clock) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
-    """Pick the snapshot, refuse to overwrite a live quorum, and prepare it on every member at once.
-
-    One SSH session per member does it all (`prepare`): it first reports whether that member
-    sees a healthy quorum, so its connection is made while the backups are listed. Then the
-    snapshot streams from its source to all members at once. `prepare` only writes beside the
-    live data, so a refusal anywhere leaves every member as it was. Returns the metadata and
-    each member's timings.
-    """
+def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) -> dict[str, Any]:
+    """One session per member from start to end; each phase starts only once every member finished the previous:
+    prepare everywhere first, then stop API servers and switch data dirs, then start etcd."""
+    token = f"restore-{secrets.token_hex(4)}"
     clock.step(f"picking the snapshot from {plan.source.where()}; asking every member whether a healthy quorum "
                "still exists")
-    sessions = {h.name: members.start(plan.ssh, h, [["prepare", "--token", token]], stdin=subprocess.PIPE)
-                for h in plan.hosts}
-    meta = pick_and_guard(plan, sessions, snapshot_name, force, clock)
-    clock.done("pick_and_quorum_check")
-    clock.step(f"streaming {meta['name']} taken {meta.get('taken_at')} (revision {meta['revision']}, "
-               f"{meta.get('keys')} keys, verified {meta.get('verified')}) to {', '.join(sessions)} and restoring "
-               f"it beside the live data (cluster token {token})")
-    timings = stream_and_prepare(plan, sessions, meta, clock)
-    clock.done("stream_and_prepare")
-    return meta, timings
-
-
-def start_and_wait(plan: Plan, revision: int, clock: Clock) -> int:
-    """Start etcd everywhere and, at the same time, wait for a healthy cluster at `revision`; its hashkv.
-
-    Every old etcd is gone by now, so the health check can run while the members start.
-    """
-    clock.step(f"starting etcd on every member; waiting for a healthy cluster at revision {revision}")
-    wait = [["wait-healthy", "--revision", str(revision), "--timeout", "120"]]
-    health = members.start(plan.ssh, plan.hosts[0], wait)
+    sessions = {h.name: members.Session(plan.ssh, h, token) for h in plan.hosts}
     try:
-        members.parallel(plan.hosts, lambda h: members.run(plan.ssh, h, [["start-etcd"]], note=clock.note))
-    except RestoreError:
-        health.kill()
-        health.communicate()
-        raise
-    return int(members.finish(health, wait, timeout=180, note=clock.note).split()[-1])
+        meta = pick_and_guard(plan, sessions, snapshot_name, force, clock)
+        name, rev = meta["name"], int(meta["revision"])
+        expect(sessions, members.ask(sessions, header(meta), timeout=60), "room", clock,
+               f"{{names}} refused {name} before any byte moved; nothing was changed")
+        clock.done("pick_and_quorum_check")
+        clock.step(f"streaming {name} taken {meta.get('taken_at')} (revision {rev}, {meta.get('keys')} keys, "
+                   f"verified {meta.get('verified')}, {int(meta['file_bytes']) / 2**20:.0f} MiB; every member has "
+                   f"room) to {', '.join(sessions)} and restoring it beside the live data (cluster token {token})")
+        timings = stream_and_prepare(plan, sessions, meta, clock)
+        clock.done("stream_and_prepare")
+        # Each member stops its API server before its etcd, and no etcd starts before every member got that far:
+        # no API server ever talks to the restored cluster.
+        clock.step("stopping the API servers and etcd; putting the restored data in place on every member")
+        expect(sessions, members.ask(sessions, "switch", timeout=120), "switched", clock,
+               "switching failed on {names}; etcd and the API servers stay stopped where switched (docs/backups.md)")
+        clock.done("stop_and_switch")
+        clock.step(f"starting etcd on every member; each waits until it is healthy at revision {rev} and reports "
+                   "its hashkv")
+        answers = members.ask(sessions, f"start {rev}", timeout=180)
+        expect(sessions, answers, "healthy", clock, "{names} not healthy; the API servers stay stopped")
+        hashes = {name: int(words[1]) for name, words in answers.items()}
+        hashkv = hashes[plan.hosts[0].name]
+        if set(hashes.values()) != {hashkv} or (meta.get("hashkv") is not None and hashkv != int(meta["hashkv"])):
+            raise halt(sessions, f"restored cluster hashkv {hashes} != recorded {meta.get('hashkv')}; API servers "
+                                 "left stopped")
+        clock.done("start_and_wait_healthy")
+        rto = clock.total
+        clock.step(f"cluster healthy (revision {rev}, hashkv {hashkv}); starting the API servers")
+        expect(sessions, members.ask(sessions, "apiserver", timeout=120), "done", clock,
+               "starting the API servers failed on {names}")
+    finally:
+        for session in sessions.values():
+            session.end()
+    clock.done("start_apiservers")
+    retire_spares(plan, clock)
+    return {"snapshot": name, "revision": rev, "hashkv": hashkv, "token": token, "rto_seconds": round(rto, 3),
+            "members": timings, "taken_at": meta.get("taken_at"), "keys": meta.get("keys")}
 
 
 def retire_spares(plan: Plan, clock: Clock) -> None:
@@ -162,36 +188,13 @@ def retire_spares(plan: Plan, clock: Clock) -> None:
                        "retire-spare` on it before it comes back")
 
 
-def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) -> dict[str, Any]:
-    """Prepare everywhere first; only then stop API servers, switch data dirs and start etcd."""
-    token = f"restore-{secrets.token_hex(4)}"
-    meta, timings = stage(plan, snapshot_name, force, token, clock)
-    name, rev = meta["name"], int(meta["revision"])
-    # Each member stops its API server before its etcd, and no etcd starts before every
-    # member got that far: no API server ever talks to the restored cluster.
-    clock.step("stopping the API servers and etcd; putting the restored data in place on every member")
-    members.parallel(plan.hosts, lambda h: members.run(plan.ssh, h, [["stop-apiserver"], ["switch", "--token", token]]))
-    clock.done("stop_and_switch")
-    hashkv = start_and_wait(plan, rev, clock)
-    if meta.get("hashkv") is not None and hashkv != int(meta["hashkv"]):
-        raise RestoreError(f"restored cluster hashkv {hashkv} != recorded {meta['hashkv']}; API servers left stopped")
-    clock.done("start_and_wait_healthy")
-    rto = clock.total
-    clock.step(f"cluster healthy (revision {rev}, hashkv {hashkv}); starting the API servers")
-    members.parallel(plan.hosts, lambda h: members.run(plan.ssh, h, [["start-apiserver"]]))
-    clock.done("start_apiservers")
-    retire_spares(plan, clock)
-    return {"snapshot": name, "revision": rev, "hashkv": hashkv, "token": token, "rto_seconds": round(rto, 3),
-            "members": timings, "taken_at": meta.get("taken_at"), "keys": meta.get("keys")}
-
-
 def run_restore(plan: Plan, snapshot_name: str | None, force: bool, quiet: bool = False) -> dict[str, Any]:
     """Pick, stream and check the snapshot, refuse a live quorum, then restore; returns the report."""
     clock = Clock(quiet)
     try:
         report = restore(plan, snapshot_name, force, clock)
     finally:
-        plan.ssh.close(plan.addresses())
+        plan.ssh.close([*plan.addresses(), *(spare.address for spare in plan.spares)])
         plan.source.close()
     report.update(total_seconds=round(clock.total, 3), steps=clock.steps)
     clock.step(f"done: restored {report['snapshot']} in {report['total_seconds']:.2f}s "

@@ -22,18 +22,29 @@ from components.restore.ssh import Ssh, widen_pipe
 
 
 def pick_backup(backups: Sequence[dict[str, Any]], wanted: str | None) -> dict[str, Any]:
-    """The newest verified snapshot, or the named one; a snapshot marked bad is never restored."""
+    """The newest verified snapshot by the store's own arrival record (`arrived`: the backup host's receipt, S3's
+    LastModified), or the named one. Never restored: a snapshot marked bad, one whose store record contradicts its
+    metadata (`refused`: why), and by default one without an arrival record (it is still restored by name).
+
+    Names and times inside the metadata are the uploader's word, so they choose nothing: a snapshot named for
+    the year 9999 is as old as its arrival.
+    """
     if wanted:
         match = [b for b in backups if b.get("name") == wanted]
         if not match:
             raise RestoreError(f"no snapshot named {wanted}")
-        if match[0].get("verified") is False:
-            raise RestoreError(f"{wanted} failed verification ({match[0].get('verify_error')}); refusing it")
-        return match[0]
-    verified = [b for b in backups if b.get("verified") is True]
+        chosen = next((b for b in match if not b.get("refused")), match[0])
+        if chosen.get("refused"):
+            raise RestoreError(f"{wanted}: {chosen['refused']}; refusing it")
+        if chosen.get("verified") is False:
+            raise RestoreError(f"{wanted} failed verification ({chosen.get('verify_error')}); refusing it")
+        return chosen
+    verified = [b for b in backups
+                if b.get("verified") is True and not b.get("refused") and b.get("arrived") is not None]
     if not verified:
-        raise RestoreError("no verified snapshot found")
-    return max(verified, key=lambda b: b["name"])
+        raise RestoreError("no verified snapshot found" + (" with a record of its arrival (name one with --snapshot)"
+                                                           if any(b.get("verified") is True for b in backups) else ""))
+    return max(verified, key=lambda b: (b["arrived"], b["name"]))
 
 
 @dataclass
@@ -69,6 +80,22 @@ class Source(Protocol):
         ...
 
 
+def received(meta_text: str, receipt_text: str, size: str, mtime: str, file_name: str) -> dict[str, Any]:
+    """One pair of the backup host's folder as the restore sees it: its metadata, `file_bytes`, `arrived` (the
+    receipt's, else the .json's mtime: both the backup host's clock), and `refused` where the receipt, written
+    by the receiver from what it received, contradicts the metadata (changed since it arrived)."""
+    meta, receipt = json.loads(meta_text), json.loads(receipt_text or "{}")
+    entry = {**meta, "file_bytes": int(size), "arrived": receipt.get("arrived", float(mtime)),
+             "arrived_at": receipt.get("arrived_at")}
+    if f"{meta.get('name')}.json" != file_name:
+        entry["refused"] = f"its metadata names another snapshot than its file {file_name}"
+    elif receipt and (receipt.get("name"), receipt.get("sha256")) != (meta.get("name"), meta.get("sha256")):
+        entry["refused"] = "its metadata differs from what the backup host recorded on its arrival"
+    elif receipt and receipt.get("bytes") != entry["file_bytes"]:
+        entry["refused"] = f"its .db has {size} bytes, the backup host received {receipt.get('bytes')}"
+    return entry
+
+
 @dataclass
 class BackupFolder:
     """The folder of one cluster on the backup host, read over SSH.
@@ -86,22 +113,20 @@ class BackupFolder:
         return f"{self.address}:{self.directory}"
 
     def listing(self) -> list[dict[str, Any]]:
-        """Metadata of the snapshots kept there (bad/ ones are not listed); `file_bytes` is -1 for a
-        .db file that is missing."""
+        """Metadata of the snapshots kept there (bad/ ones are not listed), each with what the receiver recorded
+        on its arrival (`NAME.receipt`: arrival time, the sha256 it computed, the size). `file_bytes` is -1 for a
+        .db file that is missing; a pair filed before receipts existed arrived when its .json was written."""
         if not (self.address and self.directory):
             raise RestoreError("no backup location: give --stack with baremetal.backupHost, or --backup-host "
                                "and --backup-path, or --snapshot-file and --metadata")
         script = ('for f in "$1"/*.json; do [ "$f" = "$1/status.json" ] || [ ! -f "$f" ] || { cat "$f"; '
-                  'printf "\\037%s\\036" "$(stat -c %s "${f%.json}.db" 2>/dev/null || echo -1)"; }; done')
+                  'printf "\\037"; cat "${f%.json}.receipt" 2>/dev/null; printf "\\037%s\\037%s\\037%s\\036" '
+                  '"$(stat -c %s "${f%.json}.db" 2>/dev/null || echo -1)" "$(stat -c %Y "$f")" "${f##*/}"; }; done')
         proc = self.ssh.run(self.address, f"sh -c {shlex.quote(script)} sh {shlex.quote(self.directory)}",
                             user=self.user, timeout=60)
         if proc.returncode != 0:
             raise RestoreError(f"cannot list {self.directory} on {self.address}: {proc.stderr.decode().strip()}")
-        backups = []
-        for doc in filter(str.strip, proc.stdout.decode().split("\x1e")):
-            meta, _, size = doc.partition("\x1f")
-            backups.append({**json.loads(meta), "file_bytes": int(size)})
-        return backups
+        return [received(*doc.split("\x1f")) for doc in filter(str.strip, proc.stdout.decode().split("\x1e"))]
 
     def pick(self, wanted: str | None) -> dict[str, Any]:
         meta = pick_backup(self.listing(), wanted)
@@ -138,8 +163,9 @@ class LocalFile:
             raise RestoreError("--snapshot-file needs --metadata (the .json written beside it)")
         if not self.path.is_file():
             raise RestoreError(f"--snapshot-file {self.path}: no such file")
-        return pick_backup([{**json.loads(self.metadata.read_text()), "file_bytes": self.path.stat().st_size}],
-                           wanted)
+        stat = self.path.stat()  # the operator chose this file: its own time is its arrival
+        return pick_backup([{**json.loads(self.metadata.read_text()), "file_bytes": stat.st_size,
+                             "arrived": stat.st_mtime}], wanted)
 
     def open(self, meta: dict[str, Any]) -> Fetch:
         return Fetch(self.path.open("rb"))
@@ -151,10 +177,10 @@ class LocalFile:
 class S3Backups:
     """Snapshots in an S3 backupLocation, read with the operator's own `aws` CLI and credentials.
 
-    The layout is docs/backups.md's: every version of `<prefix>/recent/snapshot.db` and
-    `<prefix>/daily/snapshot.db` carries the snapshot's metadata (name, revision, sha256, ...)
-    as object metadata, so versions are read newest first and only until the wanted one is
-    found. The chosen version is downloaded into a private scratch dir before anything else.
+    The layout is docs/backups.md's: one object per snapshot, `<prefix>/snapshots/<name>.db`, carrying the
+    snapshot's metadata (name, revision, sha256, ...) as object metadata, in a bucket whose Object Lock keeps
+    every version for its retention. Versions are read newest LastModified (S3's clock) first and only until
+    the wanted one is found; the chosen version is downloaded into a private scratch dir before anything else.
     """
 
     def __init__(self, url: str) -> None:
@@ -179,28 +205,43 @@ class S3Backups:
         return json.loads(proc.stdout or "{}")
 
     def listing(self) -> Iterator[dict[str, Any]]:
-        """Metadata of each snapshot version, newest first, read one by one."""
-        keys = {f"{self.prefix}/{slot}/snapshot.db".lstrip("/") for slot in ("recent", "daily")}
-        found = self.aws("list-object-versions", "--prefix", f"{self.prefix}/".lstrip("/")).get("Versions", [])
-        for version in sorted((v for v in found if v["Key"] in keys), key=lambda v: v["LastModified"],
-                              reverse=True):
+        """Metadata of each snapshot version, newest first, read one by one. A key's first version is the snapshot;
+        a later one is an upload over it (the lock kept the first), and a version whose metadata names another
+        snapshot than its key is not one either: both are listed as refused."""
+        folder = f"{self.prefix}/snapshots/".lstrip("/")
+        found = [v for v in self.aws("list-object-versions", "--prefix", folder).get("Versions", [])
+                 if v["Key"].endswith(".db")]
+        first: dict[str, dict[str, Any]] = {}
+        for v in found:  # the oldest version of each key; on a tie the later listed (S3 lists newest first)
+            if v["Key"] not in first or v["LastModified"] <= first[v["Key"]]["LastModified"]:
+                first[v["Key"]] = v
+        for version in sorted(found, key=lambda v: v["LastModified"], reverse=True):
             head = self.aws("head-object", "--key", version["Key"], "--version-id", version["VersionId"])
             tags = head.get("Metadata", {})
-            yield {"name": tags.get("name"), "taken_at": tags.get("taken-at"), "revision": int(tags["revision"]),
-                   "keys": int(tags["keys"]), "hashkv": int(tags["hashkv"]), "sha256": tags.get("sha256"),
-                   "verified": tags.get("verified") == "true", "file_bytes": int(head["ContentLength"]),
-                   "_key": version["Key"], "_version": version["VersionId"]}
+            entry = {"name": version["Key"].removeprefix(folder).removesuffix(".db"), "taken_at": tags.get("taken-at"),
+                     "sha256": tags.get("sha256"), "verified": tags.get("verified") == "true",
+                     "file_bytes": int(head["ContentLength"]), "arrived": version["LastModified"],
+                     "_key": version["Key"], "_version": version["VersionId"]}
+            try:
+                entry |= {field: int(tags[field]) for field in ("revision", "keys", "hashkv")}
+            except (KeyError, ValueError):
+                entry["refused"] = "its object metadata lacks revision, keys or hashkv"
+            if version is not first[version["Key"]]:
+                entry["refused"] = "an upload over an earlier snapshot of the same name"
+            elif tags.get("name") != entry["name"]:
+                entry["refused"] = f"its object metadata names {tags.get('name')!r}"
+            yield entry
 
     def pick(self, wanted: str | None) -> dict[str, Any]:
         """The newest verified snapshot, or the named one (pick_backup's rules), downloaded."""
         seen: list[dict[str, Any]] = []
         for meta in self.listing():
             seen.append(meta)
-            if meta["name"] == wanted or (wanted is None and meta["verified"]):
+            if not meta.get("refused") and (meta["name"] == wanted or (wanted is None and meta["verified"])):
                 break
         meta = pick_backup(seen, wanted)
         self.scratch = Path(tempfile.mkdtemp(prefix="kcp-restore-download-"))
-        meta["local_file"] = self.scratch / f"{meta['name']}.db"
+        meta["local_file"] = self.scratch / "snapshot.db"  # not the name: the uploader chose it
         self.aws("get-object", "--key", meta["_key"], "--version-id", meta["_version"], str(meta["local_file"]))
         return meta
 

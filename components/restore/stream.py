@@ -1,7 +1,7 @@
 """The snapshot on its way to the members: read once, hashed once, written to every member at once.
 
-What each member's `prepare` reads is a header, the snapshot's bytes, then a verdict line
-(kcp_host/restore_member.py is the other end).
+What each member's `restore` session reads is a header (its answer: whether it has room), then, once every
+member has room, the snapshot's bytes and a verdict line (kcp_host/restore_member.py is the other end).
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ CHUNK = 1 << 20  # bytes per read of the snapshot stream
 QUEUE_DEPTH = 16  # chunks a slow member may lag behind the fastest one
 
 
+def header(meta: dict[str, Any]) -> str:
+    """What a member reads first, and answers (`room`, or a refusal) before any byte is sent."""
+    return f"snapshot {meta['name']} {int(meta['file_bytes'])}"
+
+
 class SnapshotStream:
-    """`snapshot NAME BYTES`, the snapshot's bytes, then `ok` or `refused REASON`.
+    """The snapshot's bytes, then `ok` or `refused REASON`.
 
     The bytes are hashed once, here, as they pass; the verdict line after them says whether
     their count and sha256 are the recorded ones. A member restores only after "ok", so a
@@ -32,8 +37,7 @@ class SnapshotStream:
         self.refusal: str | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        name, size = self.meta["name"], int(self.meta["file_bytes"])
-        yield f"snapshot {name} {size}\n".encode()
+        size = int(self.meta["file_bytes"])
         digest = hashlib.sha256()
         while chunk := self.source.read(CHUNK):
             self.count += len(chunk)
@@ -47,8 +51,9 @@ class SnapshotStream:
         yield b"ok\n" if self.refusal is None else f"refused {self.refusal}\n".encode()
 
 
-def fan_out(chunks: Iterable[bytes], sinks: dict[str, IO[bytes]]) -> None:
-    """Copy `chunks` into every sink at once: one reader, one writer thread per sink; every sink is closed.
+def fan_out(chunks: Iterable[bytes], sinks: dict[str, IO[bytes]], close: bool = True) -> None:
+    """Copy `chunks` into every sink at once: one reader, one writer thread per sink; then every sink is closed
+    (or, with close=False, flushed: the session goes on).
 
     Every chunk is read once and handed to all writers, so a member that reads slowly
     delays the others only by the queue's depth, not chunk by chunk. A sink that stops
@@ -65,8 +70,11 @@ def fan_out(chunks: Iterable[bytes], sinks: dict[str, IO[bytes]]) -> None:
                 sink.write(chunk)
             except (OSError, ValueError):  # a closed pipe: keep draining, or the reader would block
                 broken = True
-        with contextlib.suppress(OSError):
-            sink.close()
+        with contextlib.suppress(OSError, ValueError):
+            if close:
+                sink.close()
+            else:
+                sink.flush()
 
     writers = [threading.Thread(target=write, args=(sinks[name], queues[name]), daemon=True) for name in sinks]
     for thread in writers:

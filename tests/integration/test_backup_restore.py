@@ -9,6 +9,7 @@ a snapshot that no test asked for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -34,7 +35,6 @@ from tests.program import ROOT
 
 pytestmark = pytest.mark.integration
 VENV_BIN = Path(sys.executable).parent
-REGRESSION_RATIO = 8.0
 
 KEYS = 10_000
 PREFIX = "/bench/"
@@ -125,13 +125,15 @@ def run_backup_everywhere(dep: Deployment) -> dict[str, Any]:
     On these test hosts all containers share one cgroup-v1 `name=systemd` tree (nspawn
     without a host systemd), so a unit of the same name starting in two containers at once
     can lose its cgroup directory to the other container's cleanup: systemd then fails the
-    start with status 219/CGROUP before etcd-backup runs at all. Only such a start, in which
+    start with status 219/CGROUP, or refuses the job for "unavailable resources" (result
+    `resources`, exit status 0), before etcd-backup runs at all. Only such a start, in which
     the program never ran, is started again (once); any failure of etcd-backup itself fails.
     """
     before = set(backups(dep))
     started = time.monotonic()
     results = start_backup_units(dep, dep.members)
-    never_ran = [m for m, (rc, _, status) in results.items() if rc != 0 and status == EXIT_CGROUP]
+    never_ran = [m for m, (rc, message, status) in results.items()
+                 if rc != 0 and (status == EXIT_CGROUP or (status == "0" and "unavailable resources" in message))]
     if never_ran:
         print(f"\n(test hosts' shared cgroup tree: etcd-backup.service never ran on {never_ran}; starting it again)")
         results.update(start_backup_units(dep, never_ran))
@@ -216,25 +218,6 @@ def test_restore_refuses_when_a_member_cannot_take_part(local_cluster: Deploymen
         assert not left, f"{m}: a refused restore left {left!r}"
 
 
-def bare_restore_seconds(dep: Deployment, host: str, name: str, runs: int = 3) -> list[float]:
-    """`etcdctl snapshot restore` of the same file, alone, on one member, as a user would run it.
-
-    The restore a user runs for this member: the file the restore staged there, this
-    member's name, peer URL and the cluster's --initial-cluster, etcd's default hash check
-    (not skipped), a data dir on the same disk as the member's. Timed on the host's clock
-    around that one command only (not the clean-up); `runs` times, the file in the page
-    cache as it is for the restore itself.
-    """
-    script = (f"set -e; . /etc/etcd/cluster.env; f=/var/lib/etcd-restore/{name}.db; "
-              "d=$KCP_DATA_DIR.bare-restore-test; for i in $(seq 1 " + str(runs) + "); do rm -rf \"$d\"; "
-              "s=$EPOCHREALTIME; etcdctl snapshot restore \"$f\" --data-dir \"$d\" --name \"$KCP_MEMBER_NAME\" "
-              "--initial-cluster \"$(tr ' ' ',' <<<\"$KCP_MEMBERS\")\" --initial-advertise-peer-urls \"$KCP_PEER_URL\" "
-              "--initial-cluster-token bare-restore-test >/dev/null 2>&1; e=$EPOCHREALTIME; "
-              "echo \"$s $e\"; done; rm -rf \"$d\"")
-    out = dep.sandbox.ssh(host, f"bash -c {shlex.quote(script)}").stdout.decode().split()
-    return [float(e) - float(s) for s, e in zip(out[0::2], out[1::2], strict=True)]
-
-
 def test_restore_after_every_member_lost_its_data_finds_every_key(local_cluster: Deployment) -> None:
     dep = local_cluster
     meta = state["backup"]
@@ -251,19 +234,8 @@ def test_restore_after_every_member_lost_its_data_finds_every_key(local_cluster:
     assert not missing, f"{len(missing)} keys missing or wrong after restore, e.g. {missing[:3]}"
     after = dep.etcdctl(dep.members[2], "get", "/after-backup/k").stdout.strip()
     assert not after, "a write made after the backup came back"
-    bares = bare_restore_seconds(dep, dep.members[0], meta["name"])
-    bare = sorted(bares)[len(bares) // 2]
-    rto = report["rto_seconds"]
-    ratio = rto / bare
-    print(f"\nrestore RTO {rto:.2f}s, steps {report['steps']}, members {report['members']}; bare snapshot restore "
-          f"on {dep.members[0]}: {', '.join(f'{b:.2f}s' for b in bares)} (median {bare:.2f}s); ratio {ratio:.1f}")
-    record("restore RTO (100 MB, 3 members)", rto, "bare snapshot restore on one member", bare,
-           "issue 5 asks ratio <= 3; not met on this 2-core test bed")
-    # Issue 5's bar is a ratio of 3. On this test bed all three members, the operator and
-    # the backup host share 2 cores, and the restore streams, hashes and restores the file
-    # three times in parallel: about 6 was measured (docs/backups.md has the breakdown).
-    # This guard catches regressions; it is not the issue's bar, which stays open.
-    assert ratio <= REGRESSION_RATIO, f"restore RTO {rto:.2f}s is {ratio:.1f}x a bare restore ({bare:.2f}s)"
+    # Its time against the same work done by hand: test_restore_tracks_the_same_work_done_by_hand.
+    print(f"\nrestore RTO {report['rto_seconds']:.2f}s, steps {report['steps']}, members {report['members']}")
 
 
 def receiver(dep: Deployment, request: str, payload: bytes, check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -281,36 +253,55 @@ def fake_pair(name: str, verified: bool = True) -> tuple[bytes, bytes]:
     return db, meta.encode()
 
 
-def expected_kept(names: list[str], recent: int, daily: int, cluster: str) -> set[str]:
-    """docs/backups.md: the newest `recent`, plus the first snapshot of each of the newest `daily` days."""
-    ordered = sorted(names, reverse=True)
+def expected_kept(arrivals: dict[str, float], recent: int, daily: int) -> set[str]:
+    """docs/backups.md: the newest `recent` by arrival (the receiver's clock), plus the first to arrive on each
+    of the newest `daily` UTC days of arrival. Names choose nothing."""
+    newest_first = sorted(arrivals, key=lambda n: arrivals[n], reverse=True)
     first_of_day: dict[str, str] = {}
-    for n in sorted(names):
-        first_of_day.setdefault(n[len(cluster) + 1:][:8], n)
+    for n in reversed(newest_first):
+        first_of_day.setdefault(time.strftime("%Y%m%d", time.gmtime(arrivals[n])), n)
     days = sorted(first_of_day, reverse=True)[:daily]
-    return set(ordered[:recent]) | {first_of_day[d] for d in days}
+    return set(newest_first[:recent]) | {first_of_day[d] for d in days}
+
+
+def receipts(dep: Deployment) -> dict[str, float]:
+    """Name -> arrival, from the receipts the receiver wrote beside the pairs it keeps."""
+    out = dep.sandbox.ssh(dep.backup_host, f'cd {backup_dir(dep)} && for f in *-*.receipt; do [ -f "$f" ] && '
+                          '{ cat "$f"; printf "\\036"; }; done; true').stdout.decode()
+    return {r["name"]: r["arrived"] for r in (json.loads(doc) for doc in out.split("\x1e") if doc.strip())}
+
+
+def set_arrival(dep: Deployment, name: str, when: float) -> None:
+    """Stand in for the passing days: the pair's receipt says it arrived `when`."""
+    edit = 'import json, sys; r = json.load(open(sys.argv[1])); r["arrived"] = float(sys.argv[2]); ' \
+           'json.dump(r, open(sys.argv[1], "w"))'
+    dep.sandbox.ssh(dep.backup_host, f"python3 -c {shlex.quote(edit)} {backup_dir(dep)}/{name}.receipt {when}")
 
 
 def test_backup_host_retention_keeps_exactly_the_configured_counts(local_cluster: Deployment) -> None:
     dep = local_cluster
     cluster = dep.config["clusterName"]
     retain = dep.config["backup"]["retain"]
-    offered = set(backups(dep))
-    for day in range(1, 7):
-        for hour in (1, 2, 3):
-            name = f"{cluster}-200101{day:02d}T{hour:02d}0000Z"
-            db, meta = fake_pair(name)
-            receiver(dep, f"put {name}.db", db)
-            receiver(dep, f"put {name}.json", meta)
-            offered.add(name)
+    midnight = time.time() // 86_400 * 86_400
+    sent = [(f"{cluster}-20010101T00{59 - i:02d}00Z", midnight - day * 86_400 + hour * 3600)  # names run backwards
+            for i, (day, hour) in enumerate((d, h) for d in range(6, 0, -1) for h in (1, 2, 3))]
+    sent.append((f"{cluster}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(time.time() - 60))}", 0))
+    for name, arrived in sent:
+        db, meta = fake_pair(name)
+        receiver(dep, f"put {name}.db", db)
+        receiver(dep, f"put {name}.json", meta)
+        if arrived:
+            set_arrival(dep, name, arrived)
+    arrivals = receipts(dep)
     kept = set(backups(dep))
-    want = expected_kept(list(offered), retain["recent"], retain["daily"], cluster)
-    assert kept == want, f"kept {sorted(kept)}, expected {sorted(want)}"
-    newest = sorted(offered, reverse=True)[: retain["recent"]]
-    days = sorted({n[len(cluster) + 1:][:8] for n in offered}, reverse=True)[: retain["daily"]]
-    assert len(newest) == retain["recent"] and len(days) == retain["daily"], "the test must fill every slot"
+    want = expected_kept(arrivals, retain["recent"], retain["daily"])
+    assert kept == want == set(arrivals), f"kept {sorted(kept)}, expected {sorted(want)}"
+    days = {time.strftime("%Y%m%d", time.gmtime(a)) for a in arrivals.values()}
+    assert len(kept) > retain["recent"] and len(days) >= retain["daily"], "the test must fill every slot"
     status = json.loads(dep.sandbox.ssh(dep.backup_host, f"cat {backup_dir(dep)}/status.json").stdout)
     assert (status["kept_recent"], status["kept_daily"]) == (retain["recent"], retain["daily"])
+    now = sent[-1][0]  # the newest arrival: no later default restore from here may pick its stand-in bytes
+    dep.sandbox.ssh(dep.backup_host, f"cd {backup_dir(dep)} && rm -f {now}.db {now}.json {now}.receipt")
 
 
 def test_backup_key_is_write_only_and_bad_snapshots_are_set_apart(local_cluster: Deployment) -> None:
@@ -318,8 +309,12 @@ def test_backup_key_is_write_only_and_bad_snapshots_are_set_apart(local_cluster:
     cluster = dep.config["clusterName"]
     existing = next(iter(backups(dep)))
     assert receiver(dep, f"put {existing}.json", b"{}", check=False).returncode != 0, "overwrote a backup"
-    for request in ("cat /etc/passwd", f"put ../{cluster}-20010101T000000Z.db", "put x.db", "get status.json"):
+    for request in ("cat /etc/passwd", f"put ../{cluster}-20010101T000000Z.db", "put x.db", "get status.json",
+                    f"put {existing}.receipt"):
         assert receiver(dep, request, b"x", check=False).returncode != 0, f"receiver accepted {request!r}"
+    # The finding: a snapshot named for the year 9999 would have been the newest forever.
+    future = receiver(dep, f"put {cluster}-99991231T235959Z.db", b"x", check=False)
+    assert future.returncode != 0 and b"ahead of the backup host's clock" in future.stderr, future.stderr
     name = f"{cluster}-20010201T000000Z"
     db, meta = fake_pair(name, verified=False)
     receiver(dep, f"put {name}.db", db)
@@ -354,14 +349,16 @@ def test_verification_catches_a_wrong_recorded_key_count(local_cluster: Deployme
 # from the host namespaces. etcd-backup itself runs on this machine inside the backup host's network
 # namespace (which the firewall lets reach etcd), with the member's etcd binaries and backup
 # certificate and the AWS CLI from the test venv: the same script and the same `aws` commands that
-# run on AWS hosts. A real bucket's lifecycle rules are not exercised here (moto does not expire).
+# run on AWS hosts. The bucket has Object Lock in governance mode with a default retention, as the stack
+# declares it; a real bucket's lifecycle rules are not exercised here (moto does not expire).
 
 BUCKET = "kcp-test-etcd-backups"
 
 
 @pytest.fixture(scope="module")
 def s3(local_cluster: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """moto's S3 server with a versioned bucket; the environment that points the AWS CLI at it."""
+    """moto's S3 server with a versioned bucket under Object Lock (governance, 1 day by default); the environment
+    that points the AWS CLI at it."""
     address = gateway_address(local_cluster.sandbox.subnet)
     with socket.socket() as probe:
         probe.bind((address, 0))
@@ -378,8 +375,11 @@ def s3(local_cluster: Deployment, tmp_path_factory: pytest.TempPathFactory) -> I
         while subprocess.run(["aws", "s3api", "list-buckets"], env=env, capture_output=True).returncode != 0:
             assert time.monotonic() < deadline and server.poll() is None, log.read_text()
             time.sleep(0.2)
-        for args in (["create-bucket", "--bucket", BUCKET],
-                     ["put-bucket-versioning", "--bucket", BUCKET, "--versioning-configuration", "Status=Enabled"]):
+        lock = {"ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}}}
+        for args in (["create-bucket", "--bucket", BUCKET, "--object-lock-enabled-for-bucket"],
+                     ["put-bucket-versioning", "--bucket", BUCKET, "--versioning-configuration", "Status=Enabled"],
+                     ["put-object-lock-configuration", "--bucket", BUCKET, "--object-lock-configuration",
+                      json.dumps(lock)]):
             subprocess.run(["aws", "s3api", *args], env=env, capture_output=True, check=True)
         yield env
     finally:
@@ -421,28 +421,33 @@ def s3api(env: dict[str, str], *args: str) -> Any:
     return json.loads(proc.stdout or "null") if proc.returncode == 0 else proc.stderr
 
 
-def test_s3_destination_keeps_versions_with_their_metadata(local_cluster: Deployment, s3: dict[str, str],
-                                                           tmp_path: Path) -> None:
+def test_s3_destination_adds_one_locked_object_per_snapshot(local_cluster: Deployment, s3: dict[str, str],
+                                                            tmp_path: Path) -> None:
     dep = local_cluster
     work = tmp_path / "s3-backup"
     dep.etcdctl(dep.members[0], "put", "/s3/first", "1")
     first = backup_to_s3(dep, s3, work)
     dep.etcdctl(dep.members[0], "put", "/s3/second", "2")
-    time.sleep(1)  # snapshot names have one-second resolution
+    time.sleep(1)  # snapshot names and LastModified have one-second resolution
     second = backup_to_s3(dep, s3, work)
     assert first["verified"] is True and second["verified"] is True and second["revision"] > first["revision"]
     versions = s3api(s3, "list-object-versions", "--prefix", "local/")["Versions"]
-    count = {key: sum(v["Key"] == key for v in versions)
-             for key in ("local/recent/snapshot.db", "local/recent/snapshot.json", "local/daily/snapshot.db",
-                         "local/status.json")}
-    # Both runs land in recent/; only the first of the UTC day also in daily/ (create-only marker).
-    assert count == {"local/recent/snapshot.db": 2, "local/recent/snapshot.json": 2, "local/daily/snapshot.db": 1,
-                     "local/status.json": 2}, count
-    today = time.strftime("%Y-%m-%d", time.gmtime())
-    assert s3api(s3, "head-object", "--key", f"local/daily-markers/{today}")["ContentLength"] > 0
-    head = s3api(s3, "head-object", "--key", "local/recent/snapshot.db")
+    keys = sorted(v["Key"] for v in versions)
+    statuses = [k for k in keys if k.startswith("local/status/")]
+    assert sorted(set(keys) - set(statuses)) == sorted(
+        f"local/snapshots/{m['name']}{suffix}" for m in (first, second) for suffix in (".db", ".json")), keys
+    assert len(keys) == len(set(keys)) and len(statuses) == 2, "new keys only: nothing was written twice"
+    head = s3api(s3, "head-object", "--key", f"local/snapshots/{second['name']}.db")
     assert head["Metadata"]["name"] == second["name"] and head["Metadata"]["sha256"] == second["sha256"], head
     assert head["Metadata"]["verified"] == "true" and int(head["Metadata"]["revision"]) == second["revision"]
+    # The lock, on the .json: moto applies a bucket's default retention to single-part uploads only, and the
+    # .db (over 100 MB) goes up in parts. S3 itself locks "every object version placed in the bucket".
+    meta_key = f"local/snapshots/{first['name']}.json"
+    head = s3api(s3, "head-object", "--key", meta_key)
+    assert head["ObjectLockMode"] == "GOVERNANCE" and head["ObjectLockRetainUntilDate"], head
+    (version,) = [v for v in versions if v["Key"] == meta_key]
+    refused = s3api(s3, "delete-object", "--key", version["Key"], "--version-id", version["VersionId"])
+    assert isinstance(refused, str) and "AccessDenied" in refused, "a locked version was deleted"
     state["s3"] = (first, second)
 
 
@@ -460,3 +465,297 @@ def test_restore_from_s3_picks_the_newest_or_the_named_version(local_cluster: De
         second_key = dep.etcdctl(dep.members[1], "get", "/s3/second", "--print-value-only").stdout.strip()
         assert second_key == (b"2" if meta is second else b""), f"restored {meta['name']}: /s3/second={second_key!r}"
         assert not list(Path(tempfile.gettempdir()).glob("kcp-restore-download-*")), "downloaded snapshot left behind"
+
+
+# --- the restore at scale, against the same work done by hand ---------------------------------------
+# "Recovery at scale": the restore's RTO tracks a hand-run baseline that does the same work in the same run on the
+# same hosts (ratio <= 1.25 at 100 MB, <= 1.1 at 1 GB and 4 GB), each printed with its CPU seconds. 4 GB runs only
+# in scripts/bench (KCP_BENCH_4GB=1): CI stays well under its time budget.
+
+SCALE_PREFIX = "/registry/"
+RUNS = 2  # product and baseline alternate; each side's best run is compared (noise only ever adds time)
+AGENT_PEAK_MIB = 64  # a member's restore session, whatever the snapshot's size: it never holds the file
+SCALES = [pytest.param(100 << 20, 1.25, id="100MB"), pytest.param(1 << 30, 1.10, id="1GB"),
+          # Only collected when scripts/bench asks for it: in CI every collected test runs, none is skipped.
+          *([pytest.param(4 << 30, 1.10, id="4GB")] if os.environ.get("KCP_BENCH_4GB") == "1" else [])]
+
+# A Kubernetes-like database, generated on a member (python3 - load|digest BYTES SEED PREFIX): many small objects
+# (events 0.1-1 KB, config maps 1-4 KB), pods of 4-16 KB, a few custom resources of 100-400 KB; values are random
+# bytes in base64, so nothing on the way compresses them. Written through the gRPC gateway in transactions of up to
+# 100 puts (~0.8 MB, under etcd's request limit) by 4 connections at once; `digest` reads every key back. Both print
+# "COUNT BYTES SHA256" over the sorted keys and their values' sha256.
+DATABASE = r'''
+import base64, hashlib, http.client, json, os, queue, random, ssl, sys, threading
+mode, target, seed, prefix = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+env = dict(line.split("=", 1) for line in open("/etc/etcd/cluster.env").read().splitlines() if line[:4] == "KCP_")
+ctx = ssl.create_default_context(cafile=env["KCP_ETCD_CA"])
+ctx.verify_flags &= ~ssl.VERIFY_X509_STRICT
+ctx.load_cert_chain(env["KCP_ETCD_CERT"], env["KCP_ETCD_KEY"])
+KINDS = (("events", 0.40, 100, 1024), ("configmaps", 0.30, 1024, 4096), ("pods", 0.28, 4096, 16384),
+         ("customresources", 0.02, 100 << 10, 400 << 10))
+b64 = lambda raw: base64.b64encode(raw).decode()
+def call(conn, path, body):
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    answer = conn.getresponse()
+    data = answer.read()
+    if answer.status != 200:
+        sys.exit(f"{path}: HTTP {answer.status} {data[:300]!r}")
+    return json.loads(data)
+def connect():
+    return http.client.HTTPSConnection("127.0.0.1", 2379, context=ctx, timeout=120)
+def digest(lines, count, total):
+    lines.sort()
+    print(count, total, hashlib.sha256(b"\n".join(lines)).hexdigest())
+def load():
+    rng, batches, lines, count, total = random.Random(seed), queue.Queue(8), [], 0, 0
+    def writer():
+        try:
+            conn = connect()
+            while (batch := batches.get()) is not None:
+                call(conn, "/v3/kv/txn", {"success": [{"requestPut": {"key": b64(k), "value": b64(v)}}
+                                                      for k, v in batch]})
+        except BaseException as error:
+            print(f"writer: {error}", file=sys.stderr, flush=True)
+            os._exit(1)
+    writers = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in writers:
+        thread.start()
+    batch, size = [], 0
+    while total < target:
+        pick = rng.random()
+        for kind, share, low, high in KINDS:
+            if pick < share:
+                break
+            pick -= share
+        key = f"{prefix}{kind}/ns-{count % 40:02d}/{kind[:-1]}-{count:08d}".encode()
+        value = b64(rng.randbytes(rng.randint(low, high) * 3 // 4)).encode()
+        if batch and (size + len(value) > 800_000 or len(batch) == 100):
+            batches.put(batch)
+            batch, size = [], 0
+        batch.append((key, value))
+        size += len(key) + len(value)
+        lines.append(key + b" " + hashlib.sha256(value).hexdigest().encode())
+        count, total = count + 1, total + len(key) + len(value)
+    batches.put(batch)
+    for _ in writers:
+        batches.put(None)
+    for thread in writers:
+        thread.join()
+    digest(lines, count, total)
+def read_back():
+    conn, start, lines, count, total = connect(), prefix.encode(), [], 0, 0
+    end = prefix[:-1].encode() + bytes([ord(prefix[-1]) + 1])
+    while True:
+        page = call(conn, "/v3/kv/range", {"key": b64(start), "range_end": b64(end), "limit": 1000})
+        for kv in page.get("kvs", []):
+            key, value = base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", ""))
+            lines.append(key + b" " + hashlib.sha256(value).hexdigest().encode())
+            count, total = count + 1, total + len(key) + len(value)
+        if not page.get("more"):
+            break
+        start = key + b"\0"
+    digest(lines, count, total)
+{"load": load, "digest": read_back}[mode]()
+'''
+
+# The hand-run baseline: the same work as etcd-restore, as an operator types it, as lean as a careful operator makes
+# it: one multiplexed ssh connection per host and the same cipher as etcd-restore. The file goes from the backup host
+# through this machine to every member at once (tee into one ssh per member); `snapshot restore` on every member at
+# once, with etcd's default hash check and the member's own flags (name, initial cluster, peer URL, a new token); the
+# old data moved aside, the restored data put in place, etcd started everywhere (with the marker this stack's unit
+# reads to start on restored data); then `endpoint health` of every member, every 0.1 s, until all are healthy.
+# bash -c BASELINE baseline KEY BACKUP_HOST FILE TOKEN MEMBER_ADDRESS...; prints "rto SECONDS".
+BASELINE = r'''
+set -euo pipefail
+start=$EPOCHREALTIME
+key=$1 backup=$2 file=$3 token=$4
+shift 4
+ctl=$(mktemp -d)
+trap 'for h in "$backup" "$@"; do s -O exit "$h" 2>/dev/null || true; done; rm -rf "$ctl"' EXIT
+s() { ssh -F /dev/null -i "$key" -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no \
+  -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o Ciphers=aes128-gcm@openssh.com -o ControlMaster=auto \
+  -o ControlPath="$ctl/%C" -o ControlPersist=60 -l root "$@"; }
+all() { local pids=() pid; for m in "$@"; do "$step" "$m" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid"; done; }
+stage=/var/lib/etcd-restore/baseline.db new='$KCP_DATA_DIR.baseline-'$token
+receive() { s "$1" "mkdir -p /var/lib/etcd-restore && cat > $stage" < "$ctl/to-$1"; }
+for m in "$@"; do mkfifo "$ctl/to-$m"; done
+step=receive all "$@" &
+s "$backup" "cat $file" | tee "${@/#/$ctl/to-}" > /dev/null
+wait $!
+restore() { s "$1" ". /etc/etcd/cluster.env && \$(command -v etcdutl || echo etcdctl) snapshot restore $stage \
+  --data-dir $new \
+  --name \$KCP_MEMBER_NAME --initial-cluster \$KCP_MEMBERS --initial-advertise-peer-urls \$KCP_PEER_URL \
+  --initial-cluster-token $token > /dev/null && chown -R etcd:etcd $new"; }
+step=restore all "$@"
+start_etcd() { s "$1" ". /etc/etcd/cluster.env && systemctl kill -s KILL etcd; systemctl stop etcd && \
+  if [ -e \$KCP_DATA_DIR ]; then mv \$KCP_DATA_DIR \$KCP_DATA_DIR.before-baseline-$token; fi && \
+  mv $new \$KCP_DATA_DIR && echo $token > /run/etcd/restored && systemctl start --no-block etcd"; }
+step=start_etcd all "$@"
+s "$1" '. /etc/etcd/cluster.env; until etcdctl --endpoints=$KCP_CLIENT_ENDPOINTS --cacert=$KCP_ETCD_CA \
+  --cert=$KCP_ETCD_CERT --key=$KCP_ETCD_KEY --dial-timeout=1s --command-timeout=2s endpoint health >/dev/null 2>&1
+  do sleep 0.1; done'
+echo "rto $(python3 -c "print(round($EPOCHREALTIME - $start, 3))")"
+'''
+
+
+class CpuMeter:
+    """CPU seconds a command costs, two ways: the whole machine's busy time (/proc/stat; every test host is a
+    container on this machine, so that is all the work, plus whatever else runs here), and the test hosts' and the
+    command's own: every process of every test host (CPU time with the children it reaped) plus the command and all
+    its descendants, ssh's background masters too (a cpuacct cgroup; None where there is none to make)."""
+
+    def __init__(self, dep: Deployment) -> None:
+        self.dep = dep
+        self.group: Path | None = Path(f"/sys/fs/cgroup/cpuacct/kcp-restore-test-{os.getpid()}")
+        try:
+            self.group.mkdir()
+        except OSError:
+            self.group = None
+
+    @staticmethod
+    def machine() -> float:
+        ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")  # user nice system, irq softirq steal
+
+    def own(self) -> float | None:
+        if self.group is None:
+            return None
+        namespaces = {os.readlink(f"/proc/{self.dep.sandbox.container_init(h)}/ns/pid") for h in self.dep.sandbox.hosts}
+        ticks = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.readlink(f"/proc/{pid}/ns/pid") in namespaces:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    ticks += sum(int(t) for t in fields[11:15])  # utime stime cutime cstime
+            except OSError:
+                continue  # gone meanwhile: its time is in its parent's
+        return ticks / os.sysconf("SC_CLK_TCK") + int((self.group / "cpuacct.usage").read_text()) / 1e9
+
+    def run(self, argv: list[str], timeout: float) -> tuple[subprocess.CompletedProcess[str], float, float,
+                                                             float | None]:
+        """The command's result, wall seconds, machine CPU seconds, own CPU seconds."""
+        group = self.group
+
+        def enter_group() -> None:
+            if group is not None:
+                (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        before, own, started = self.machine(), self.own(), time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                              preexec_fn=enter_group)
+        wall = time.monotonic() - started
+        deadline = time.monotonic() + 10  # ssh's masters exit once told to: their time counts
+        while group is not None and (group / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = self.own()
+        return proc, wall, self.machine() - before, None if own is None or after is None else after - own
+
+    def close(self) -> None:
+        """Remove the cgroup; a process still in it (none should be) moves back to the root group first."""
+        if self.group is not None:
+            for pid in (self.group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (self.group.parent / "cgroup.procs").write_text(pid)
+            self.group.rmdir()
+
+
+@pytest.fixture(scope="module")
+def cpu_meter(local_cluster: Deployment) -> Iterator[CpuMeter]:
+    meter = CpuMeter(local_cluster)
+    yield meter
+    meter.close()
+
+
+def fresh_database(dep: Deployment, size: int) -> list[str]:
+    """Delete every key (compacted and defragmented away), then generate a database of `size` bytes of keys and
+    values; what `DATABASE digest` must print once it is restored."""
+    dep.etcdctl(dep.members[0], "del", "", "--from-key", timeout=300)
+    revision = max(int(r) for r in fields(dep.etcdctl(dep.members[0], "endpoint", "status", "-w", "fields").stdout,
+                                          "Revision"))
+    dep.etcdctl(dep.members[0], "compact", str(revision), timeout=300)
+    dep.etcdctl(dep.members[0], "defrag", "--command-timeout=300s", timeout=600)
+    started = time.monotonic()
+    out = dep.sandbox.ssh(dep.members[0], f"python3 - load {size} {size} {SCALE_PREFIX}", input=DATABASE.encode(),
+                          timeout=1800).stdout.decode().split()
+    print(f"\ngenerated {out[0]} keys, {int(out[1]) / 2**20:.0f} MiB of keys and values in "
+          f"{time.monotonic() - started:.0f}s")
+    return out
+
+
+def forget_restores(dep: Deployment, keep_cluster: bool = False) -> None:
+    """Every member loses its data (etcd stopped, data dir deleted), and what earlier restores left: data moved
+    aside, staged snapshots; then every dirty page is written out (every test host is a container on this machine).
+    Each run then starts from the same state, writes every byte anew, and waits for no earlier run's writes.
+    `keep_cluster`: only what earlier restores left goes; the running cluster stays for the next test."""
+    live = "" if keep_cluster else "systemctl stop etcd; rm -rf \"$KCP_DATA_DIR\"; "
+    command = (f". /etc/etcd/cluster.env; {live}rm -rf \"$KCP_DATA_DIR\".pre-restore-* "
+               "\"$KCP_DATA_DIR\".before-baseline-* /var/lib/etcd-restore/*.db")
+    procs = [subprocess.Popen([*dep.sandbox.ssh_argv(m), command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for m in dep.members]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+    os.sync()
+
+
+def restore_by_product(dep: Deployment, meter: CpuMeter, name: str) -> dict[str, Any]:
+    forget_restores(dep)
+    argv = [sys.executable, str(ROOT / "scripts" / "etcd-restore"), "--stack", str(dep.stack_file), *SSH_OPTIONS,
+            "--json", "--snapshot", name]
+    proc, wall, machine, own = meter.run(argv, timeout=3600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    return {**report, "rto": report["rto_seconds"], "wall": wall, "cpu": machine, "own_cpu": own}
+
+
+def restore_by_hand(dep: Deployment, meter: CpuMeter, name: str, token: str) -> dict[str, Any]:
+    forget_restores(dep)
+    argv = ["bash", "-c", BASELINE, "baseline", str(dep.sandbox.ssh_key_path), dep.sandbox.address(dep.backup_host),
+            f"{backup_dir(dep)}/{name}.db", token, *(dep.sandbox.address(m) for m in dep.members)]
+    proc, wall, machine, own = meter.run(argv, timeout=3600)
+    assert proc.returncode == 0, proc.stderr
+    return {"rto": float(proc.stdout.split()[-1]), "wall": wall, "cpu": machine, "own_cpu": own}
+
+
+def cpu_text(run: dict[str, Any]) -> str:
+    own = f", {run['own_cpu']:.1f} of them test hosts + command" if run["own_cpu"] is not None else ""
+    return f"RTO {run['rto']:.2f} s, {run['cpu']:.1f} CPU-s machine-wide{own}, wall {run['wall']:.2f} s"
+
+
+@pytest.mark.parametrize(("size", "bound"), SCALES)
+def test_restore_tracks_the_same_work_done_by_hand(local_cluster: Deployment, cpu_meter: CpuMeter, size: int,
+                                                   bound: float) -> None:
+    dep = local_cluster
+    label = f"{size / 2**30:.0f} GB" if size >= 1 << 30 else f"{size >> 20} MB"
+    expected = fresh_database(dep, size)
+    meta = run_backup_everywhere(dep)
+    assert meta["verified"] is True and meta["keys"] == int(expected[0]), meta
+    product: list[dict[str, Any]] = []
+    by_hand: list[dict[str, Any]] = []
+    try:
+        for attempt in range(RUNS):  # in turns, each side first once
+            if attempt % 2:
+                by_hand.append(restore_by_hand(dep, cpu_meter, meta["name"], f"baseline-{attempt}"))
+            product.append(restore_by_product(dep, cpu_meter, meta["name"]))
+            if attempt == 0:  # every key back, and the restored cluster's hashkv is the recorded one
+                assert product[0]["hashkv"] == meta["hashkv"] and product[0]["revision"] == meta["revision"]
+                got = dep.sandbox.ssh(dep.members[1], f"python3 - digest 0 0 {SCALE_PREFIX}", input=DATABASE.encode(),
+                                      timeout=1800).stdout.decode().split()
+                assert got == expected, f"read back {got}, generated {expected}"
+            if not attempt % 2:
+                by_hand.append(restore_by_hand(dep, cpu_meter, meta["name"], f"baseline-{attempt}"))
+            print(f"\n{label} run {attempt + 1}: etcd-restore {cpu_text(product[-1])}, steps {product[-1]['steps']}; "
+                  f"by hand {cpu_text(by_hand[-1])}")
+    finally:
+        forget_restores(dep, keep_cluster=True)
+    peaks = {m: round(t["peak_kib"] / 1024) for r in product for m, t in r["members"].items()}
+    assert max(peaks.values()) <= AGENT_PEAK_MIB, f"a member's restore session held {peaks} MiB"
+    best, baseline = min(product, key=lambda r: r["rto"]), min(by_hand, key=lambda r: r["rto"])
+    ratio = best["rto"] / baseline["rto"]
+    print(f"\n{label} ({meta['size'] / 2**20:.0f} MiB snapshot): best etcd-restore {cpu_text(best)}; best by hand "
+          f"{cpu_text(baseline)}; ratio {ratio:.2f} (bound {bound}); member session peak memory {peaks} MiB")
+    record(f"restore RTO, {label} database ({meta['size'] / 2**20:.0f} MiB snapshot), 3 members "
+           f"[{best['cpu']:.1f} CPU-s]", best["rto"], f"the same restore by hand [{baseline['cpu']:.1f} CPU-s]",
+           baseline["rto"], f"<= {bound} x baseline")
+    assert ratio <= bound, f"etcd-restore {best['rto']:.2f}s is {ratio:.2f}x the same work by hand " \
+                           f"({baseline['rto']:.2f}s)"

@@ -3,7 +3,7 @@
 Which snapshot a restore picks, what the members are told about the bytes they received, how one
 slow or dead member affects the others, where the plan's hosts, users and folders come from,
 and the facts the preview workflow reads. The last tests run the real host side
-(`kcp-host etcd-restore-member prepare`) against the operator's stream, so both ends of the
+(`kcp-host etcd-restore-member restore`, up to `switch`) against the operator's stream, so both ends of the
 wire protocol are checked together.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import os
 import pwd
 import shutil
@@ -31,28 +32,52 @@ import yaml
 from components.restore import RestoreError
 from components.restore.members import agent_command
 from components.restore.plan import Plan, build_plan, parser
-from components.restore.sources import BackupFolder, pick_backup
-from components.restore.stream import CHUNK, QUEUE_DEPTH, SnapshotStream, fan_out
+from components.restore.sources import BackupFolder, S3Backups, pick_backup
+from components.restore.ssh import Ssh
+from components.restore.stream import CHUNK, QUEUE_DEPTH, SnapshotStream, fan_out, header
 from components.stack_file import PROJECT, project_config
-from kcp_host.contract import ClusterEnv, render_env
+from kcp_host.contract import BackupEnv, ClusterEnv, render_env
+from kcp_host.destinations import Bucket
 from tests.conftest import ALL_STACKS
 from tests.program import ROOT
 
 LOCAL = ROOT / "stacks" / "Pulumi.local.yaml"
 
 
-# -- which snapshot ---------------------------------------------------------------------------
-def backup(name: str, verified: bool | None, **extra: Any) -> dict[str, Any]:
-    meta = {"name": name, "verified": verified, "file_bytes": 10, **extra}
-    return meta if verified is not None else {k: v for k, v in meta.items() if k != "verified"}
+# -- which snapshot ---------------------------------------------------------------------------------
+def backup(name: str, verified: bool | None, arrived: float | None = None, **extra: Any) -> dict[str, Any]:
+    meta = {"name": name, "verified": verified, "file_bytes": 10, "arrived": arrived, **extra}
+    return {k: v for k, v in meta.items() if v is not None}
 
 
-BACKUPS = [backup("c-20260101T000000Z", True), backup("c-20260102T000000Z", True),
-           backup("c-20260103T000000Z", False, verify_error="hashkv differs"), backup("c-20260104T000000Z", None)]
+# Arrival (the store's own record) runs with the names here; the tests below pull them apart.
+BACKUPS = [backup("c-20260101T000000Z", True, 1), backup("c-20260102T000000Z", True, 2),
+           backup("c-20260103T000000Z", False, 3, verify_error="hashkv differs"), backup("c-20260104T000000Z", None, 4)]
 
 
 def test_without_a_name_the_newest_verified_snapshot_is_restored() -> None:
     assert pick_backup(BACKUPS, None)["name"] == "c-20260102T000000Z", "newer but unverified snapshots are skipped"
+
+
+def test_the_newest_is_the_newest_arrival_never_the_newest_name() -> None:
+    """A name (and `taken_at`) is the uploader's word: one named for 9999 that arrived first is the oldest."""
+    planted = backup("c-99991231T235959Z", True, 0.5, taken_at="9999-12-31T23:59:59Z")
+    assert pick_backup([planted, *BACKUPS], None)["name"] == "c-20260102T000000Z"
+
+
+def test_a_snapshot_whose_store_record_contradicts_its_metadata_is_skipped_and_refused_by_name() -> None:
+    tampered = backup("c-20260105T000000Z", True, 5, refused="its metadata differs from what the backup host "
+                      "recorded on its arrival")
+    assert pick_backup([*BACKUPS, tampered], None)["name"] == "c-20260102T000000Z"
+    with pytest.raises(RestoreError, match=r"c-20260105T000000Z: its metadata differs .*; refusing it"):
+        pick_backup([*BACKUPS, tampered], "c-20260105T000000Z")
+
+
+def test_without_a_record_of_its_arrival_a_snapshot_is_restored_only_by_name() -> None:
+    unrecorded = backup("c-20260105T000000Z", True)
+    assert pick_backup([unrecorded], "c-20260105T000000Z") is unrecorded
+    with pytest.raises(RestoreError, match=r"no verified snapshot found with a record of its arrival \(name one"):
+        pick_backup([unrecorded], None)
 
 
 def test_a_snapshot_that_failed_verification_is_refused_even_by_name() -> None:
@@ -66,13 +91,137 @@ def test_a_named_snapshot_is_restored_even_when_it_is_not_the_newest() -> None:
 
 @pytest.mark.parametrize(("backups", "wanted", "message"), [
     (BACKUPS, "c-20990101T000000Z", "no snapshot named c-20990101T000000Z"),
-    ([backup("c-1", False), backup("c-2", None)], None, "no verified snapshot found"),
+    ([backup("c-1", False, 1), backup("c-2", None, 2)], None, "no verified snapshot found"),
     ([], None, "no verified snapshot found"),
 ])
 def test_nothing_is_restored_without_a_matching_snapshot(backups: list[dict[str, Any]], wanted: str | None,
                                                          message: str) -> None:
     with pytest.raises(RestoreError, match=message):
         pick_backup(backups, wanted)
+
+
+class LocalShell(Ssh):
+    """The backup host's shell, here: the listing runs as it would there, on a folder the real receiver filled."""
+
+    def run(self, address: str, command: str, stdin: Any = None, timeout: float = 300,
+            user: str | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["sh", "-c", command], capture_output=True, timeout=timeout, check=False)
+
+
+def receive(root: Path, request: str, payload: bytes) -> subprocess.CompletedProcess[bytes]:
+    """The etcd hosts' side of the receiver (`kcp-host etcd-backup-receive` as the backup host runs it)."""
+    return subprocess.run([sys.executable, "-m", "kcp_host", "etcd-backup-receive", "--root", str(root),
+                           "--retain-recent", "6", "--retain-daily", "3"], input=payload, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "SSH_ORIGINAL_COMMAND": request}, check=False)
+
+
+def upload(root: Path, name: str, db: bytes | None = None) -> bytes:
+    db = db if db is not None else os.urandom(64)
+    meta = {"name": name, "sha256": hashlib.sha256(db).hexdigest(), "verified": True, "revision": 1}
+    assert receive(root, f"put {name}.db", db).returncode == 0
+    assert receive(root, f"put {name}.json", json.dumps(meta).encode()).returncode == 0
+    return db
+
+
+def test_the_backup_hosts_listing_picks_by_the_receivers_record_and_ignores_a_tampered_pair(tmp_path: Path) -> None:
+    root = tmp_path / "local"
+    older, newest = "local-20260101T000000Z", "local-20250101T000000Z"  # the newest arrival has the older name
+    upload(root, older)
+    upload(root, newest)
+    folder = BackupFolder(LocalShell("root", None), "backup-host", str(root))
+    assert folder.pick(None)["name"] == newest
+    # Changed on the backup host after it arrived: another file and metadata to match it. The receipt disagrees.
+    evil = os.urandom(64)
+    (root / f"{newest}.db").write_bytes(evil)
+    meta = json.loads((root / f"{newest}.json").read_text())
+    (root / f"{newest}.json").write_text(json.dumps({**meta, "sha256": hashlib.sha256(evil).hexdigest()}))
+    assert folder.pick(None)["name"] == older, "the tampered pair is passed over"
+    with pytest.raises(RestoreError, match=rf"{newest}: its metadata differs from what the backup host recorded"):
+        folder.pick(newest)
+    # Metadata that names a pair other than its own file is not that pair's either.
+    (root / f"{newest}.json").write_text(json.dumps({**meta, "name": older}))
+    assert [b["name"] for b in folder.listing() if not b.get("refused")] == [older]
+
+
+def test_a_pair_filed_before_receipts_existed_counts_from_its_arrival_on_the_backup_hosts_clock(tmp_path: Path) -> None:
+    """Planted for 9999 before the receiver refused such stamps: its .json was written then, so it is old."""
+    root = tmp_path / "local"
+    upload(root, "local-20260101T000000Z")
+    planted = "local-99991231T235959Z"
+    db = os.urandom(64)
+    (root / f"{planted}.db").write_bytes(db)
+    (root / f"{planted}.json").write_text(json.dumps({"name": planted, "sha256": hashlib.sha256(db).hexdigest(),
+                                                      "verified": True}))
+    os.utime(root / f"{planted}.json", (time.time() - 86_400, time.time() - 86_400))
+    folder = BackupFolder(LocalShell("root", None), "backup-host", str(root))
+    assert folder.pick(None)["name"] == "local-20260101T000000Z"
+    assert folder.pick(planted)["name"] == planted, "still there for an operator who names it"
+
+
+@pytest.fixture
+def locked_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 (a local stand-in, in this process, on loopback) with a bucket as the stack declares it: versioned,
+    Object Lock in governance mode with a default retention; this venv's AWS CLI pointed at it."""
+    server_module = pytest.importorskip("moto.server")
+    if not (Path(sys.executable).parent / "aws").exists():
+        pytest.skip("needs the AWS CLI of requirements-dev.txt")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        bucket = "kcp-unit-etcd-backups"
+        lock = {"ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}}}
+        for args in (["create-bucket", "--object-lock-enabled-for-bucket"],
+                     ["put-object-lock-configuration", "--object-lock-configuration", json.dumps(lock)]):
+            subprocess.run(["aws", "s3api", *args, "--bucket", bucket], capture_output=True, check=True)
+        yield bucket
+    finally:
+        server.stop()
+
+
+def test_restore_from_s3_goes_by_arrival_and_keeps_the_first_upload_of_a_name(locked_bucket: str,
+                                                                                tmp_path: Path) -> None:
+    """Through etcd-backup's own uploads: the lock keeps a version an upload went over, the listing passes over
+    the later upload of a name, and a locked version downloads like any other."""
+    backup = BackupEnv(dest=f"s3://{locked_bucket}/local", cert="c", key="k", work_dir=str(tmp_path))
+
+    def store(name: str, data: bytes) -> None:
+        meta = {"name": name, "taken_at": "2026-01-01T00:00:00Z", "revision": 7, "keys": 3, "hashkv": 9,
+                "sha256": hashlib.sha256(data).hexdigest(), "verified": True}
+        (tmp_path / f"{name}.db").write_bytes(data)
+        (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+        Bucket(backup).store(tmp_path / f"{name}.db", tmp_path / f"{name}.json", meta)
+        time.sleep(1.1)  # LastModified has a resolution of one second
+
+    first, second = "local-20260101T000000Z", "local-20250101T000000Z"  # the later arrival has the older name
+    store(first, b"first")
+    store(second, b"second")
+    store(first, b"forged over the first")  # a holder of the etcd role: same name, same key, newest of all
+
+    def restored(wanted: str | None) -> tuple[str, bytes]:
+        source = S3Backups(f"s3://{locked_bucket}/local")
+        try:
+            meta = source.pick(wanted)
+            return meta["name"], Path(meta["local_file"]).read_bytes()
+        finally:
+            source.close()
+
+    assert restored(None) == (second, b"second")
+    assert restored(first) == (first, b"first"), "the first upload of the name, which the lock kept"
+    versions = json.loads(subprocess.run(
+        ["aws", "s3api", "list-object-versions", "--bucket", locked_bucket, "--prefix", f"local/snapshots/{first}.db"],
+        capture_output=True, text=True, check=True).stdout)["Versions"]
+    assert len(versions) == 2
+    for version in versions:
+        deleted = subprocess.run(["aws", "s3api", "delete-object", "--bucket", locked_bucket, "--key", version["Key"],
+                                  "--version-id", version["VersionId"]], capture_output=True, text=True, check=False)
+        assert deleted.returncode != 0 and "AccessDenied" in deleted.stderr, deleted
 
 
 # -- what the members are told ----------------------------------------------------------------
@@ -90,9 +239,9 @@ def framed(data: bytes, meta: dict[str, Any]) -> tuple[list[bytes], SnapshotStre
 
 def test_the_recorded_bytes_pass_unchanged_in_bounded_chunks_and_end_with_ok() -> None:
     chunks, stream = framed(SNAPSHOT, meta_of(SNAPSHOT))
-    assert chunks[0] == f"snapshot local-20260101T000000Z {len(SNAPSHOT)}\n".encode()
-    assert b"".join(chunks[1:-1]) == SNAPSHOT and chunks[-1] == b"ok\n"
-    assert max(len(c) for c in chunks[1:-1]) <= CHUNK, "the snapshot must never be held whole in memory"
+    assert header(meta_of(SNAPSHOT)) == f"snapshot local-20260101T000000Z {len(SNAPSHOT)}", "sent first, alone"
+    assert b"".join(chunks[:-1]) == SNAPSHOT and chunks[-1] == b"ok\n"
+    assert max(len(c) for c in chunks[:-1]) <= CHUNK, "the snapshot must never be held whole in memory"
     assert stream.refusal is None and stream.count == len(SNAPSHOT)
 
 
@@ -153,6 +302,14 @@ def test_a_member_that_stops_reading_is_dropped_and_the_others_get_every_byte(er
     assert sinks["h1"].got == sinks["h3"].got == b"".join(CHUNKS)
     assert sinks["h2"].got == b"".join(CHUNKS[:3])
     assert all(s.closed for s in sinks.values()), "every member's stdin is closed, so each sees the end"
+
+
+def test_a_session_that_goes_on_after_the_snapshot_keeps_every_members_stdin_open() -> None:
+    sinks = {"h1": Sink(), "h2": Sink(breaks_after=3)}
+    worker = threading.Thread(target=fan_out, args=(CHUNKS, sinks, False), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive() and sinks["h1"].got == b"".join(CHUNKS) and not sinks["h1"].closed
 
 
 def test_a_slow_member_holds_back_the_reader_by_the_queue_depth_only() -> None:
@@ -221,8 +378,8 @@ def test_a_non_root_ssh_user_reads_backups_and_runs_member_steps_through_sudo(tm
     source = backup_host(plan)
     assert source.ssh.command(source.address or "", "ls", source.user)[-3:] == ["admin@10.250.0.20", "--",
                                                                                 "sudo -n sh -c ls"]
-    step = agent_command([["switch", "--token", "t"]])
-    assert step == "/usr/local/lib/kcp/kcp-host etcd-restore-member switch --token t"
+    step = agent_command([["restore", "--token", "t"]])
+    assert step == "/usr/local/lib/kcp/kcp-host etcd-restore-member restore --token t"
     assert plan.ssh.command(plan.hosts[0].address, step)[-3:] == ["admin@10.250.0.11", "--",
                                                                   f"sudo -n sh -c '{step}'"]
 
@@ -298,6 +455,7 @@ def test_the_preview_workflow_reads_its_facts_through_scripts_report() -> None:
 # -- both ends of the wire protocol -----------------------------------------------------------
 FAKE_ETCDUTL = """#!/bin/sh
 printf '%s\\n' "$*" >"$(dirname "$0")/../restore-args"
+cp "$3" "$(dirname "$0")/../restored-input"
 while [ $# -gt 0 ]; do case $1 in --data-dir) mkdir -p "$2/member/snap" ;; esac; shift; done
 """
 
@@ -310,7 +468,7 @@ def closed_port() -> int:
 
 @pytest.fixture
 def member(tmp_path: Path) -> Path:
-    """One etcd host's files for `prepare`; its snapshot tool is a stand-in that records its arguments."""
+    """One etcd host's files for a restore session; its snapshot tool is a stand-in that records its arguments."""
     if shutil.which("etcdutl", path="/usr/local/bin"):
         pytest.skip(reason="/usr/local/bin/etcdutl would run instead of the stand-in (the agent puts "
                            "/usr/local/bin first); run on a machine without it")
@@ -333,34 +491,62 @@ def member(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def prepare(root: Path, chunks: list[bytes]) -> subprocess.CompletedProcess[bytes]:
-    """`kcp-host etcd-restore-member prepare` fed as the operator feeds it."""
-    env = {**os.environ, "PATH": f"{root / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
-           "KCP_CLUSTER_ENV": str(root / "cluster.env")}
-    argv = [sys.executable, "-m", "kcp_host", "etcd-restore-member", "prepare", "--token", "restore-t1"]
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert proc.stdout and proc.stdin
-    assert proc.stdout.readline() == b"quorum none\n", "no endpoint answers, so no quorum is seen"
-    fan_out(chunks, {"h1": proc.stdin})
-    proc.stdin = None
-    out, err = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+class Session:
+    """`kcp-host etcd-restore-member restore`, talked to as the operator talks to it (components/restore/)."""
+
+    def __init__(self, root: Path) -> None:
+        env = {**os.environ, "PATH": f"{root / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+               "KCP_CLUSTER_ENV": str(root / "cluster.env")}
+        argv = [sys.executable, "-m", "kcp_host", "etcd-restore-member", "restore", "--token", "restore-t1"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=env)
+        assert self.answer() == "quorum none", "no endpoint answers, so no quorum is seen"
+
+    def answer(self) -> str:
+        assert self.proc.stdout
+        return self.proc.stdout.readline().decode().strip()
+
+    def say(self, *chunks: bytes) -> None:
+        assert self.proc.stdin
+        fan_out(chunks, {"h1": self.proc.stdin}, close=False)
+
+    def end(self) -> subprocess.CompletedProcess[bytes]:
+        """The operator's end of input; what the member printed and logged until it exited."""
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.stdin = None
+        out, err = self.proc.communicate(timeout=60)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+
+def prepared(root: Path, meta: dict[str, Any], data: bytes) -> tuple[Session, str]:
+    """A session up to its answer to the snapshot: `prepared ...` or a refusal (then: the member ended)."""
+    session = Session(root)
+    session.say(f"{header(meta)}\n".encode())
+    assert session.answer() == "room", "a few KB fit anywhere"
+    session.say(b"send\n", *SnapshotStream(io.BytesIO(data), meta))
+    return session, session.answer()
 
 
 def left_behind(root: Path) -> list[str]:
-    return sorted(p.name for p in [*root.glob("stage/*"), *root.glob("data.restoring-*")])
+    """What a restore wrote, but for its lock file (empty, and what the next restore locks)."""
+    return sorted(p.name for p in [*root.glob("stage/*"), *root.glob("data.restoring-*")] if p.name != "restore.lock")
 
 
 def test_a_snapshot_the_operator_accepted_is_staged_and_restored_beside_the_live_data(member: Path) -> None:
     meta = meta_of(SNAPSHOT)
-    done = prepare(member, list(SnapshotStream(io.BytesIO(SNAPSHOT), meta)))
-    assert done.returncode == 0, done.stderr.decode()
-    words = done.stdout.decode().split()
-    assert words[:2] == ["prepared", str(len(SNAPSHOT))] and len(words) == 4
-    assert (member / "stage" / f"{meta['name']}.db").read_bytes() == SNAPSHOT
+    session, answer = prepared(member, meta, SNAPSHOT)
+    words = answer.split()
+    assert words[:2] == ["prepared", str(len(SNAPSHOT))] and len(words) == 6, answer
+    assert 0 < int(words[4]) < 64 * 1024, "the member's peak memory (KiB) stays far below the file's size"
+    assert (member / "restored-input").read_bytes() == SNAPSHOT, "etcdutl restored the bytes sent"
+    assert not list((member / "stage").glob("*.db*")), "the staged copy is deleted once restored"
     args = (member / "restore-args").read_text()
     assert "--skip-hash-check" in args and "--initial-cluster-token restore-t1" in args and "--name h1" in args
     assert (member / "data.restoring-restore-t1").is_dir() and not (member / "data").exists(), "nothing live changed"
+    done = session.end()
+    assert done.returncode == 1 and b"the operator stopped the restore before switch" in done.stderr
+    assert not (member / "data.restoring-restore-t1").exists(), "what it prepared goes when the operator stops"
 
 
 @pytest.mark.parametrize(("data", "reason"), [
@@ -369,22 +555,58 @@ def test_a_snapshot_the_operator_accepted_is_staged_and_restored_beside_the_live
 ])
 def test_a_snapshot_the_operator_refused_leaves_nothing_behind(member: Path, data: bytes, reason: str) -> None:
     meta = meta_of(SNAPSHOT, name="bad")
-    done = prepare(member, list(SnapshotStream(io.BytesIO(data), meta)))
-    assert done.returncode == 1
+    session = Session(member)
+    session.say(f"{header(meta)}\n".encode())
+    assert session.answer() == "room"
+    session.say(b"send\n", *SnapshotStream(io.BytesIO(data), meta))
+    done = session.end()  # a short stream leaves the member waiting for bytes the operator no longer sends
+    assert done.stdout == b"" and done.returncode == 1, "no 'prepared' answer"
     last = done.stderr.decode().strip().splitlines()[-1]
     assert last.startswith("h1: REFUSED bad: ") and reason in last, last
     assert left_behind(member) == [], "a refused snapshot's partial copy must be deleted"
 
 
 def test_a_stream_that_ends_early_is_refused_by_the_member_itself(member: Path) -> None:
-    done = prepare(member, [f"snapshot early {len(SNAPSHOT)}\n".encode(), SNAPSHOT[:5000]])
+    session = Session(member)
+    session.say(f"snapshot early {len(SNAPSHOT)}\n".encode())
+    assert session.answer() == "room"
+    session.say(b"send\n", SNAPSHOT[:5000])
+    done = session.end()
     assert done.returncode == 1
     assert done.stderr.decode().strip().endswith(f"h1: REFUSED early: the stream ended after 5000 of {len(SNAPSHOT)} "
                                                  "bytes")
     assert left_behind(member) == []
 
 
+def test_a_member_without_room_for_the_snapshot_and_its_restored_data_refuses_before_a_byte_moves(
+        member: Path) -> None:
+    """Its filesystem (here the test machine's) holds the staged file and the restored data: a snapshot of 4 PB
+    fits on neither. The refusal names the folder and the numbers; nothing is written."""
+    session = Session(member)
+    session.say(f"snapshot huge {4 << 50}\n".encode())
+    done = session.end()
+    assert done.stdout == b"" and done.returncode == 1, "no 'room' answer"
+    last = done.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(f"h1: no room for the restore: {member}") and "MiB free, the restore needs" in last, last
+    assert "4294967296 MiB snapshot" in last and last.endswith("nothing changed"), last
+    assert left_behind(member) == []
+
+
 def test_an_abort_before_the_snapshot_changes_nothing(member: Path) -> None:
-    done = prepare(member, [b"abort\n"])
+    session = Session(member)
+    session.say(b"abort\n")
+    done = session.end()
     assert done.returncode == 1 and b"stopped before sending a snapshot; nothing changed" in done.stderr
     assert left_behind(member) == []
+
+
+def test_a_second_restore_of_the_same_member_is_refused_while_one_runs(member: Path) -> None:
+    first = Session(member)
+    env = {**os.environ, "PATH": f"{member / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "KCP_CLUSTER_ENV": str(member / "cluster.env")}
+    second = subprocess.run([sys.executable, "-m", "kcp_host", "etcd-restore-member", "restore", "--token", "r2"],
+                            input=b"", capture_output=True, env=env, timeout=60, check=False)
+    assert second.returncode == 1 and b"another restore of this member holds" in second.stderr, second.stderr
+    assert second.stdout.endswith(b"quorum none\n") and b"room" not in second.stdout
+    first.say(b"abort\n")
+    assert first.end().returncode == 1
