@@ -150,8 +150,16 @@ def _failure_domain_table(cfg: ClusterConfig, topology: Topology) -> str:
 def _replacement_note(cfg: ClusterConfig) -> str:
     """The table shows the state until a lost machine is back; say what brings it back."""
     if cfg.baremetal is not None:
+        bm = cfg.baremetal
+        unpinned = [h.name for h in (*bm.hosts, *bm.spares) if not h.host_key]
+        unpinned += [] if bm.backup_host.host_key else ["the backup host"]
+        keys = (f"SSH host keys: **trust on first use** for {', '.join(unpinned)} (baremetal.trustOnFirstUse, no "
+                "hostKey): each is pinned to the key it reported at its first contact (`pulumi up`; for the backup "
+                "host also the first backup), which nothing verified: pin them (hostKey) from a trusted source."
+                if unpinned else "SSH host keys: all pinned (hostKey), so a replaced machine needs its new key in the "
+                "stack before `pulumi up` can reach it.")
         return ("Nothing recreates a bare-metal machine: a spare takes over a dead etcd member after "
-                f"{cfg.baremetal.spare_takeover_after_seconds} s, the operator replaces the rest.")
+                f"{bm.spare_takeover_after_seconds} s, the operator replaces the rest. {keys}")
     return {"gce": "A lost machine is recreated by its managed instance group (autohealing).",
             "aws": "A lost machine is recreated by its Auto Scaling group."}[cfg.target]
 

@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "etcd-rolling-restart": ("lifecycle:rolling_restart", "restart this member only while the rest keep quorum"),
     "firewall-apply": ("firewall:main", "load the shipped firewall unless it would cut the program off"),
     "etcd-backup": ("backup:main", "the backup timer's job: leader-only verified snapshot, upload"),
+    "etcd-maintain": ("maintain:main", "defragment one member at a time, watch the quota, recover from NOSPACE"),
+    "metrics": ("metrics:main", "backups, drills, takeovers, membership, certificates: Prometheus file, server, JSON"),
     "etcd-backup-verify": ("verify:main", "restore a snapshot into a throwaway etcd and compare"),
     "etcd-backup-receive": ("receiver:main", "the backup host's forced command: add files, never replace"),
     "backup-host-setup": ("receiver:setup", "prepare the backup host's user and folder"),

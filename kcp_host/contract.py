@@ -26,6 +26,7 @@ ETCD_DIR = "/etc/etcd"
 PKI = f"{ETCD_DIR}/pki"
 ETCD_ENV = f"{ETCD_DIR}/etcd.env"
 BACKUP_SSH_KEY = f"{ETCD_DIR}/backup-ssh/id_ed25519"
+BACKUP_SSH_KNOWN_HOSTS = f"{ETCD_DIR}/backup-ssh/known_hosts"
 HOST_IDENTITY = "/etc/kcp/host-identity"
 DATA_DIR = "/var/lib/etcd/data"
 REFRESH_APPLIED = "/var/lib/kcp/cloud-refresh.sha256"
@@ -91,6 +92,14 @@ class ClusterEnv(EnvFile):
     promote_timeout_seconds: int = setting("how long the promoter waits for its learner to catch up", 300)
     spare_takeover_after_seconds: int = setting("how long a voter must look dead before a spare replaces it",
                                                 300)
+    defrag_free_percent: int = setting("`etcd-maintain` defragments a member once this share of its database "
+                                       "file is free pages (dbSize - dbSizeInUse) ...", 30)
+    defrag_free_min_mib: int = setting("... and at least this many MiB are free", 64)
+    quota_warn_percent: int = setting("`etcd-maintain` warns in the journal once a member's database reaches "
+                                      "this share of the quota (`ETCD_QUOTA_BACKEND_BYTES`)", 80)
+    quota_fail_percent: int = setting("... and fails (the unit is failed) from this share on", 95)
+    metrics_port: int = setting("port of `kcp-host metrics --serve` (the metrics file, on this member's address and "
+                                "127.0.0.1; docs/alerts.md)", 2382)
 
     @property
     def member_id_file(self) -> str:
@@ -101,6 +110,11 @@ class ClusterEnv(EnvFile):
     def not_a_member_file(self) -> str:
         """Why etcd stays stopped on this host (its slot was taken over, the stack dropped it)."""
         return f"{self.state_dir}/not-a-member"
+
+    @property
+    def metrics_file(self) -> str:
+        """This host's metrics in Prometheus' text format, written by `kcp-host metrics` (docs/alerts.md)."""
+        return f"{self.state_dir}/metrics/kcp.prom"
 
     @property
     def initial_cluster(self) -> str:
@@ -122,10 +136,9 @@ class BackupEnv(EnvFile):
     work_dir: str = setting("newest local snapshot and `status.json`", "/var/lib/etcd-backup")
     ssh_key: str = setting("the host's key for the backup host's receiver (ssh:// only)", "",
                            example=BACKUP_SSH_KEY)
-    ssh_known_hosts: str = setting("the backup host's key (ssh:// only; learned on first contact if absent)",
-                                   f"{ETCD_DIR}/backup-ssh/known_hosts")
-    verify_client_port: int = setting("client port of the throwaway verification etcd (127.0.0.1)", 23790)
-    verify_peer_port: int = setting("its peer port", 23800)
+    ssh_known_hosts: str = setting("the backup host's key (ssh:// only): when present, the only key accepted "
+                                   "(StrictHostKeyChecking=yes); absent, the key seen first is learned into it",
+                                   BACKUP_SSH_KNOWN_HOSTS)
 
 
 @dataclass(frozen=True)
@@ -280,6 +293,8 @@ HOST_PATHS: tuple[HostPath, ...] = (
     HostPath(f"{PKI}/peer.{{crt,key}}", "0600 etcd", "member peer certificate"),
     HostPath(f"{PKI}/backup-client.{{crt,key}}", "0600 root", "client certificate of the backup job only"),
     HostPath(BACKUP_SSH_KEY, "0600 root", "key for the backup host (bare metal only)"),
+    HostPath(BACKUP_SSH_KNOWN_HOSTS, "0644 root", "the backup host's pinned key, from `baremetal.backupHost.hostKey` "
+             "(bare metal; not shipped with trustOnFirstUse and no hostKey: the first backup learns it)"),
     HostPath(ClusterEnv.cluster_formed_file, "0644", "present once the cluster formed"),
     HostPath(ClusterEnv.join_env, "0644", "`ETCD_INITIAL_CLUSTER_STATE=existing` and `ETCD_INITIAL_CLUSTER`, "
              "written by `etcd-member-recovery` when joining (loaded after etcd.env, so it wins)"),
@@ -292,6 +307,10 @@ HOST_PATHS: tuple[HostPath, ...] = (
              "a data dir moved aside (empty, corrupt, removed, `pre-restore`); never deleted by the agent"),
     HostPath(ClusterEnv.state_dir, "0755 root", "spare state and `takeover.json` (docs/self-healing.md); "
              "`not-a-member`: why etcd stays stopped here (slot taken over, host dropped by the stack)"),
+    HostPath(f"{ClusterEnv.state_dir}/metrics/kcp.prom", "0644 root", "this host's metrics (Prometheus text "
+             "format), written every 30 s by `kcp-metrics.timer`, served on `KCP_METRICS_PORT` (docs/alerts.md)"),
+    HostPath(f"{ClusterEnv.state_dir}/last-{{drill,restore}}.json", "0644 root", "the last DR drill's / restore's "
+             "outcome (RTO, RPO), recorded by `scripts/status STACK --record-drill|--record-restore FILE`"),
     HostPath(BackupEnv.work_dir, "0700 root", "backup work dir: newest snapshot and metadata, `status.json`"),
     HostPath(ClusterEnv.restore_dir, "0700 root", "snapshots staged by a restore"),
     HostPath("/usr/local/bin/etcd{,ctl,utl}", "0755", "the pinned release, or links to the distribution's"),

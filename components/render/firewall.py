@@ -2,8 +2,9 @@
 
 2379 (etcd clients) to API servers, load balancers, the backup host and etcd members or
 spares (member recovery talks to its peers); 2380 (etcd peers) to members and spares;
-2381 (etcd health) to load balancers; 6443 to admins, VIP holders and cluster hosts;
-SSH to the operators' range. Everything else is dropped.
+2381 (etcd health) to load balancers; 2381 and 2382 (etcd's and the agent's metrics) to the
+monitoring ranges (`baremetal.monitoringCidrs`, none by default); 6443 to admins, VIP holders and
+cluster hosts; SSH to the operators' range. Everything else is dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from components.render.etcd import METRICS_PORT
 from components.render.templating import render
+from kcp_host.contract import ClusterEnv
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class FirewallPeers:
     etcd_members: tuple[str, ...]  # members and spares
     backup_hosts: tuple[str, ...]
     cluster_hosts: tuple[str, ...]
+    monitoring: tuple[str, ...] = ()  # Prometheus: etcd's metrics (2381) and the agent's (2382)
 
 
 def _unique(*groups: Iterable[str]) -> list[str]:
@@ -64,5 +68,6 @@ def nftables_config(p: FirewallPeers) -> str:
         "load_balancers": _unique(p.load_balancers),
         "api_servers": _unique(p.api_servers),
         "api_clients": _unique(p.admins, p.load_balancers, p.cluster_hosts),
+        "monitoring": _unique(p.monitoring),
     }
-    return render("nftables.conf.j2", sets=sets)
+    return render("nftables.conf.j2", sets=sets, metrics_ports=(METRICS_PORT, ClusterEnv.metrics_port))
