@@ -112,10 +112,14 @@ class ClusterView:
     def remove(self, endpoints: list[str], member: Member, reason: str) -> None:
         log(f"removing member {member.hex_id} (name='{member.name}' peers={','.join(member.peer_urls)} "
             f"learner={str(member.learner).lower()}): {reason}")
+        # Not through the leaving member itself: it stops as soon as the removal applies, and its
+        # answer ("server stopped") would hide that the removal succeeded.
+        others = [e for e in endpoints if e not in member.client_urls] or endpoints
         try:
-            self.ctl.run(endpoints, "member", "remove", member.hex_id)
+            self.ctl.run(others, "member", "remove", member.hex_id)
         except EtcdError as error:
-            if "member not found" not in str(error):  # another host removed it first: done
+            gone = self.ctl.members(others)
+            if gone is None or any(m.id == member.id for m in gone):  # another host may have removed it first
                 raise Abort(1, f"member remove {member.hex_id} failed: {error}") from None
 
     def remove_stale_learners(self, endpoints: list[str]) -> bool:
