@@ -312,7 +312,8 @@ HOST_PATHS: tuple[HostPath, ...] = (
     HostPath(f"{ClusterEnv.state_dir}/last-{{drill,restore}}.json", "0644 root", "the last DR drill's / restore's "
              "outcome (RTO, RPO), recorded by `scripts/status STACK --record-drill|--record-restore FILE`"),
     HostPath(BackupEnv.work_dir, "0700 root", "backup work dir: newest snapshot and metadata, `status.json`"),
-    HostPath(ClusterEnv.restore_dir, "0700 root", "snapshots staged by a restore"),
+    HostPath(ClusterEnv.restore_dir, "0700 root",
+             "a restore's lock, and the snapshot it stages (deleted once restored or refused)"),
     HostPath("/usr/local/bin/etcd{,ctl,utl}", "0755", "the pinned release, or links to the distribution's"),
     HostPath(HOST_IDENTITY, "0644", "`<cluster>/<host>` this host is deployed as: a delete step of another "
              "name (a host renamed in place, a cluster renamed) leaves it alone"),
