@@ -13,7 +13,7 @@ from typing import Any
 from kcp_host import verify
 from kcp_host.contract import BackupEnv, ClusterEnv, load_env
 from kcp_host.destinations import UploadError, destination
-from kcp_host.etcd import Etcdctl, EtcdError, snapshot_status
+from kcp_host.etcd import Etcdctl, EtcdError, size_timeout, snapshot_status
 from kcp_host.files import flocked, one_line, read_json, sha256_of, update_json, utc_iso, utc_stamp, write_json
 from kcp_host.log import Abort, log
 
@@ -58,7 +58,8 @@ class Job:
         name = f"{self.env.cluster_name}-{utc_stamp(started)}"
         db, meta_path = self.work / f"{name}.db", self.work / f"{name}.json"
         try:
-            self.ctl.run([url], "snapshot", "save", str(db), dial="3s", timeout="60s")
+            slow = size_timeout(int(status.get("dbSize") or 0))
+            self.ctl.run([url], "snapshot", "save", str(db), dial="3s", timeout=slow)
         except EtcdError as error:
             for path in (db, db.with_name(f"{db.name}.part")):
                 path.unlink(missing_ok=True)
@@ -69,7 +70,7 @@ class Job:
             meta: dict[str, Any] = {
                 "format": 1, "name": name, "cluster": self.env.cluster_name, "taken_at": utc_iso(started),
                 "member": self.env.member_name, "etcd_version": str(status.get("version", "")), "revision": revision,
-                **verify.contents(self.ctl, url, revision), "total_keys": snap["totalKey"],
+                **verify.contents(self.ctl, url, revision, slow), "total_keys": snap["totalKey"],
                 "snapshot_hash": snap["hash"], "size": snap["totalSize"],
                 "snapshot_seconds": round(time.time() - started, 2), "sha256": sha256_of(db),
                 "verified": None, "verified_at": None, "verify_seconds": None, "verify_error": ""}

@@ -78,7 +78,8 @@ class Etcdctl:
         if not endpoints:
             raise EtcdError("no endpoints to ask")
         proc = subprocess.run(self.argv(endpoints, *args, dial=dial, timeout=timeout), capture_output=True,
-                              text=True, env=command_env(), cwd=self.cwd, timeout=300, check=False)
+                              text=True, env=command_env(), cwd=self.cwd,
+                              timeout=max(300, float(timeout.removesuffix("s")) + 60), check=False)
         if check and proc.returncode != 0:
             raise EtcdError(last_line(proc.stderr or proc.stdout) or f"etcdctl {args[0]} exit {proc.returncode}")
         return proc
@@ -139,10 +140,17 @@ def snapshot_tool() -> str:
     return "etcdutl" if shutil.which("etcdutl", path=command_env()["PATH"]) else "etcdctl"
 
 
+def size_timeout(size_bytes: int, floor_seconds: int = 60) -> str:
+    """An etcdctl command timeout for work that reads a whole database (snapshot save, hashkv, a restore's start):
+    at 20 MiB/s, never under `floor_seconds`. A fixed 60 s failed the backup of a 4 GiB database."""
+    return f"{max(floor_seconds, size_bytes // (20 << 20))}s"
+
+
 def snapshot_status(path: str) -> dict[str, Any]:
     """{"hash", "revision", "totalKey", "totalSize"} of a snapshot file; EtcdError if etcd refuses it."""
     proc = subprocess.run([snapshot_tool(), "snapshot", "status", path, "-w", "json"], capture_output=True,
-                          text=True, env=command_env(), timeout=600, check=False)
+                          text=True, env=command_env(), timeout=600 + os.path.getsize(path) // (20 << 20),
+                          check=False)
     if proc.returncode != 0:
         raise EtcdError(last_line(proc.stderr or proc.stdout) or "snapshot status failed")
     status: dict[str, Any] = json.loads(proc.stdout)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kcp_host.contract import BackupEnv, load_env
-from kcp_host.etcd import Etcdctl, EtcdError, command_env, last_line, snapshot_status, snapshot_tool
+from kcp_host.etcd import Etcdctl, EtcdError, command_env, last_line, size_timeout, snapshot_status, snapshot_tool
 from kcp_host.files import flocked, read_json, sha256_of, update_json, utc_iso
 from kcp_host.log import Abort, log
 
@@ -35,11 +35,12 @@ class _Plain(Etcdctl):
                 if a not in ("--cacert=", "--cert=", "--key=")]
 
 
-def contents(ctl: Etcdctl, endpoint: str, revision: int) -> dict[str, int]:
-    """What a restore of a snapshot taken at `revision` must reproduce; etcdctl's JSON leaves out zeros."""
+def contents(ctl: Etcdctl, endpoint: str, revision: int, timeout: str = "60s") -> dict[str, int]:
+    """What a restore of a snapshot taken at `revision` must reproduce; etcdctl's JSON leaves out zeros. `timeout`
+    grows with the database (hashkv reads all of it)."""
     got = ctl.json([endpoint], "get", "", "--prefix", "--keys-only", "--limit=1", f"--rev={revision}",
-                   dial="3s", timeout="60s")
-    hashed = ctl.json([endpoint], "endpoint", "hashkv", f"--rev={revision}", dial="3s", timeout="60s")
+                   dial="3s", timeout=timeout)
+    hashed = ctl.json([endpoint], "endpoint", "hashkv", f"--rev={revision}", dial="3s", timeout=timeout)
     return {"keys": int(got.get("count", 0)), "hashkv": int(hashed[0]["HashKV"].get("hash", 0))}
 
 
@@ -82,7 +83,9 @@ def check(snapshot: Path, recorded: dict[str, Any] | None, backup: BackupEnv) ->
              "--listen-metrics-urls", ""], env={"PATH": command_env()["PATH"]}, cwd=scratch,
             stdout=stack.enter_context((scratch / "etcd.log").open("wb")), stderr=subprocess.STDOUT))
         stack.callback(etcd.kill)
-        ctl, deadline = _Plain("etcdctl", "", "", "", cwd=str(scratch)), time.monotonic() + 30
+        # etcd reads the whole restored database as it starts: a large one needs longer than the 30 s floor.
+        slow = size_timeout(snapshot.stat().st_size, floor_seconds=30)
+        ctl, deadline = _Plain("etcdctl", "", "", "", cwd=str(scratch)), time.monotonic() + float(slow[:-1])
         # Healthy, and answering with our own member name: we talk to the etcd we started, not a stray one.
         while not (ctl.healthy([client]) and any(m.name == name for m in ctl.members([client]) or ())):
             if time.monotonic() >= deadline or etcd.poll() is not None:
@@ -91,7 +94,7 @@ def check(snapshot: Path, recorded: dict[str, Any] | None, backup: BackupEnv) ->
             time.sleep(0.25)
         try:
             revision = int(ctl.json([client], "endpoint", "status")[0]["Status"]["header"]["revision"])
-            found = {"revision": revision, **contents(ctl, client, revision)}
+            found = {"revision": revision, **contents(ctl, client, revision, size_timeout(snapshot.stat().st_size))}
         except (EtcdError, LookupError) as error:
             return [*failures, f"cannot read the throwaway etcd: {error}"], {}
     return failures + differences(("revision", "revision", found["revision"]), ("key count", "keys", found["keys"]),

@@ -677,3 +677,11 @@ def test_a_bucket_gets_status_json_as_this_run_wrote_it(live_etcd: tuple[str, Pa
     assert f"name={published['last_snapshot']}," in first[first.index("--metadata") + 1]
     assert published == host.status(), "the run's own outcome, not the previous one"
     assert "/status/" in calls(clouds)[-1][-1], "status goes last"
+
+
+def test_commands_that_read_a_whole_database_get_time_in_proportion_to_its_size() -> None:
+    """A fixed 60 s failed the snapshot of a 4 GiB database (etcd's quota here is 8 GiB)."""
+    from kcp_host.etcd import size_timeout
+    assert size_timeout(0) == "60s" and size_timeout(100 << 20) == "60s"
+    assert size_timeout(4 << 30) == "204s" and size_timeout(8 << 30) == "409s"
+    assert size_timeout(100 << 20, floor_seconds=30) == "30s"
