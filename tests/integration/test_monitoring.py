@@ -137,7 +137,8 @@ def free_port(address: str) -> int:
 @pytest.fixture(scope="module")
 def prometheus(monitored: Deployment) -> Iterator[Prometheus]:
     if shutil.which("prometheus") is None:
-        pytest.skip("Debian's prometheus package is not installed: `sudo scripts/install-deps` installs it")
+        pytest.skip(reason="no prometheus binary (Debian's prometheus package); runs once scripts/install-deps "
+                           "(as root) has installed it")
     sandbox, folder = monitored.sandbox, monitored.workdir / "prometheus"
     folder.mkdir()
     members = [Member(h, sandbox.address(h)) for h in monitored.members]

@@ -44,10 +44,10 @@ MISSING_TOOLS = [t for t in ("systemd-nspawn", "debootstrap", "ip", "ssh") if no
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="needs root for netns, bridges and systemd-nspawn: run `sudo scripts/test`"),
-    pytest.mark.skipif(bool(MISSING_TOOLS),
-                       reason=f"missing tools {MISSING_TOOLS}: `sudo scripts/install-deps` installs them"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the test hosts need root (network namespaces, bridges, "
+                       "systemd-nspawn); runs when scripts/test is run as root or by a user who may sudo"),
+    pytest.mark.skipif(bool(MISSING_TOOLS), reason=f"missing tools {MISSING_TOOLS}; runs once scripts/install-deps "
+                       "(as root) has installed them"),
 ]
 
 
