@@ -66,12 +66,32 @@ def config_fingerprint(env: ClusterEnv, etcd_env: str = ETCD_ENV, units: str = "
     return digest.hexdigest()
 
 
+def await_voters(env: ClusterEnv, ctl: Etcdctl, names: list[str], timeout: float) -> None:
+    """Every named member is a started voter: members a change adds join one at a time (the replacement
+    lock), each as a learner promoted once caught up, after their own start step returned."""
+    view, deadline = ClusterView(env, ctl), time.monotonic() + timeout
+    while True:
+        if view.fetch([*view.endpoints(), env.client_url]):
+            voters = {m.name for m in view.members if m.started and not m.learner}
+            missing = [n for n in names if n not in voters]
+        else:
+            missing = ["no member answered"]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise Abort(1, f"not voting members after {timeout:.0f}s: {', '.join(missing)}")
+        time.sleep(1)
+
+
 def wait_healthy(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kcp-host etcd-wait-healthy", description=await_healthy.__doc__)
     parser.add_argument("timeout", nargs="?", type=float, default=120, help="seconds (default: 120)")
+    parser.add_argument("--voters", default="", help="members (name,...) that must be voting members first")
     args = parser.parse_args(argv)
     env = load_env(ClusterEnv)
-    await_healthy(env, Etcdctl.of(env), args.timeout)
+    ctl, deadline = Etcdctl.of(env), time.monotonic() + args.timeout
+    await_voters(env, ctl, [n for n in args.voters.split(",") if n], args.timeout)
+    await_healthy(env, ctl, max(deadline - time.monotonic(), 1))
     print(f"etcd healthy: all endpoints of {env.cluster_name} answer, one leader")
     return 0
 

@@ -236,7 +236,10 @@ class BareMetalTarget:
                                 delete=f"{AGENT} etcd-member-leave", depends_on=configured)
                   for m in t.etcd_members]
         first = t.etcd_members[0]
-        healthy = self._command(first, "etcd-healthy", f"{AGENT} etcd-wait-healthy 180", depends_on=starts)
+        # Names the members, so that a change of members runs it again: `pulumi up` ends once they vote.
+        voters = ",".join(m.name for m in t.etcd_members)
+        healthy = self._command(first, "etcd-healthy", f"{AGENT} etcd-wait-healthy 300 --voters={shlex.quote(voters)}",
+                                depends_on=starts)
         formed = [self._command(h, "etcd-formed", "touch /etc/etcd/cluster-formed",
                                 delete="rm -f /etc/etcd/cluster-formed", depends_on=[healthy])
                   for h in (*t.etcd_members, *t.spares)]

@@ -349,6 +349,15 @@ def _voters(c: Cluster) -> list[str]:
     return sorted(m.get("name", "") for m in listed if not m.get("isLearner"))
 
 
+def _why(c: Cluster, hosts: list[str]) -> str:
+    """What a failed membership check needs to be understood: the member list and the hosts' etcd journals."""
+    listed = c.etcdctl("member", "list", "-w", "table").stdout.decode()
+    journals = [f"--- {h}\n" + c.sandbox.ssh(h, "journalctl -o short-monotonic --no-pager -n 80 -u etcd "
+                                             "-u etcd-member-promote -u etcd-spare-watch -u 'kcp-*'",
+                                             check=False).stdout.decode() for h in hosts]
+    return "\n".join([listed, *journals])
+
+
 def test_e_three_to_five_members_join_one_at_a_time(cluster: Cluster) -> None:
     pids = cluster.etcd_pids(cluster.members)
 
@@ -357,7 +366,7 @@ def test_e_three_to_five_members_join_one_at_a_time(cluster: Cluster) -> None:
         cfg["etcd"]["members"] = cfg["apiServers"]["count"] = 5
 
     apply(cluster, "grow-to-5", grow)
-    assert _voters(cluster) == ["h1", "h2", "h3", "h4", "h5"]
+    assert _voters(cluster) == ["h1", "h2", "h3", "h4", "h5"], _why(cluster, ["h4", "h5", "h1", "spare1"])
     assert {h: p for h, p in cluster.etcd_pids(["h1", "h2", "h3"]).items()} == pids, "growing restarted a member"
 
 

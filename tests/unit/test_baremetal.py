@@ -55,6 +55,11 @@ def test_things_that_need_etcd_wait_for_a_healthy_cluster(declared) -> None:
         assert names.index(dependent) > healthy, f"{dependent} may run before etcd is healthy"
 
 
+def test_the_health_wait_names_the_members_so_a_change_of_members_runs_it_again(declared) -> None:
+    command = declared("local").named("local-h1-etcd-healthy").inputs["create"]
+    assert command.endswith("kcp-host etcd-wait-healthy 300 --voters=h1,h2,h3"), command
+
+
 def test_etcd_is_installed_from_the_pinned_source(declared) -> None:
     install = declared("local").named("local-h1-install-etcd").inputs["create"]
     assert install.endswith("etcd-install distro 3.5.16 -")

@@ -11,7 +11,7 @@ from pathlib import Path
 from components.render import etcd, loadbalancer
 from kcp_host.contract import ClusterEnv
 from kcp_host.lifecycle import config_fingerprint
-from tests.unit.hostscript_harness import ROOT
+from tests.unit.hostscript_harness import ROOT, Host, started
 
 SETTINGS = etcd.EtcdSettings("t", 100, 1000, "t-etcd")
 MEMBERS = (etcd.Member("h1", "10.0.0.11"), etcd.Member("h2", "10.0.0.12"), etcd.Member("h3", "10.0.0.13"))
@@ -60,3 +60,18 @@ def test_spares_back_the_etcd_load_balancer_up_without_taking_traffic_from_membe
     backend = config.split("backend etcd-members", 1)[1]
     assert "server spare1 10.0.0.14:2379 backup" in backend
     assert all(f"server {m.name} {m.address}:2379\n" in backend for m in MEMBERS), "members are not backups"
+
+
+def test_waiting_for_health_holds_until_every_named_member_votes(tmp_path: Path) -> None:
+    """A grown cluster's `pulumi up` ends only once the new members vote: a learner still catching up keeps the
+    wait going (and fails it at the timeout, naming the member); once it votes, the health check decides."""
+    learner = {**started("4", "spare1"), "isLearner": True}
+    (tmp_path / "learner").mkdir()
+    (tmp_path / "voter").mkdir()
+    host = Host(tmp_path / "learner").peers(started("1", "h1"), started("2", "h2"), started("3", "h3"), learner)
+    waiting = host.run("etcd-wait-healthy", "1", "--voters=h1,h2,h3,spare1")
+    assert waiting.returncode == 1 and "not voting members after 1s: spare1" in waiting.stderr, waiting.stderr
+    voter = Host(tmp_path / "voter").peers(started("1", "h1"), started("2", "h2"), started("3", "h3"),
+                                           started("4", "spare1"))
+    unhealthy = voter.run("etcd-wait-healthy", "1", "--voters=h1,h2,h3,spare1")
+    assert unhealthy.returncode == 1 and "etcd not healthy after" in unhealthy.stderr, unhealthy.stderr
