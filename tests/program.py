@@ -61,6 +61,7 @@ class Declared:
     replace_with: list[str] = field(default_factory=list)
     replacement_trigger: Any = None
     protect: bool = False
+    aliases: list[str] = field(default_factory=list)  # earlier URNs of this resource (the `aliases` option)
 
     @property
     def explicit_dependencies(self) -> list[str]:
@@ -126,7 +127,8 @@ class Mocks(pulumi_mocks.Mocks):
             return {"base64": "c2VjcmV0LWVuY3J5cHRpb24ta2V5LW9mLTMyLWJ5dGVzIQ==", "hex": "00" * 32}
         if typ == "aws:s3/bucket:Bucket":  # AWS names a bucket from its prefix
             return {"bucket": f"{args.inputs.get('bucketPrefix', name)}0001", "arn": f"arn:aws:s3:::{name}"}
-        return {"id": f"{name}-id", "name": args.inputs.get("name", name), "selfLink": f"https://mock/{name}",
+        autonamed = args.name + (f"-run{self.generation + 1}" if self.generation else "")  # a valid cloud name
+        return {"id": f"{name}-id", "name": args.inputs.get("name", autonamed), "selfLink": f"https://mock/{name}",
                 "arn": f"arn:aws:mock:::{name}", "address": "10.0.0.10", "dnsName": f"{name}.mock",
                 "email": f"{name}@mock.iam.gserviceaccount.com", "privateIp": "10.0.0.10",
                 "publicIp": "198.51.100.10", "latestVersion": 1}
@@ -157,6 +159,28 @@ def _trigger(request: Any) -> Any:
     return json_format.MessageToDict(request.replacement_trigger)
 
 
+def _alias_urns(request: Any, urn: str) -> list[str]:
+    """The request's aliases as URNs, as step_generator.go collapseAliasToUrn makes them: what a spec leaves out is
+    the resource's own (name, type, parent, project, stack). Provider SDKs alias earlier type tokens themselves."""
+    prefix, project, qualified, name = urn.split("::", 3)
+    parent_type, _, own_type = qualified.rpartition("$")
+    found = []
+    for alias in request.aliases:
+        if alias.urn:
+            found.append(alias.urn)
+            continue
+        spec = alias.spec
+        parent = parent_type
+        if spec.parentUrn:
+            parent = spec.parentUrn.split("::")[2]
+        if spec.noParent or parent.startswith("pulumi:pulumi:Stack"):
+            parent = ""
+        stack = f"urn:pulumi:{spec.stack}" if spec.stack else prefix
+        found.append(f"{stack}::{spec.project or project}::{parent + '$' if parent else ''}{spec.type or own_type}"
+                     f"::{spec.name or name}")
+    return found
+
+
 def _record_options(declared: Declared, request: Any, urn: str) -> None:
     declared.urn, declared.parent = urn, request.parent
     declared.dependencies = list(request.dependencies)
@@ -169,6 +193,7 @@ def _record_options(declared: Declared, request: Any, urn: str) -> None:
     declared.replace_with = list(request.replace_with)
     declared.replacement_trigger = _trigger(request)
     declared.protect = request.protect
+    declared.aliases = _alias_urns(request, urn)
 
 
 class RecordingMonitor(pulumi_mocks.MockMonitor):
@@ -197,7 +222,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 return response
             self.program.outputs[declared.name] = kept
             state = _sync_await(rpc.serialize_properties(kept, {}))
-            return resource_pb2.RegisterResourceResponse(urn=response.urn, id=response.id, object=state)
+            # The engine keeps the old ID too (the physical object is the same one).
+            return resource_pb2.RegisterResourceResponse(urn=response.urn, id=kept.get("id", response.id), object=state)
 
     def kept_outputs(self, declared: Declared) -> dict[str, Any] | None:
         """Outputs the engine keeps from an earlier state for this resource; None: the mocks' own."""

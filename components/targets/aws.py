@@ -93,7 +93,9 @@ class AwsTarget(cloud.CloudTarget):
         """An instance role per role (cloud.IDENTITIES), all under the cluster's one KMS key; each launch template
         runs as its role's."""
         self._key = cluster_key(self._cfg, self._opts)
-        self._instance_roles = {identity: instance_role(self._cfg, identity, self._key, self._opts)
+        self._instance_roles = {identity: instance_role(self._cfg, identity,
+                                                        cloud.inherits_shared_identity(identity, self._slots),
+                                                        self._key, self._opts)
                                 for identity in cloud.identity_secrets(self._cfg.cluster_name, self._slots)}
 
     def _backup_bucket(self) -> None:

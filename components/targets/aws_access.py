@@ -19,12 +19,21 @@ import pulumi_aws as aws
 
 from components.config import ClusterConfig
 from components.naming import resource_name
-from components.targets.cloud import ExpiryRule, backup_prefix, lock_days, marker_key, retention_rules
+from components.targets.cloud import (
+    SHARED_IDENTITY,
+    ExpiryRule,
+    backup_prefix,
+    formerly,
+    lock_days,
+    marker_key,
+    retention_rules,
+)
 
 
 @dataclass(frozen=True)
 class Identity:
     name: str  # cloud.IDENTITIES
+    inherited: bool  # the members' identity: the earlier shared one (cloud.SHARED_IDENTITY), its names and resources
     role: aws.iam.Role
     profile: aws.iam.InstanceProfile
     key: aws.kms.Key  # the cluster's one key (shared by every role): encrypts the secrets and the backup bucket
@@ -45,23 +54,31 @@ def cluster_key(cfg: ClusterConfig, opts: pulumi.ResourceOptions) -> aws.kms.Key
                        enable_key_rotation=True, deletion_window_in_days=30, tags={"kcp-cluster": cluster}, opts=opts)
 
 
-def instance_role(cfg: ClusterConfig, identity: str, key: aws.kms.Key, opts: pulumi.ResourceOptions) -> Identity:
-    """The role and instance profile one role's instances run as (`identity`: cloud.IDENTITIES)."""
+def instance_role(cfg: ClusterConfig, identity: str, inherited: bool, key: aws.kms.Key,
+                  opts: pulumi.ResourceOptions) -> Identity:
+    """The role and instance profile one role's instances run as (`identity`: cloud.IDENTITIES); the members' are
+    the earlier shared ones, under their names (`inherited`)."""
     cluster = cfg.cluster_name
+    name = resource_name(cluster, SHARED_IDENTITY) if inherited else resource_name(cluster, "kcp", identity)
     role = aws.iam.Role(
-        resource_name(cluster, identity, "role"), name=resource_name(cluster, "kcp", identity),
+        resource_name(cluster, identity, "role"), name=name,
         assume_role_policy=json.dumps({"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}),
-        tags={"kcp-cluster": cluster}, opts=opts)
-    profile = aws.iam.InstanceProfile(resource_name(cluster, identity, "profile"),
-                                      name=resource_name(cluster, "kcp", identity), role=role.name, opts=opts)
-    return Identity(identity, role, profile, key)
+        tags={"kcp-cluster": cluster}, opts=opts.merge(formerly(inherited, resource_name(cluster, SHARED_IDENTITY,
+                                                                                          "role"))))
+    profile = aws.iam.InstanceProfile(
+        resource_name(cluster, identity, "profile"), name=name, role=role.name,
+        opts=opts.merge(formerly(inherited, resource_name(cluster, SHARED_IDENTITY, "profile"))))
+    return Identity(identity, inherited, role, profile, key)
 
 
 def policy(cluster: str, identity: Identity, kind: str, statements: list[dict[str, Any]],
            opts: pulumi.ResourceOptions) -> aws.iam.RolePolicy:
+    """One inline policy; the inherited role's replace the shared role's of the same kind in place (no delete at
+    the end of the upgrade removes them: it would, since an inline policy is known by role and name only)."""
     return aws.iam.RolePolicy(resource_name(cluster, identity.name, "policy", kind), name=resource_name(cluster, kind),
-                              role=identity.role.id, policy=_document(statements), opts=opts)
+                              role=identity.role.id, policy=_document(statements),
+                              opts=opts.merge(formerly(identity.inherited, resource_name(cluster, "policy", kind))))
 
 
 def secrets_read_policy(cfg: ClusterConfig, identity: Identity, region: str, secret_arns: list[pulumi.Output[str]],

@@ -110,6 +110,22 @@ def etcd_identity(slots: list[Slot]) -> str:
     return next(s.identity for s in slots if s.has("etcd"))
 
 
+# Up to release be3abab one identity, named `control-plane`, ran every machine. The members' identity keeps its
+# names and takes its resources over (aliases), so that upgrading a running cluster narrows that identity's grants in
+# place: members never roll on a template change (docs/cloud-targets.md), so under a new identity they would keep
+# running as a deleted one, unable to refresh or back up. Only the API servers move to a new identity (and roll).
+SHARED_IDENTITY = "control-plane"
+
+
+def inherits_shared_identity(identity: str, slots: list[Slot]) -> bool:
+    return identity == etcd_identity(slots)
+
+
+def formerly(inherited: bool, name: str) -> pulumi.ResourceOptions:
+    """Options that alias a resource of the inheriting identity to `name`, the shared identity's name for it."""
+    return pulumi.ResourceOptions(aliases=[pulumi.Alias(name=name)] if inherited else None)
+
+
 def role_tag(cluster: str, role: str) -> str:
     """Network tag / tag value that firewall rules and policies select machines by."""
     return resource_name(cluster, role)

@@ -72,7 +72,8 @@ class GceTarget(cloud.CloudTarget):
     # -- identities, secrets and backups ---------------------------------------------
     def _identities(self) -> None:
         """A service account per role (cloud.IDENTITIES); each VM template runs as its role's."""
-        self._accounts = {identity: service_account(self._cfg, self._gce, identity, self._opts)
+        self._accounts = {identity: service_account(self._cfg, self._gce, identity,
+                                                    cloud.inherits_shared_identity(identity, self._slots), self._opts)
                           for identity in cloud.identity_secrets(self._cfg.cluster_name, self._slots)}
 
     def _backup_bucket(self) -> None:
@@ -95,9 +96,11 @@ class GceTarget(cloud.CloudTarget):
             gcp.secretmanager.SecretVersion(f"{secret_id}-secret-version", secret=secret.id,
                                             secret_data=payload, opts=self._opts)
             for identity in (i for i, secrets in readers.items() if secret_id in secrets):
+                inherited = cloud.inherits_shared_identity(identity, self._slots)
                 gcp.secretmanager.SecretIamMember(
                     f"{secret_id}-secret-accessor-{identity}", project=self._gce.project, secret_id=secret.secret_id,
-                    role="roles/secretmanager.secretAccessor", member=self._accounts[identity].member, opts=self._opts)
+                    role="roles/secretmanager.secretAccessor", member=self._accounts[identity].member,
+                    opts=self._opts.merge(cloud.formerly(inherited, f"{secret_id}-secret-accessor")))
 
     # -- machines --------------------------------------------------------------------
     def _health_checks(self) -> None:

@@ -15,7 +15,15 @@ import pulumi_gcp as gcp
 
 from components.config import ClusterConfig, Gce
 from components.naming import resource_name, short_name
-from components.targets.cloud import ExpiryRule, backup_prefix, lock_days, marker_key, retention_rules
+from components.targets.cloud import (
+    SHARED_IDENTITY,
+    ExpiryRule,
+    backup_prefix,
+    formerly,
+    lock_days,
+    marker_key,
+    retention_rules,
+)
 
 PROJECT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
 SOFT_DELETE_SECONDS = 7 * 86_400  # a compromised host's deletes stay recoverable for a week
@@ -27,16 +35,21 @@ class Identity:
     member: pulumi.Output[str]  # "serviceAccount:<email>", as IAM bindings name it
 
 
-def service_account(cfg: ClusterConfig, gce: Gce, identity: str, opts: pulumi.ResourceOptions) -> Identity:
-    """The account one role's VMs run as (`identity`: cloud.IDENTITIES); every role writes logs and metrics."""
+def service_account(cfg: ClusterConfig, gce: Gce, identity: str, inherited: bool,
+                    opts: pulumi.ResourceOptions) -> Identity:
+    """The account one role's VMs run as (`identity`: cloud.IDENTITIES); every role writes logs and metrics. The
+    members' account is the earlier shared one (`inherited`: cloud.SHARED_IDENTITY), under its account ID."""
     cluster = cfg.cluster_name
     account = gcp.serviceaccount.Account(
-        resource_name(cluster, identity, "sa"), project=gce.project, account_id=short_name(cluster, "kcp", identity),
-        display_name=f"{cluster} control-plane VMs: {identity}", opts=opts)
+        resource_name(cluster, identity, "sa"), project=gce.project,
+        account_id=short_name(cluster, "kcp-vm") if inherited else short_name(cluster, "kcp", identity),
+        display_name=f"{cluster} control-plane VMs: {identity}",
+        opts=opts.merge(formerly(inherited, resource_name(cluster, SHARED_IDENTITY, "sa"))))
     member = account.email.apply(lambda email: f"serviceAccount:{email}")
     for role in PROJECT_ROLES:
-        gcp.projects.IAMMember(resource_name(cluster, identity, "sa", role.split(".")[-1].lower()),
-                               project=gce.project, role=role, member=member, opts=opts)
+        grant = role.split(".")[-1].lower()
+        gcp.projects.IAMMember(resource_name(cluster, identity, "sa", grant), project=gce.project, role=role,
+                               member=member, opts=opts.merge(formerly(inherited, resource_name(cluster, "sa", grant))))
     return Identity(account.email, member)
 
 

@@ -41,6 +41,20 @@ BRIDGED_REPLACING = {
     "random:index/randomBytes:RandomBytes": {"keepers", "length"},
 }
 
+# Bridged aws and gcp resources: the inputs whose upstream schema field is ForceNew (every other one updates in
+# place), for the types an upgrade of the cloud identities changes. terraform-provider-google 0540ffede9
+# google/services/resourcemanager/resource_google_service_account.go (Account), 2f152ea2d0
+# .../resource_google_project_iam_custom_role.go (IAMCustomRole), 0262be693c
+# google/services/storage/resource_storage_bucket.go (Bucket); terraform-provider-aws 02f97af85f
+# internal/service/iam/role_policy.go (RolePolicy: UpdateWithoutTimeout is PutRolePolicy).
+UPSTREAM_REPLACING = {
+    "gcp:serviceaccount/account:Account": {"accountId", "project"},
+    "gcp:projects/iAMCustomRole:IAMCustomRole": {"roleId", "project"},
+    "gcp:storage/bucket:Bucket": {"name", "location", "project", "enableObjectRetention"},
+    "aws:iam/rolePolicy:RolePolicy": {"name", "namePrefix", "role"},
+}
+BRIDGED_REPLACING |= UPSTREAM_REPLACING
+
 PathKey = str | int
 _SEGMENT = re.compile(r'\["((?:[^"\\]|\\.)*)"\]|\[(\d+|\*)\]|\.?([^.\[\]]+)')
 
@@ -142,7 +156,7 @@ def provider_forces_replace(declared: Declared, path: tuple[PathKey, ...]) -> bo
         return format_path(path) in INFER_REPLACING[declared.type]
     if declared.type in BRIDGED_REPLACING:
         return path[0] in BRIDGED_REPLACING[declared.type]
-    return True  # NOT FROM A SOURCE: other providers (aws, gcp) are assumed to replace on any change
+    return True  # NOT FROM A SOURCE: other aws and gcp types are assumed to replace on any change
 
 
 def forces_replace(declared: Declared, path: tuple[PathKey, ...]) -> bool:

@@ -164,13 +164,27 @@ class Planner:
     def __init__(self, before: Program) -> None:
         self.before = before
         self.olds = before.by_urn()
+        self.aliased: dict[str, str] = {}  # old URN -> the new URN that claimed it (SG sg.aliased)
         self.replaced: set[str] = set()  # step_generator.go sg.replaces
         self.deleted_early: set[str] = set()  # deleted by a delete-before-replace chain
         self.registered: list[Registration] = []
         self.changes: list[Change] = []
 
+    def old_of(self, new: Declared) -> Declared | None:
+        """SG getOldResource: the old state under the new URN first, then under each alias in order; an alias
+        that matched is remembered, so that the old resource is not deleted at the end (SG isOperatedOn)."""
+        if new.urn in self.olds:
+            return self.olds[new.urn]
+        for alias in new.aliases:
+            if alias in self.olds:
+                claimed = self.aliased.get(alias, new.urn)
+                assert claimed == new.urn, f"{alias} claimed by {claimed} and {new.urn}"  # SG: an error
+                self.aliased[alias] = new.urn
+                return self.olds[alias]
+        return None
+
     def register(self, new: Declared) -> Decision:
-        old = self.olds.get(new.urn)
+        old = self.old_of(new)
         if new.urn in self.deleted_early and old is not None:  # SG "Case 1: recreating"
             decision = Decision("replace", replaced_by=("delete-before-replace dependency",), inputs=new.inputs)
         else:
@@ -178,6 +192,8 @@ class Planner:
         actions: list[Action] = []
         if decision.op == "replace":
             self.replaced.add(new.urn)
+            if old is not None and old.urn != new.urn:
+                self.replaced.add(old.urn)  # an aliased replacement deletes the old state, under its old URN
             if decision.delete_before_replace and new.urn not in self.deleted_early:
                 actions += self._delete_first(old)
             actions.append(host_action(new, "create-replacement", decision))
@@ -210,7 +226,7 @@ class Planner:
 
     def finish(self, after: Program) -> UpdatePlan:
         """Phase 2: GenerateDeletes, then ScheduleDeletes on the old graph."""
-        kept = {r.urn for r in after.resources}
+        kept = {r.urn for r in after.resources} | set(self.aliased)
         gone = [o for o in self.before.resources if o.urn not in kept]
         self.changes += [Change(o.urn, o.type, o.name, "delete") for o in gone]
         removed = [o for o in gone if o.urn not in self.deleted_early]
@@ -271,8 +287,8 @@ class CarryingMonitor(RecordingMonitor):
         self.planner = Planner(previous)
 
     def kept_outputs(self, declared: Declared) -> dict[str, Any] | None:
+        old = self.planner.old_of(declared)
         decision = self.planner.register(declared)
-        old = self.planner.olds.get(declared.urn)
         if old is None or decision.op not in ("same", "update"):
             return None
         outputs = self.previous.outputs[old.name]

@@ -1,0 +1,91 @@
+"""Upgrading a running cloud cluster from release be3abab, where one identity ran every machine, to this program:
+the second `pulumi up` planned by the engine's rules (tests/integration/update_plan.py) from what that release
+declared (tests/releases/capture.py) and what this program declares on the same state.
+
+The member groups never roll on a template change (docs/cloud-targets.md), so the upgrade must leave the members on
+a live identity; and the deletes the engine runs at the end of the up must not remove what the up just declared
+(two resources that manage one cloud object: the later delete wins).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.realtls import plain
+from tests.integration.update_plan import UpdatePlan, plan_update, rerun_program
+from tests.program import Declared, Program
+
+RELEASE = Path(__file__).resolve().parents[1] / "releases" / "be3abab.json.gz"
+CAPTURES = ("gce-example", "aws-example", "gce-example-colocated", "aws-example-colocated")
+
+# What each cloud API knows an object by (its import ID's parts): two resources with equal keys manage one object.
+PHYSICAL_KEYS = {
+    "gcp:serviceaccount/account:Account": ("project", "accountId"),
+    "gcp:projects/iAMMember:IAMMember": ("project", "role", "member"),
+    "gcp:secretmanager/secretIamMember:SecretIamMember": ("project", "secretId", "role", "member"),
+    "gcp:storage/bucketIAMMember:BucketIAMMember": ("bucket", "role", "member"),
+    "aws:iam/role:Role": ("name",),
+    "aws:iam/instanceProfile:InstanceProfile": ("name",),
+    "aws:iam/rolePolicy:RolePolicy": ("role", "name"),
+}
+MEMBER_TEMPLATES = {"gcp:compute/instanceTemplate:InstanceTemplate": "serviceAccount",
+                    "aws:ec2/launchTemplate:LaunchTemplate": "iamInstanceProfile"}
+
+
+@cache
+def upgrade(capture: str) -> UpdatePlan:
+    with gzip.open(RELEASE, "rt", encoding="utf-8") as f:
+        captured = json.load(f)["captures"][capture]
+    before = Program([Declared(**r) for r in captured["resources"]], captured["outputs"], captured["generation"])
+    after = rerun_program(captured["config"], before, stack=captured["stack"])
+    return plan_update(before, after)
+
+
+def physical_key(declared: Declared) -> tuple[Any, ...] | None:
+    fields = PHYSICAL_KEYS.get(declared.type)
+    inputs = plain(declared.inputs)
+    return None if fields is None else (declared.type, *(json.dumps(inputs.get(f), sort_keys=True) for f in fields))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_the_upgrade_keeps_the_members_on_their_identity(capture: str) -> None:
+    plan = upgrade(capture)
+    olds = {r.name: r for r in plan.before.resources}
+    members = [r for r in plan.after.resources if r.type in MEMBER_TEMPLATES and "etcd" in r.name]
+    assert members, "no member template declared"
+    for template in members:
+        field = MEMBER_TEMPLATES[template.type]
+        old_identity = plain(olds[template.name].inputs)[field]
+        assert plain(template.inputs)[field] == old_identity, \
+            f"{template.name} would run new members as {plain(template.inputs)[field]}, while the running ones keep " \
+            f"{old_identity}"
+    kept = {c.name for c in plan.changes if c.op in ("same", "update")}
+    identities = [r for r in plan.before.resources if r.type in (
+        "gcp:serviceaccount/account:Account", "aws:iam/instanceProfile:InstanceProfile", "aws:iam/role:Role")]
+    gone = [r.name for r in identities if not any(
+        c.name in kept for c in plan.changes if c.urn == r.urn or r.urn in _aliases(plan, c.urn))]
+    assert len(gone) < len(identities), f"every earlier identity is replaced or deleted: {gone}"
+    assert all("api" in name or "control-plane" not in name for name in gone), \
+        f"the members' earlier identity is deleted or replaced: {gone}\n{plan.preview()}"
+
+
+def _aliases(plan: UpdatePlan, urn: str) -> list[str]:
+    return next((r.aliases for r in plan.after.resources if r.urn == urn), [])
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_no_delete_at_the_end_of_the_upgrade_removes_what_it_declared(capture: str) -> None:
+    plan = upgrade(capture)
+    declared = {physical_key(r): r.name for r in plan.after.resources if physical_key(r)}
+    deleted = [old for chain in plan.deletes for old, _ in chain]
+    deleted += [plan.before.named(a.name) for r in plan.registrations for a in r.actions if a.kind == "delete-replaced"]
+    clashes = [f"{old.name} (deleted) and {declared[physical_key(old)]}" for old in deleted
+               if physical_key(old) in declared]
+    assert not clashes, "the up's last deletes would remove objects it declares: " + "; ".join(clashes)
+    assert len(deleted) > 0, "the upgrade deletes nothing: the capture no longer shows the shared identity"
