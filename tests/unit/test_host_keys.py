@@ -35,6 +35,7 @@ from kcp_host.destinations import Receiver
 from tests.conftest import stack_for_tests
 from tests.integration.realtls import plain
 from tests.integration.replay import verified
+from tests.integration.update_plan import plan_update, rerun_program
 from tests.program import ROOT, Mocks, Program, run_program, stack_config
 
 COMMAND = "command:remote:Command"
@@ -109,6 +110,27 @@ def test_trust_on_first_use_pins_every_step_to_the_key_the_host_reported_first(t
         host = connection(command)["host"]
         assert connection(command)["hostKey"] == FirstContactMocks.KEYS[host], command.name
         assert reads[host].urn in command.dependencies, f"{command.name} may run before its host's key is read"
+
+
+def test_pinning_the_keys_first_contact_read_changes_no_step_but_the_backup_jobs_known_hosts(
+        throwaway_ssh_key: Path) -> None:
+    """The operator checks the keys the first `pulumi up` read and pins them: the second up (planned by the engine's
+    rules) reaches a host only to give the members' backup job the backup host's key (a new file, no restart)."""
+    raw = stack_for_tests(LOCAL, throwaway_ssh_key)
+    first = run_program(raw, stack="local", mocks=FirstContactMocks)
+    cfg = copy.deepcopy(raw)
+    bm = cfg["baremetal"]
+    bm.pop("trustOnFirstUse")
+    for host in (*bm["hosts"], *bm["spares"], bm["backupHost"]):
+        host["hostKey"] = FirstContactMocks.KEYS[host["address"]]
+    plan = plan_update(first, rerun_program(cfg, first, stack="local", mocks=FirstContactMocks))
+    assert sorted(plan.named("delete")) == sorted(r.name for r in first.resources if r.name.endswith("-host-key"))
+    assert all(a.command is None for chain in plan.deletes for _, a in chain), "a deleted read runs something"
+    changed = {c.name: c.paths for c in plan.changes if c.op not in ("same", "delete")}
+    assert set(changed) == {f"local-{h}-etcd-config" for h in ("h1", "h2", "h3", "spare1")}, plan.preview()
+    assert all(set(paths) <= {"stdin", "delete"} for paths in changed.values()), plan.preview()  # files it owns
+    configs = {r.name: r for r in plan.after.resources if r.name in changed}
+    assert all(BACKUP_SSH_KNOWN_HOSTS.lstrip("/") in bundle_files(r) for r in configs.values())
 
 
 def test_trust_on_first_use_reads_only_the_hosts_without_a_pinned_key(throwaway_ssh_key: Path) -> None:
