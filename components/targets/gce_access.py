@@ -15,15 +15,8 @@ import pulumi_gcp as gcp
 
 from components.config import ClusterConfig, Gce
 from components.naming import resource_name, short_name
-from components.targets.cloud import (
-    SHARED_IDENTITY,
-    ExpiryRule,
-    backup_prefix,
-    formerly,
-    lock_days,
-    marker_key,
-    retention_rules,
-)
+from components.targets import cloud
+from components.targets.cloud import ExpiryRule, backup_prefix, lock_days, marker_key, retention_rules
 
 PROJECT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
 SOFT_DELETE_SECONDS = 7 * 86_400  # a compromised host's deletes stay recoverable for a week
@@ -44,12 +37,13 @@ def service_account(cfg: ClusterConfig, gce: Gce, identity: str, inherited: bool
         resource_name(cluster, identity, "sa"), project=gce.project,
         account_id=short_name(cluster, "kcp-vm") if inherited else short_name(cluster, "kcp", identity),
         display_name=f"{cluster} control-plane VMs: {identity}",
-        opts=opts.merge(formerly(inherited, resource_name(cluster, SHARED_IDENTITY, "sa"))))
+        opts=opts.merge(cloud.formerly(inherited, resource_name(cluster, cloud.SHARED_IDENTITY, "sa"))))
     member = account.email.apply(lambda email: f"serviceAccount:{email}")
     for role in PROJECT_ROLES:
         grant = role.split(".")[-1].lower()
+        earlier = cloud.formerly(inherited, resource_name(cluster, "sa", grant))
         gcp.projects.IAMMember(resource_name(cluster, identity, "sa", grant), project=gce.project, role=role,
-                               member=member, opts=opts.merge(formerly(inherited, resource_name(cluster, "sa", grant))))
+                               member=member, opts=opts.merge(earlier))
     return Identity(account.email, member)
 
 
