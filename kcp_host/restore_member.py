@@ -3,9 +3,10 @@ member on only once all finished the previous phase (docs/backups.md has the pro
 every member prepared the snapshot beside the live data, no etcd starts before every API server and old etcd stopped,
 old data is moved aside, never deleted. Its answers on stdout (->), the operator's word on stdin (<-):
 
-  restore --token T   -> quorum healthy|none  <- snapshot NAME BYTES  -> room  <- send, BYTES, ok|refused REASON
+  restore --token T --bump-revision B
+                      -> quorum healthy|none  <- snapshot NAME BYTES  -> room  <- send, BYTES, ok|refused REASON
                       -> prepared BYTES RECEIVE_S RESTORE_S PEAK_KIB TOOL_PEAK_KIB  <- switch  -> switched
-                      <- start REVISION  -> healthy HASHKV SECONDS  <- apiserver  -> done
+                      <- start REVISION  -> healthy HASHKV SECONDS KEYS  <- apiserver  -> done
   start-apiserver     put the manifest back, start the units a restore stopped (by hand, after a failed restore)
   retire-spare        on a spare: stop an etcd that took over a slot of the replaced cluster; back to watching
 """
@@ -31,6 +32,7 @@ from kcp_host.contract import ClusterEnv, load_env
 from kcp_host.etcd import Etcdctl, EtcdError, command_env, last_line, snapshot_tool
 from kcp_host.files import chown_tree, flocked, utc_stamp, write_atomic
 from kcp_host.log import Abort, log, set_program
+from kcp_host.verify import contents
 
 MANIFEST = Path("/etc/kubernetes/manifests/kube-apiserver.yaml")
 PARKED = Path("/etc/kubernetes/kube-apiserver.yaml.parked-by-etcd-restore")
@@ -106,7 +108,21 @@ def memory_high_water() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def prepare(env: ClusterEnv, stdin: BufferedReader, new: Path, token: str) -> None:
+def bump_flags(bump: int) -> list[str]:
+    """etcdutl's flags that move the restored revision `bump` past the snapshot's and compact it there (3.5.13+).
+    Checked before the session answers: an older tool refuses the restore before anything moves."""
+    if not bump:
+        return []
+    tool = snapshot_tool()
+    usage = subprocess.run([tool, "snapshot", "restore", "--help"], capture_output=True, text=True,
+                           env=command_env(), check=False)
+    if "--bump-revision" not in usage.stdout + usage.stderr:
+        raise Abort(1, f"REFUSED: this member's {tool} cannot move the restored revision (etcd 3.5.13 or later "
+                       "can); install it, or restore with --bump-revision 0 (docs/backups.md); nothing changed")
+    return ["--bump-revision", str(bump), "--mark-compacted"]
+
+
+def prepare(env: ClusterEnv, stdin: BufferedReader, new: Path, token: str, bump: list[str]) -> None:
     """Store the snapshot and restore it beside the live data, as this member of the configured cluster."""
     if not (words := HEADER.fullmatch(header := stdin.readline().decode(errors="replace"))):
         raise Abort(1, "the operator stopped before sending a snapshot; nothing changed" if header in ("abort\n", "")
@@ -122,7 +138,7 @@ def prepare(env: ClusterEnv, stdin: BufferedReader, new: Path, token: str) -> No
     # a snapshot that passed verification. A file the restore cannot read still fails here, before any live change.
     proc = subprocess.run([snapshot_tool(), "snapshot", "restore", str(file), "--skip-hash-check",
                            "--data-dir", str(new), "--name", env.member_name, "--initial-cluster", env.initial_cluster,
-                           "--initial-advertise-peer-urls", env.peer_url, "--initial-cluster-token", token],
+                           "--initial-advertise-peer-urls", env.peer_url, "--initial-cluster-token", token, *bump],
                           capture_output=True, text=True, env=command_env(), check=False)
     file.unlink()  # restored beside the live data, or refused: the staged copy (every secret) is not kept
     if proc.returncode != 0:
@@ -177,9 +193,9 @@ def switch(env: ClusterEnv, new: Path, token: str) -> None:
     log(f"data dir restored (cluster token {token})")
 
 
-def start_and_wait(env: ClusterEnv, revision: int, timeout: float) -> int:
-    """Start etcd; once it is healthy through this member (a linearizable read: a quorum runs), its hashkv at
-    `revision`. A start that fails before etcd runs (219/CGROUP on nspawn hosts) is retried at once, twice."""
+def start_and_wait(env: ClusterEnv, revision: int, timeout: float) -> tuple[int, int]:
+    """Start etcd; once it is healthy through this member (a linearizable read: a quorum runs), its hashkv and key
+    count at `revision`. A start that fails before etcd runs (219/CGROUP on nspawn hosts) is retried at once, twice."""
     import http.client  # here, not at the top: every member starts its session sooner without them
     import ssl
 
@@ -195,8 +211,8 @@ def start_and_wait(env: ClusterEnv, revision: int, timeout: float) -> int:
                                                timeout=max(1.0, deadline - time.monotonic()))
             conn.request("GET", "/health")
             if json.loads(conn.getresponse().read()).get("health") == "true":
-                answer = Etcdctl.of(env).json([env.client_url], "endpoint", "hashkv", f"--rev={revision}")
-                return int(answer[0]["HashKV"].get("hash", 0))  # etcd omits a hash of 0
+                found = contents(Etcdctl.of(env), env.client_url, revision)
+                return found["hashkv"], found["keys"]
         except ConnectionRefusedError:  # not listening yet, or its start failed before etcd ran
             if systemd.show(unit, "SubState") in ("auto-restart", "failed"):
                 if (retries := retries + 1) > 2:
@@ -218,12 +234,13 @@ def restore(env: ClusterEnv, args: argparse.Namespace) -> None:
     reachable = open_endpoints(env.client_endpoints)
     healthy = [endpoint for endpoint, ok in (Etcdctl.of(env).health(reachable) if reachable else {}).items() if ok]
     log(f"healthy: {', '.join(healthy) or 'none'} ({len(reachable)} of {len(env.client_endpoints)} accept connections)")
+    bump = bump_flags(args.bump_revision)
     print("quorum healthy" if healthy else "quorum none", flush=True)  # the operator won't replace a working cluster
     new = Path(f"{env.data_dir}.restoring-{args.token}")
     # One restore at a time on a member: a second operator's session would switch data dirs under the first.
     with flocked(stage / "restore.lock", what="restore of this member"), open(0, "rb", closefd=False) as stdin:
         try:
-            prepare(env, stdin, new, args.token)
+            prepare(env, stdin, new, args.token, bump)
             order(stdin, "switch")
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)  # only what this restore prepared
@@ -234,9 +251,10 @@ def restore(env: ClusterEnv, args: argparse.Namespace) -> None:
             print("switched", flush=True)
             revision = int(order(stdin, "start")[1])
             started = time.monotonic()
-            hashkv = start_and_wait(env, revision, args.timeout)
-            log(f"healthy at revision >= {revision} after {time.monotonic() - started:.2f}s, hashkv {hashkv}")
-            print(f"healthy {hashkv} {time.monotonic() - started:.2f}", flush=True)
+            hashkv, keys = start_and_wait(env, revision, args.timeout)
+            log(f"healthy at revision >= {revision} after {time.monotonic() - started:.2f}s, hashkv {hashkv}, "
+                f"{keys} keys")
+            print(f"healthy {hashkv} {time.monotonic() - started:.2f} {keys}", flush=True)
             order(stdin, "apiserver")
         except Abort as stop:
             raise Abort(stop.code, f"{stop}; its API server and a switched etcd stay down (docs/backups.md)") from None
@@ -266,6 +284,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("step", choices=STEPS, metavar="STEP")
     parser.add_argument("--token", help="the restored cluster's new token")
     parser.add_argument("--timeout", type=int, default=120, help="seconds to a healthy member (default: %(default)s)")
+    parser.add_argument("--bump-revision", type=int, default=0, metavar="B",
+                        help="restore at the snapshot's revision + B, compacted there (default: %(default)s)")
     args = parser.parse_args(argv)
     if (args.step == "restore" or args.token is not None) and not re.fullmatch(SAFE_WORD, args.token or ""):
         parser.error(f"restore needs --token (letters, digits, _.-): got '{args.token}'")

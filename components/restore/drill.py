@@ -1,8 +1,9 @@
 """The DR drill's checks of a restored cluster, and its report (scripts/dr-drill).
 
-Revision and hashkv equal the values recorded at backup time (the restore refuses otherwise),
-the key count equals the recorded one, and a random sample of keys reads back with a
-revision no newer than the snapshot's. etcd answers in JSON (`-w json`): keys are base64 there,
+Every member serves the same data with the recorded key count, and, when the restore kept the
+snapshot's revision, the recorded hashkv (the restore refuses otherwise); the key count read back
+equals the recorded one, and a random sample of keys reads back with a revision no newer than the
+snapshot's. etcd answers in JSON (`-w json`): keys are base64 there,
 so any key survives the trip, and no text table is parsed.
 """
 
@@ -62,7 +63,8 @@ def check_data(plan: Plan, report: dict[str, Any], sample: int) -> dict[str, Any
                       "recorded": report.get("keys"), "found": len(keys)},
         "sample": {"ok": len(mod_revs) == len(chosen) and not newer, "asked": len(chosen), "read": len(mod_revs),
                    "newer_than_snapshot": len(newer)},
-        "revision_and_hashkv": {"ok": True, "revision": report["revision"], "hashkv": report["hashkv"]},
+        "revision_and_hashkv": {"ok": True, "revision": report["revision"], "hashkv": report["hashkv"],
+                                "restored_revision": report["restored_revision"]},
     }
 
 

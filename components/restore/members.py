@@ -39,9 +39,10 @@ class Session:
     """One member's `etcd-restore-member restore` over one SSH session: the operator's word goes to its stdin,
     its answers come back on stdout, a line each; what it logs is kept (the last line says why it stopped)."""
 
-    def __init__(self, ssh: Ssh, host: Host, token: str) -> None:
+    def __init__(self, ssh: Ssh, host: Host, token: str, revision_bump: int) -> None:
         self.name = host.name
-        self.proc = ssh.popen(host.address, agent_command([["restore", "--token", token]]), stdin=subprocess.PIPE)
+        self.proc = ssh.popen(host.address, agent_command([["restore", "--token", token, "--bump-revision",
+                                                            str(revision_bump)]]), stdin=subprocess.PIPE)
         self.logged: list[str] = []
         self._shown = 0
         self._log_reader = threading.Thread(target=self._keep_log, daemon=True)

@@ -136,7 +136,7 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
     token = f"restore-{secrets.token_hex(4)}"
     clock.step(f"picking the snapshot from {plan.source.where()}; asking every member whether a healthy quorum "
                "still exists")
-    sessions = {h.name: members.Session(plan.ssh, h, token) for h in plan.hosts}
+    sessions = {h.name: members.Session(plan.ssh, h, token, plan.revision_bump) for h in plan.hosts}
     try:
         meta = pick_and_guard(plan, sessions, snapshot_name, force, clock)
         name, rev = meta["name"], int(meta["revision"])
@@ -154,18 +154,16 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
         expect(sessions, members.ask(sessions, "switch", timeout=120), "switched", clock,
                "switching failed on {names}; etcd and the API servers stay stopped where switched (docs/backups.md)")
         clock.done("stop_and_switch")
-        clock.step(f"starting etcd on every member; each waits until it is healthy at revision {rev} and reports "
-                   "its hashkv")
-        answers = members.ask(sessions, f"start {rev}", timeout=180)
+        restored_rev = rev + plan.revision_bump
+        clock.step(f"starting etcd on every member; each waits until it is healthy at revision {restored_rev} (the "
+                   f"snapshot's {rev} + {plan.revision_bump}, compacted there) and reports its hashkv and key count")
+        answers = members.ask(sessions, f"start {restored_rev}", timeout=180)
         expect(sessions, answers, "healthy", clock, "{names} not healthy; the API servers stay stopped")
-        hashes = {name: int(words[1]) for name, words in answers.items()}
-        hashkv = hashes[plan.hosts[0].name]
-        if set(hashes.values()) != {hashkv} or (meta.get("hashkv") is not None and hashkv != int(meta["hashkv"])):
-            raise halt(sessions, f"restored cluster hashkv {hashes} != recorded {meta.get('hashkv')}; API servers "
-                                 "left stopped")
+        hashkv = check_restored(sessions, answers, meta, plan.revision_bump)
         clock.done("start_and_wait_healthy")
         rto = clock.total
-        clock.step(f"cluster healthy (revision {rev}, hashkv {hashkv}); starting the API servers")
+        clock.step(f"cluster healthy (revision {restored_rev}, hashkv {hashkv}, {meta.get('keys')} keys); starting "
+                   "the API servers")
         expect(sessions, members.ask(sessions, "apiserver", timeout=120), "done", clock,
                "starting the API servers failed on {names}")
     finally:
@@ -173,8 +171,26 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
             session.end()
     clock.done("start_apiservers")
     retire_spares(plan, clock)
-    return {"snapshot": name, "revision": rev, "hashkv": hashkv, "token": token, "rto_seconds": round(rto, 3),
-            "members": timings, "taken_at": meta.get("taken_at"), "keys": meta.get("keys")}
+    return {"snapshot": name, "revision": rev, "restored_revision": restored_rev, "revision_bump": plan.revision_bump,
+            "hashkv": hashkv, "token": token, "rto_seconds": round(rto, 3), "members": timings,
+            "taken_at": meta.get("taken_at"), "keys": meta.get("keys")}
+
+
+def check_restored(sessions: Sessions, answers: dict[str, list[str]], meta: dict[str, Any],
+                   bump: int) -> int:
+    """Every member serves the same data (hashkv), with the recorded number of keys; unbumped, also the recorded
+    hashkv. A bump changes the hashkv (it covers the compaction point), not the keys. Returns the hashkv."""
+    hashes = {name: int(words[1]) for name, words in answers.items()}
+    counts = {name: int(words[3]) for name, words in answers.items()}
+    hashkv = next(iter(hashes.values()))
+    if set(hashes.values()) != {hashkv}:
+        raise halt(sessions, f"the restored members differ: hashkv {hashes}; API servers left stopped")
+    if meta.get("keys") is not None and set(counts.values()) != {int(meta["keys"])}:
+        raise halt(sessions, f"restored key counts {counts} != recorded {meta['keys']}; API servers left stopped")
+    if not bump and meta.get("hashkv") is not None and hashkv != int(meta["hashkv"]):
+        raise halt(sessions, f"restored cluster hashkv {hashkv} != recorded {meta['hashkv']}; API servers left "
+                             "stopped")
+    return hashkv
 
 
 def retire_spares(plan: Plan, clock: Clock) -> None:

@@ -20,12 +20,20 @@ DEFAULT_USER: str = BareMetal.model_fields["user"].default
 DEFAULT_BACKUP_PATH: str = BackupHost.model_fields["path"].default
 
 
+# How far a restore moves etcd's revision past the snapshot's (etcdutl --bump-revision, with --mark-compacted):
+# further than any cluster writes between its last backup and its loss, so a revision a client saw before is never
+# handed out again for other data; watchers and informers resuming from one get "compacted" and list anew
+# (kubernetes#118501). The figure Kubernetes' own restore guide uses; docs/backups.md.
+DEFAULT_REVISION_BUMP = 1_000_000_000
+
+
 @dataclass
 class Plan:
     hosts: list[Host]
     ssh: Ssh
     source: Source
     spares: list[Host] = field(default_factory=list)  # retired after the restore: a takeover belongs to the old cluster
+    revision_bump: int = DEFAULT_REVISION_BUMP
 
     def addresses(self) -> list[str]:
         return [h.address for h in self.hosts]
@@ -80,7 +88,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     ssh = Ssh(user=args.ssh_user or (bm.user if bm else DEFAULT_USER),
               key=args.ssh_key or (bm.ssh_private_key_path if bm else None), options=args.ssh_option,
               host_keys=pinned)
-    return Plan(hosts, ssh, source_of(args, cfg, ssh), spares)
+    return Plan(hosts, ssh, source_of(args, cfg, ssh), spares, args.bump_revision)
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -103,5 +111,14 @@ def parser(description: str | None) -> argparse.ArgumentParser:
                    "backupLocation`) with the operator's aws CLI and credentials")
     p.add_argument("--snapshot-file", type=Path, help="restore this local file (e.g. downloaded from a bucket)")
     p.add_argument("--metadata", type=Path, help="the snapshot's .json, needed with --snapshot-file")
+    p.add_argument("--bump-revision", type=revision_bump, default=DEFAULT_REVISION_BUMP, metavar="N",
+                   help="move the restored revision N past the snapshot's and mark it compacted (default: "
+                   "%(default)s; 0: keep the snapshot's revision, for etcd older than 3.5.13)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
+
+
+def revision_bump(text: str) -> int:
+    if not text.isdigit() or int(text) >= 1 << 62:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of revisions from 0 to 2^62")
+    return int(text)

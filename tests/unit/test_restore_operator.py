@@ -454,6 +454,7 @@ def test_the_preview_workflow_reads_its_facts_through_scripts_report() -> None:
 
 # -- both ends of the wire protocol -----------------------------------------------------------
 FAKE_ETCDUTL = """#!/bin/sh
+case "$*" in *--help*) echo "${FAKE_ETCDUTL_HELP:-}"; exit 0 ;; esac
 printf '%s\\n' "$*" >"$(dirname "$0")/../restore-args"
 cp "$3" "$(dirname "$0")/../restored-input"
 while [ $# -gt 0 ]; do case $1 in --data-dir) mkdir -p "$2/member/snap" ;; esac; shift; done
@@ -494,13 +495,14 @@ def member(tmp_path: Path) -> Path:
 class Session:
     """`kcp-host etcd-restore-member restore`, talked to as the operator talks to it (components/restore/)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *args: str, tool_help: str = "", expect_quorum: bool = True) -> None:
         env = {**os.environ, "PATH": f"{root / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
-               "KCP_CLUSTER_ENV": str(root / "cluster.env")}
-        argv = [sys.executable, "-m", "kcp_host", "etcd-restore-member", "restore", "--token", "restore-t1"]
+               "KCP_CLUSTER_ENV": str(root / "cluster.env"), "FAKE_ETCDUTL_HELP": tool_help}
+        argv = [sys.executable, "-m", "kcp_host", "etcd-restore-member", "restore", "--token", "restore-t1", *args]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=env)
-        assert self.answer() == "quorum none", "no endpoint answers, so no quorum is seen"
+        if expect_quorum:
+            assert self.answer() == "quorum none", "no endpoint answers, so no quorum is seen"
 
     def answer(self) -> str:
         assert self.proc.stdout
@@ -519,9 +521,9 @@ class Session:
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
 
 
-def prepared(root: Path, meta: dict[str, Any], data: bytes) -> tuple[Session, str]:
+def prepared(root: Path, meta: dict[str, Any], data: bytes, *args: str, tool_help: str = "") -> tuple[Session, str]:
     """A session up to its answer to the snapshot: `prepared ...` or a refusal (then: the member ended)."""
-    session = Session(root)
+    session = Session(root, *args, tool_help=tool_help)
     session.say(f"{header(meta)}\n".encode())
     assert session.answer() == "room", "a few KB fit anywhere"
     session.say(b"send\n", *SnapshotStream(io.BytesIO(data), meta))
@@ -547,6 +549,22 @@ def test_a_snapshot_the_operator_accepted_is_staged_and_restored_beside_the_live
     done = session.end()
     assert done.returncode == 1 and b"the operator stopped the restore before switch" in done.stderr
     assert not (member / "data.restoring-restore-t1").exists(), "what it prepared goes when the operator stops"
+
+
+def test_a_bumped_restore_moves_the_revision_and_marks_it_compacted(member: Path) -> None:
+    session, answer = prepared(member, meta_of(SNAPSHOT), SNAPSHOT, "--bump-revision", "1000000000",
+                               tool_help="      --bump-revision uint64   How much to increase the latest revision")
+    assert answer.startswith("prepared"), answer
+    assert "--bump-revision 1000000000 --mark-compacted" in (member / "restore-args").read_text()
+    session.end()
+
+
+def test_a_member_whose_tool_cannot_bump_refuses_before_anything_moves(member: Path) -> None:
+    session = Session(member, "--bump-revision", "1000000000", expect_quorum=False)
+    done = session.end()
+    assert done.returncode == 1 and b"cannot move the restored revision" in done.stderr, done.stderr
+    assert b"quorum" not in done.stdout, "it answered the operator before refusing"
+    assert left_behind(member) == [] and not (member / "restore-args").exists(), "something moved"
 
 
 @pytest.mark.parametrize(("data", "reason"), [
