@@ -475,6 +475,23 @@ class Sandbox:
             raise SshError(proc.returncode, f"{host}: {command}", proc.stdout, proc.stderr)
         return proc
 
+    def start_unit(self, host: str, unit: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+        """`systemctl start UNIT`, started once more if systemd never ran its program. These hosts share one
+        cgroup-v1 `name=systemd` tree (nspawn without a host systemd), so a unit of one name that starts in two
+        containers at once (the timers of every host) can lose its cgroup directory to the other container's
+        cleanup: systemd then fails the start with result `resources` ("Failed to spawn executor: No such file or
+        directory") or status 219/CGROUP. Any failure of the program itself is returned as it is."""
+        run = self.ssh(host, f"systemctl start {unit}", timeout=timeout, check=False)
+        if run.returncode == 0:
+            return run
+        shown = self.ssh(host, f"systemctl show -p Result -p ExecMainStatus {unit}", check=False).stdout.decode()
+        state = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+        if state.get("Result") != "resources" and state.get("ExecMainStatus") != "219":
+            return run
+        print(f"\n(test hosts' shared cgroup tree: {unit} never ran on {host}; starting it again)")
+        self.ssh(host, f"systemctl reset-failed {unit}", check=False)
+        return self.ssh(host, f"systemctl start {unit}", timeout=timeout, check=False)
+
     def copy_to(self, host: str, local_path: str | Path, remote_path: str) -> None:
         """Copy a file or a directory tree to a host, keeping modes (over ssh, via tar)."""
         local = Path(local_path)

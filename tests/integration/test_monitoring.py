@@ -70,7 +70,7 @@ def monitored() -> Iterator[Deployment]:
 
 def collect(deployment: Deployment, host: str) -> None:
     """One `kcp-host metrics` run now (the timer's runs go on as well); a failure shows the unit's journal."""
-    run = deployment.sandbox.ssh(host, "systemctl start kcp-metrics.service", timeout=120, check=False)
+    run = deployment.sandbox.start_unit(host, "kcp-metrics.service")
     journal = deployment.sandbox.ssh(host, "systemctl status --no-pager -l kcp-metrics.service; journalctl -b "
                                            "--no-pager -o short-precise -u kcp-metrics.service | tail -30",
                                      check=False, timeout=60) if run.returncode else None
@@ -184,7 +184,8 @@ def test_every_etcd_host_serves_its_metrics_only_to_the_monitoring_range(monitor
     # A key, then a snapshot now (the leader acts; its verification runs too), so the backup metrics show one.
     monitored.etcdctl(monitored.members[0], "put", "/kcp-test/monitoring", "on")
     for member in monitored.members:
-        sandbox.ssh(member, "systemctl start etcd-backup.service", timeout=600)
+        started = sandbox.start_unit(member, "etcd-backup.service", timeout=600)
+        assert started.returncode == 0, f"{member}: {started.stderr.decode(errors='replace')}"
     for host in (*monitored.members, *monitored.spares):
         collect(monitored, host)
     pages = {h: metrics_of(sandbox, h, monitoring.AGENT_PORT) for h in (*monitored.members, *monitored.spares)}
