@@ -480,17 +480,20 @@ class Sandbox:
         cgroup-v1 `name=systemd` tree (nspawn without a host systemd), so a unit of one name that starts in two
         containers at once (the timers of every host) can lose its cgroup directory to the other container's
         cleanup: systemd then fails the start with result `resources` ("Failed to spawn executor: No such file or
-        directory") or status 219/CGROUP. Any failure of the program itself is returned as it is."""
-        run = self.ssh(host, f"systemctl start {unit}", timeout=timeout, check=False)
-        if run.returncode == 0:
-            return run
-        shown = self.ssh(host, f"systemctl show -p Result -p ExecMainStatus {unit}", check=False).stdout.decode()
-        state = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
-        if state.get("Result") != "resources" and state.get("ExecMainStatus") != "219":
-            return run
-        print(f"\n(test hosts' shared cgroup tree: {unit} never ran on {host}; starting it again)")
-        self.ssh(host, f"systemctl reset-failed {unit}", check=False)
-        return self.ssh(host, f"systemctl start {unit}", timeout=timeout, check=False)
+        directory") or status 219/CGROUP; it refused the same start twice in a row once. Any failure of the program
+        itself is returned as it is."""
+        for attempt in range(3):
+            run = self.ssh(host, f"systemctl start {unit}", timeout=timeout, check=False)
+            if run.returncode == 0 or attempt == 2:
+                return run
+            shown = self.ssh(host, f"systemctl show -p Result -p ExecMainStatus {unit}", check=False).stdout.decode()
+            state = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+            if state.get("Result") != "resources" and state.get("ExecMainStatus") != "219":
+                return run
+            print(f"\n(test hosts' shared cgroup tree: {unit} never ran on {host}; starting it again)")
+            self.ssh(host, f"systemctl reset-failed {unit}", check=False)
+            time.sleep(1)
+        return run
 
     def copy_to(self, host: str, local_path: str | Path, remote_path: str) -> None:
         """Copy a file or a directory tree to a host, keeping modes (over ssh, via tar)."""
