@@ -588,7 +588,7 @@ s() { ssh -F /dev/null -i "$key" -o IdentitiesOnly=yes -o BatchMode=yes -o Stric
   -o ControlPath="$ctl/%C" -o ControlPersist=60 -l root "$@"; }
 all() { local pids=() pid; for m in "$@"; do "$step" "$m" & pids+=($!); done
   for pid in "${pids[@]}"; do wait "$pid"; done; }
-stage=/var/lib/etcd-restore/baseline.db new='$KCP_DATA_DIR.baseline-'$token
+stage=/var/lib/etcd-restore/baseline.db new='$KCP_DATA_DIR.baseline-'$token bump=1000000000  # as etcd-restore
 receive() { s "$1" "mkdir -p /var/lib/etcd-restore && cat > $stage" < "$ctl/to-$1"; }
 for m in "$@"; do mkfifo "$ctl/to-$m"; done
 step=receive all "$@" &
@@ -597,7 +597,7 @@ wait $!
 restore() { s "$1" ". /etc/etcd/cluster.env && \$(command -v etcdutl || echo etcdctl) snapshot restore $stage \
   --data-dir $new \
   --name \$KCP_MEMBER_NAME --initial-cluster \$KCP_MEMBERS --initial-advertise-peer-urls \$KCP_PEER_URL \
-  --initial-cluster-token $token > /dev/null && chown -R etcd:etcd $new"; }
+  --initial-cluster-token $token --bump-revision $bump --mark-compacted > /dev/null && chown -R etcd:etcd $new"; }
 step=restore all "$@"
 start_etcd() { s "$1" ". /etc/etcd/cluster.env && systemctl kill -s KILL etcd; systemctl stop etcd && \
   if [ -e \$KCP_DATA_DIR ]; then mv \$KCP_DATA_DIR \$KCP_DATA_DIR.before-baseline-$token; fi && \
