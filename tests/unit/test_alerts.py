@@ -29,9 +29,8 @@ RULES = yaml.safe_load(monitoring.RULES.read_text())
 ALERTS = {r["alert"]: r for g in RULES["groups"] for r in g["rules"] if "alert" in r}
 TEST_FILES = sorted(monitoring.RULES.parent.glob("*_test.yml"))
 DOC = (ROOT / "docs" / "alerts.md").read_text()
-promtool = pytest.mark.skipif(shutil.which("promtool") is None,
-                              reason="no promtool (Debian's prometheus package); runs once scripts/install-deps "
-                                     "(as root) has installed it")
+NO_PROMTOOL = "no promtool (Debian's prometheus package); runs once scripts/install-deps (as root) has installed it"
+promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
 
 
 @promtool
@@ -171,10 +170,12 @@ def test_the_firewall_opens_both_metrics_ports_to_the_monitoring_ranges_only() -
     assert "2382" not in closed.replace("tcp dport { 2381, 2382 } ip saddr @monitoring accept", "")
 
 
-@pytest.mark.skipif(shutil.which("nft") is None or shutil.which("unshare") is None
-                    or subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode != 0,
-                    reason="needs nft and a private network namespace (unshare -n, root); runs as root once "
-                           "scripts/install-deps has installed nftables")
+NO_NFT = "needs nft and a private network namespace (unshare -n, root); runs as root once install-deps ran"
+NFT_MISSING = shutil.which("nft") is None or shutil.which("unshare") is None or subprocess.run(
+    ["unshare", "-n", "true"], capture_output=True, check=False).returncode != 0
+
+
+@pytest.mark.skipif(NFT_MISSING, reason=NO_NFT)
 def test_nft_accepts_the_rules(tmp_path: Path) -> None:
     (tmp_path / "rules.nft").write_text(firewall.nftables_config(_peers(("192.0.2.0/24", "198.51.100.7/32"))))
     proc = subprocess.run(["unshare", "-n", "nft", "-c", "-f", str(tmp_path / "rules.nft")], capture_output=True,

@@ -162,9 +162,10 @@ def test_a_pair_filed_before_receipts_existed_counts_from_its_arrival_on_the_bac
 def locked_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto's S3 (a local stand-in, in this process, on loopback) with a bucket as the stack declares it: versioned,
     Object Lock in governance mode with a default retention; this venv's AWS CLI pointed at it."""
-    server_module = pytest.importorskip("moto.server")
+    why = "needs moto and the AWS CLI of requirements-dev.txt; runs once scripts/install-deps has installed them"
+    server_module = pytest.importorskip("moto.server", reason=why)
     if not (Path(sys.executable).parent / "aws").exists():
-        pytest.skip("needs the AWS CLI of requirements-dev.txt")
+        pytest.skip(reason=why)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
