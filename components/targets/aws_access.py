@@ -57,18 +57,18 @@ def cluster_key(cfg: ClusterConfig, opts: pulumi.ResourceOptions) -> aws.kms.Key
 def instance_role(cfg: ClusterConfig, identity: str, inherited: bool, key: aws.kms.Key,
                   opts: pulumi.ResourceOptions) -> Identity:
     """The role and instance profile one role's instances run as (`identity`: cloud.IDENTITIES); the members' are
-    the earlier shared ones, under their names (`inherited`)."""
+    the earlier ones, under the names they have (`inherited`)."""
     cluster = cfg.cluster_name
-    name = resource_name(cluster, SHARED_IDENTITY) if inherited else resource_name(cluster, "kcp", identity)
+    name = resource_name(cluster, "kcp", identity)
     role = aws.iam.Role(
         resource_name(cluster, identity, "role"), name=name,
         assume_role_policy=json.dumps({"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}),
-        tags={"kcp-cluster": cluster}, opts=opts.merge(formerly(inherited, resource_name(cluster, SHARED_IDENTITY,
-                                                                                          "role"))))
+        tags={"kcp-cluster": cluster},
+        opts=opts.merge(formerly(inherited, resource_name(cluster, SHARED_IDENTITY, "role"), "name")))
     profile = aws.iam.InstanceProfile(
         resource_name(cluster, identity, "profile"), name=name, role=role.name,
-        opts=opts.merge(formerly(inherited, resource_name(cluster, SHARED_IDENTITY, "profile"))))
+        opts=opts.merge(formerly(inherited, resource_name(cluster, SHARED_IDENTITY, "profile"), "name")))
     return Identity(identity, inherited, role, profile, key)
 
 

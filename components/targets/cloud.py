@@ -110,10 +110,11 @@ def etcd_identity(slots: list[Slot]) -> str:
     return next(s.identity for s in slots if s.has("etcd"))
 
 
-# Up to release be3abab one identity, named `control-plane`, ran every machine. The members' identity keeps its
-# names and takes its resources over (aliases), so that upgrading a running cluster narrows that identity's grants in
-# place: members never roll on a template change (docs/cloud-targets.md), so under a new identity they would keep
-# running as a deleted one, unable to refresh or back up. Only the API servers move to a new identity (and roll).
+# Up to release be3abab one identity, named `control-plane`, ran every machine; later releases name the members'
+# identity by its role. Members never roll on a template change (docs/cloud-targets.md): under a new identity they would
+# keep running as a deleted one, unable to refresh or back up. So the members' identity takes the shared one's
+# resources over (aliases) and keeps whatever physical name it already has (ignore_changes on the name): an upgrade
+# from either release narrows its grants in place, and only the API servers move to a new identity (and roll).
 SHARED_IDENTITY = "control-plane"
 
 
@@ -121,9 +122,12 @@ def inherits_shared_identity(identity: str, slots: list[Slot]) -> bool:
     return identity == etcd_identity(slots)
 
 
-def formerly(inherited: bool, name: str) -> pulumi.ResourceOptions:
-    """Options that alias a resource of the inheriting identity to `name`, the shared identity's name for it."""
-    return pulumi.ResourceOptions(aliases=[pulumi.Alias(name=name)] if inherited else None)
+def formerly(inherited: bool, name: str, *physical_name: str) -> pulumi.ResourceOptions:
+    """For the inheriting identity's resources: alias to `name`, the shared identity's name for it, and keep the
+    existing object's `physical_name` inputs (a new cluster gets the declared ones)."""
+    if not inherited:
+        return pulumi.ResourceOptions()
+    return pulumi.ResourceOptions(aliases=[pulumi.Alias(name=name)], ignore_changes=list(physical_name) or None)
 
 
 def role_tag(cluster: str, role: str) -> str:

@@ -31,13 +31,12 @@ class Identity:
 def service_account(cfg: ClusterConfig, gce: Gce, identity: str, inherited: bool,
                     opts: pulumi.ResourceOptions) -> Identity:
     """The account one role's VMs run as (`identity`: cloud.IDENTITIES); every role writes logs and metrics. The
-    members' account is the earlier shared one (`inherited`: cloud.SHARED_IDENTITY), under its account ID."""
+    members' account is the earlier one, under the account ID it has (`inherited`: cloud.SHARED_IDENTITY)."""
     cluster = cfg.cluster_name
     account = gcp.serviceaccount.Account(
         resource_name(cluster, identity, "sa"), project=gce.project,
-        account_id=short_name(cluster, "kcp-vm") if inherited else short_name(cluster, "kcp", identity),
-        display_name=f"{cluster} control-plane VMs: {identity}",
-        opts=opts.merge(cloud.formerly(inherited, resource_name(cluster, cloud.SHARED_IDENTITY, "sa"))))
+        account_id=short_name(cluster, "kcp", identity), display_name=f"{cluster} control-plane VMs: {identity}",
+        opts=opts.merge(cloud.formerly(inherited, resource_name(cluster, cloud.SHARED_IDENTITY, "sa"), "accountId")))
     member = account.email.apply(lambda email: f"serviceAccount:{email}")
     for role in PROJECT_ROLES:
         grant = role.split(".")[-1].lower()

@@ -1,6 +1,6 @@
-"""Upgrading a running cloud cluster from release be3abab, where one identity ran every machine, to this program:
-the second `pulumi up` planned by the engine's rules (tests/integration/update_plan.py) from what that release
-declared (tests/releases/capture.py) and what this program declares on the same state.
+"""Upgrading a running cloud cluster to this program from release be3abab, where one identity ran every machine, and
+from cbcd4a8, the previous one: the second `pulumi up` planned by the engine's rules (tests/integration/update_plan.py)
+from what that release declared (tests/releases/capture.py) and what this program declares on the same state.
 
 The member groups never roll on a template change (docs/cloud-targets.md), so the upgrade must leave the members on
 a live identity; and the deletes the engine runs at the end of the up must not remove what the up just declared
@@ -21,8 +21,10 @@ from tests.integration.realtls import plain
 from tests.integration.update_plan import UpdatePlan, plan_update, rerun_program
 from tests.program import Declared, Program
 
-RELEASE = Path(__file__).resolve().parents[1] / "releases" / "be3abab.json.gz"
-CAPTURES = ("gce-example", "aws-example", "gce-example-colocated", "aws-example-colocated")
+RELEASES = Path(__file__).resolve().parents[1] / "releases"
+# be3abab: one shared identity; cbcd4a8: one identity per role, the members' named by its role.
+CAPTURES = [(release, stack) for release in ("be3abab", "cbcd4a8")
+            for stack in ("gce-example", "aws-example", "gce-example-colocated", "aws-example-colocated")]
 
 # What each cloud API knows an object by (its import ID's parts): two resources with equal keys manage one object.
 PHYSICAL_KEYS = {
@@ -40,9 +42,10 @@ MEMBER_TEMPLATES = {"gcp:compute/instanceTemplate:InstanceTemplate": "serviceAcc
 
 
 @cache
-def upgrade(capture: str) -> UpdatePlan:
-    with gzip.open(RELEASE, "rt", encoding="utf-8") as f:
-        captured = json.load(f)["captures"][capture]
+def upgrade(capture: tuple[str, str]) -> UpdatePlan:
+    release, stack = capture
+    with gzip.open(RELEASES / f"{release}.json.gz", "rt", encoding="utf-8") as f:
+        captured = json.load(f)["captures"][stack]
     before = Program([Declared(**r) for r in captured["resources"]], captured["outputs"], captured["generation"])
     after = rerun_program(captured["config"], before, stack=captured["stack"])
     return plan_update(before, after)
@@ -54,8 +57,8 @@ def physical_key(declared: Declared) -> tuple[Any, ...] | None:
     return None if fields is None else (declared.type, *(json.dumps(inputs.get(f), sort_keys=True) for f in fields))
 
 
-@pytest.mark.parametrize("capture", CAPTURES)
-def test_the_upgrade_keeps_the_members_on_their_identity(capture: str) -> None:
+@pytest.mark.parametrize("capture", CAPTURES, ids="-".join)
+def test_the_upgrade_keeps_the_members_on_their_identity(capture: tuple[str, str]) -> None:
     plan = upgrade(capture)
     olds = {r.name: r for r in plan.before.resources}
     members = [r for r in plan.after.resources if r.type in MEMBER_TEMPLATES and "etcd" in r.name]
@@ -66,7 +69,8 @@ def test_the_upgrade_keeps_the_members_on_their_identity(capture: str) -> None:
         assert plain(template.inputs)[field] == old_identity, \
             f"{template.name} would run new members as {plain(template.inputs)[field]}, while the running ones keep " \
             f"{old_identity}"
-    # The release had one identity (the shared one): whatever now claims it must keep it (same or update).
+    # Every identity the release had must be kept by whatever claims it now (same or update), the API servers'
+    # one (cbcd4a8) included: its machines keep running as it until the group rolls.
     kept = {urn for c in plan.changes if c.op in ("same", "update")
             for urn in (c.urn, *next(r.aliases for r in plan.after.resources if r.urn == c.urn))}
     identities = [r.name for r in plan.before.resources if r.type in IDENTITY_TYPES]
@@ -75,8 +79,8 @@ def test_the_upgrade_keeps_the_members_on_their_identity(capture: str) -> None:
     assert not gone, f"the members' earlier identity is deleted or replaced: {gone}\n{plan.preview()}"
 
 
-@pytest.mark.parametrize("capture", CAPTURES)
-def test_no_delete_at_the_end_of_the_upgrade_removes_what_it_declared(capture: str) -> None:
+@pytest.mark.parametrize("capture", CAPTURES, ids="-".join)
+def test_no_delete_at_the_end_of_the_upgrade_removes_what_it_declared(capture: tuple[str, str]) -> None:
     plan = upgrade(capture)
     declared = {physical_key(r): r.name for r in plan.after.resources if physical_key(r)}
     deleted = [old for chain in plan.deletes for old, _ in chain]
