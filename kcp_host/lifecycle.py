@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kcp_host import systemd
@@ -36,21 +37,37 @@ def await_healthy(env: ClusterEnv, ctl: Etcdctl, timeout: float) -> None:
         raise Abort(1, f"expected one leader, saw {len(leaders)}")
 
 
+def _until(env: ClusterEnv, ctl: Etcdctl, timeout: float, lacking: Callable[[ClusterView], list[str]],
+           what: str) -> ClusterView:
+    """Re-read the member list every second until `lacking` finds nothing missing in it; fails naming what is."""
+    view, deadline = ClusterView(env, ctl), time.monotonic() + timeout
+    while True:
+        missing = lacking(view) if view.fetch([*view.endpoints(), env.client_url]) else ["no member answered"]
+        if not missing:
+            return view
+        if time.monotonic() >= deadline:
+            raise Abort(1, f"{what} after {timeout:.0f}s: {', '.join(missing)}")
+        time.sleep(1)
+
+
 def await_voters_healthy(env: ClusterEnv, ctl: Etcdctl, timeout: float) -> int:
     """Every voter the cluster lists (not the configured list: members a change adds join later) is
     healthy, so restarting one of them keeps a quorum. Returns how many voters there are."""
-    view, deadline = ClusterView(env, ctl), time.monotonic() + timeout
-    while True:
-        if view.fetch([*view.endpoints(), env.client_url]):
-            view.probe_health()
-            sick = [m.name or m.hex_id for m in view.members if not m.learner and not view.healthy.get(m.id)]
-            if not sick:
-                return view.count_voters()[0]
-        else:
-            sick = ["no member answered"]
-        if time.monotonic() >= deadline:
-            raise Abort(1, f"voters not healthy after {timeout:.0f}s: {', '.join(sick)}")
-        time.sleep(1)
+    def sick(view: ClusterView) -> list[str]:
+        view.probe_health()
+        return [m.name or m.hex_id for m in view.members if not m.learner and not view.healthy.get(m.id)]
+
+    return _until(env, ctl, timeout, sick, "voters not healthy").count_voters()[0]
+
+
+def await_voters(env: ClusterEnv, ctl: Etcdctl, names: list[str], timeout: float) -> None:
+    """Every named member is a started voter: members a change adds join one at a time (the replacement
+    lock), each as a learner promoted once caught up, after their own start step returned."""
+    def not_voting(view: ClusterView) -> list[str]:
+        voters = {m.name for m in view.members if m.started and not m.learner}
+        return [n for n in names if n not in voters]
+
+    _until(env, ctl, timeout, not_voting, "not voting members")
 
 
 def config_fingerprint(env: ClusterEnv, etcd_env: str = ETCD_ENV, units: str = "/etc/systemd/system") -> str:
@@ -64,23 +81,6 @@ def config_fingerprint(env: ClusterEnv, etcd_env: str = ETCD_ENV, units: str = "
                  *(Path(v) for k, v in sorted(settings.items()) if k.endswith("_FILE"))]:
         digest.update(path.read_bytes() if path.is_file() else b"missing")
     return digest.hexdigest()
-
-
-def await_voters(env: ClusterEnv, ctl: Etcdctl, names: list[str], timeout: float) -> None:
-    """Every named member is a started voter: members a change adds join one at a time (the replacement
-    lock), each as a learner promoted once caught up, after their own start step returned."""
-    view, deadline = ClusterView(env, ctl), time.monotonic() + timeout
-    while True:
-        if view.fetch([*view.endpoints(), env.client_url]):
-            voters = {m.name for m in view.members if m.started and not m.learner}
-            missing = [n for n in names if n not in voters]
-        else:
-            missing = ["no member answered"]
-        if not missing:
-            return
-        if time.monotonic() >= deadline:
-            raise Abort(1, f"not voting members after {timeout:.0f}s: {', '.join(missing)}")
-        time.sleep(1)
 
 
 def wait_healthy(argv: list[str]) -> int:
