@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,50 @@ def contents(ctl: Etcdctl, endpoint: str, revision: int, timeout: str = "60s") -
     return {"keys": int(got.get("count", 0)), "hashkv": int(hashed[0]["HashKV"].get("hash", 0))}
 
 
+class ThrowawayError(Exception):
+    """The snapshot did not restore, or its throwaway etcd did not come up; the message says which."""
+
+
+@contextlib.contextmanager
+def throwaway_etcd(snapshot: Path, work: Path, lock: str, *flags: str) -> Iterator[tuple[Etcdctl, str]]:
+    """A single-member etcd restored from `snapshot` into a scratch dir under `work`, healthy, and its
+    (etcdctl, client URL). Whatever it starts or makes is gone when the block ends, also on SIGTERM: it becomes an
+    exit, so clean-ups run. `lock` (a file in `work`) keeps a second one of the same kind from running at once."""
+    with contextlib.ExitStack() as stack:
+        try:  # the lock also makes the work dir
+            stack.enter_context(flocked(work / lock, wait_seconds=600, what=lock.strip(".").removesuffix(".lock")))
+        except Abort as busy:
+            raise Abort(2, str(busy)) from None
+        stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, lambda n, _: sys.exit(128 + n)))
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="verify.", dir=work)))
+        name, client, peer = scratch.name, CLIENT_SOCKET, PEER_SOCKET
+        restore = subprocess.run([snapshot_tool(), "snapshot", "restore", str(snapshot), "--data-dir",
+                                  str(scratch / "data"), "--name", name, "--initial-cluster", f"{name}={peer}",
+                                  "--initial-advertise-peer-urls", peer, "--initial-cluster-token", name],
+                                 capture_output=True, text=True, env=command_env(), timeout=600, check=False)
+        if restore.returncode != 0:
+            raise ThrowawayError(f"snapshot restore failed: {last_line(restore.stderr or restore.stdout)}")
+        # Only PATH: no ETCD_* settings of a live member. Its data is thrown away, so it is killed, not stopped.
+        etcd = stack.enter_context(subprocess.Popen(
+            ["etcd", "--name", name, "--data-dir", str(scratch / "data"), "--listen-client-urls", client,
+             "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--listen-metrics-urls", "", *flags], env={"PATH": command_env()["PATH"]}, cwd=scratch,
+            stdout=stack.enter_context((scratch / "etcd.log").open("wb")), stderr=subprocess.STDOUT))
+        stack.callback(etcd.kill)
+        # etcd reads the whole restored database as it starts: a large one needs longer than the 30 s floor.
+        slow = size_timeout(snapshot.stat().st_size, floor_seconds=30)
+        ctl, deadline = _Plain("etcdctl", "", "", "", cwd=str(scratch)), time.monotonic() + float(slow[:-1])
+        # Healthy, and answering with our own member name: we talk to the etcd we started, not a stray one.
+        while not (ctl.healthy([client]) and any(m.name == name for m in ctl.members([client]) or ())):
+            if time.monotonic() >= deadline or etcd.poll() is not None:
+                tail = last_line((scratch / "etcd.log").read_text(errors="replace"))[:200]
+                raise ThrowawayError(f"throwaway etcd did not become healthy: {tail}")
+            time.sleep(0.25)
+        yield ctl, client
+
+
 def check(snapshot: Path, recorded: dict[str, Any] | None, backup: BackupEnv) -> tuple[list[str], dict[str, int]]:
-    """Whatever it starts or makes is gone when it returns, also on SIGTERM: it becomes an exit, so clean-ups run."""
+    """The differences between what `snapshot` holds, restored, and what was recorded; and what it holds."""
     def differences(*found: tuple[str, str, object]) -> list[str]:  # without metadata, restoring is all that counts
         return [f"{what}: recorded {recorded.get(key)}, found {value}" for what, key, value in found
                 if recorded is not None and recorded.get(key) != value]
@@ -61,42 +103,14 @@ def check(snapshot: Path, recorded: dict[str, Any] | None, backup: BackupEnv) ->
     failures = differences(("snapshot revision", "revision", status.get("revision")),
                            ("snapshot total keys", "total_keys", status.get("totalKey")),
                            ("snapshot hash", "snapshot_hash", status.get("hash")))
-    work, client, peer = Path(backup.work_dir), CLIENT_SOCKET, PEER_SOCKET
-    with contextlib.ExitStack() as stack:
-        try:  # the lock also makes the work dir
-            stack.enter_context(flocked(work / ".verify.lock", wait_seconds=600, what="verification"))
-        except Abort as busy:
-            raise Abort(2, str(busy)) from None
-        stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, lambda n, _: sys.exit(128 + n)))
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="verify.", dir=work)))
-        name = scratch.name
-        restore = subprocess.run([snapshot_tool(), "snapshot", "restore", str(snapshot), "--data-dir",
-                                  str(scratch / "data"), "--name", name, "--initial-cluster", f"{name}={peer}",
-                                  "--initial-advertise-peer-urls", peer, "--initial-cluster-token", name],
-                                 capture_output=True, text=True, env=command_env(), timeout=600, check=False)
-        if restore.returncode != 0:
-            return [*failures, f"snapshot restore failed: {last_line(restore.stderr or restore.stdout)}"], {}
-        # Only PATH: no ETCD_* settings of a live member. Its data is thrown away, so it is killed, not stopped.
-        etcd = stack.enter_context(subprocess.Popen(
-            ["etcd", "--name", name, "--data-dir", str(scratch / "data"), "--listen-client-urls", client,
-             "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--listen-metrics-urls", ""], env={"PATH": command_env()["PATH"]}, cwd=scratch,
-            stdout=stack.enter_context((scratch / "etcd.log").open("wb")), stderr=subprocess.STDOUT))
-        stack.callback(etcd.kill)
-        # etcd reads the whole restored database as it starts: a large one needs longer than the 30 s floor.
-        slow = size_timeout(snapshot.stat().st_size, floor_seconds=30)
-        ctl, deadline = _Plain("etcdctl", "", "", "", cwd=str(scratch)), time.monotonic() + float(slow[:-1])
-        # Healthy, and answering with our own member name: we talk to the etcd we started, not a stray one.
-        while not (ctl.healthy([client]) and any(m.name == name for m in ctl.members([client]) or ())):
-            if time.monotonic() >= deadline or etcd.poll() is not None:
-                tail = last_line((scratch / "etcd.log").read_text(errors="replace"))[:200]
-                return [*failures, f"throwaway etcd did not become healthy: {tail}"], {}
-            time.sleep(0.25)
-        try:
+    try:
+        with throwaway_etcd(snapshot, Path(backup.work_dir), ".verify.lock") as (ctl, client):
             revision = int(ctl.json([client], "endpoint", "status")[0]["Status"]["header"]["revision"])
             found = {"revision": revision, **contents(ctl, client, revision, size_timeout(snapshot.stat().st_size))}
-        except (EtcdError, LookupError) as error:
-            return [*failures, f"cannot read the throwaway etcd: {error}"], {}
+    except ThrowawayError as error:
+        return [*failures, str(error)], {}
+    except (EtcdError, LookupError) as error:
+        return [*failures, f"cannot read the throwaway etcd: {error}"], {}
     return failures + differences(("revision", "revision", found["revision"]), ("key count", "keys", found["keys"]),
                                   ("hashkv", "hashkv", found["hashkv"])), found
 
