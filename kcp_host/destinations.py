@@ -5,23 +5,36 @@ reasons for them: docs/backups.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
 from kcp_host.contract import BackupEnv
-from kcp_host.files import utc_stamp
+from kcp_host.files import one_line, utc_stamp
 
 
 class UploadError(Exception):
-    """The destination did not take a file; the message says which."""
+    """The destination did not take a file; the message says which. A receiver's exit code and, when captured, its
+    stderr come along for callers that tell its refusals from lost connections."""
+
+    def __init__(self, message: str, code: int | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.code, self.stderr = code, stderr
+
+
+class DeltaRefused(UploadError):
+    """The receiver refused a chunk (exit 1; `stderr` says why: an overlap, a gap, not a chunk): sending it again
+    cannot help, `Receiver.delta_next` says where the chain goes on."""
 
 
 class Receiver:
-    """The backup host's forced command (`kcp-host etcd-backup-receive`): only `put NAME` and `fail`."""
+    """The backup host's forced command (`kcp-host etcd-backup-receive`): `put NAME`, `fail`, `delta FIRST LAST`
+    and `delta-next`."""
 
     def __init__(self, backup: BackupEnv) -> None:
         url = urlsplit(backup.dest)
@@ -34,11 +47,19 @@ class Receiver:
         self.argv = ["ssh", "-i", backup.ssh_key, "-p", str(url.port or 22),
                      *(arg for option in options for arg in ("-o", option)), f"{url.username}@{url.hostname}"]
 
-    def request(self, *words: str, stdin: IO[bytes] | None = None, data: bytes | None = None) -> None:
-        """The receiver's own complaint (if any) reaches the journal through stderr."""
-        code = subprocess.run([*self.argv, *words], stdin=stdin, input=data, check=False).returncode
-        if code != 0:
-            raise UploadError(f"the backup host refused `{' '.join(words)}` (exit {code})")
+    def request(self, *words: str, stdin: IO[bytes] | None = None, data: bytes | None = None,
+                capture: bool = False) -> bytes:
+        """The receiver's own complaint (if any) reaches the journal through stderr; with `capture` it is also kept
+        for the UploadError, and its stdout is returned."""
+        pipe = subprocess.PIPE if capture else None
+        result = subprocess.run([*self.argv, *words], stdin=stdin, input=data, stdout=pipe, stderr=pipe, check=False)
+        complaint = (result.stderr or b"").decode("utf-8", "replace")
+        if complaint:
+            print(complaint, end="", file=sys.stderr, flush=True)
+        if result.returncode != 0:
+            raise UploadError(f"the backup host refused `{' '.join(words)}` (exit {result.returncode})",
+                              result.returncode, complaint.strip())
+        return result.stdout or b""
 
     def store(self, db: Path, meta_path: Path, meta: dict[str, Any]) -> None:
         for path in (db, meta_path):  # the metadata goes last: its arrival files the snapshot
@@ -49,6 +70,27 @@ class Receiver:
         """The backup host writes its own status.json; it only needs to hear of failures."""
         if failure:
             self.request("fail", data=f"{failure}\n".encode())
+
+    def delta(self, chunk: bytes, first: int, last: int) -> None:
+        """One delta log chunk (deltalog.encode) of revisions first..last; DeltaRefused if it is not the chain's
+        next, plain UploadError if the backup host was not reached."""
+        try:
+            self.request("delta", str(first), str(last), data=chunk, capture=True)
+        except UploadError as error:
+            if error.code == 1:  # the receiver's Abort; ssh's own failures exit 255
+                raise DeltaRefused(f"{error}: {one_line(error.stderr)}", error.code, error.stderr) from None
+            raise
+
+    def delta_next(self) -> tuple[int | None, list[int]]:
+        """Where the archiver resumes (after a leader change or a refusal): the chain's next revision (None before
+        the first chunk) and the kept snapshots' revisions, after one of which a new segment may start."""
+        out = self.request("delta-next", data=b"", capture=True)
+        with contextlib.suppress(ValueError, TypeError, KeyError, RecursionError):
+            answer = json.loads(out)
+            after, revisions = answer["next"], answer["snapshot_revisions"]
+            if (after is None or whole(after)) and isinstance(revisions, list) and all(map(whole, revisions)):
+                return after, revisions
+        raise UploadError(f"the backup host's answer to `delta-next` is not one: {out[:200]!r}")
 
 
 class Bucket:
@@ -89,3 +131,8 @@ def object_metadata(meta: dict[str, Any]) -> str:
     keys = ("name", "taken_at", "revision", "keys", "hashkv", "sha256", "verified")
     values = ((key.replace("_", "-"), meta.get(key, "")) for key in keys)
     return ",".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in values)
+
+
+def whole(value: Any) -> bool:
+    """A revision as JSON has it: not a bool, a float or a string of digits."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
