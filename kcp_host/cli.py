@@ -26,6 +26,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "etcd-backup": ("backup:main", "the backup timer's job: leader-only verified snapshot, upload"),
     "etcd-maintain": ("maintain:main", "defragment one member at a time, watch the quota, recover from NOSPACE"),
     "metrics": ("metrics:main", "backups, drills, takeovers, membership, certificates: Prometheus file, server, JSON"),
+    "etcd-delta-archive": ("archive:main", "the leader's delta log: a chunk of revisions every few seconds"),
+    "etcd-delta-replay": ("replay:main", "a snapshot plus archived revisions, replayed and checked, as one snapshot"),
     "etcd-backup-verify": ("verify:main", "restore a snapshot into a throwaway etcd and compare"),
     "etcd-backup-receive": ("receiver:main", "the backup host's forced command: add files, never replace"),
     "backup-host-setup": ("receiver:setup", "prepare the backup host's user and folder"),

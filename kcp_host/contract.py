@@ -134,6 +134,8 @@ class BackupEnv(EnvFile):
     key: str = setting("its key", example=f"{PKI}/backup-client.key")
     verify: bool = setting("restore every snapshot into a throwaway etcd before it counts", True)
     work_dir: str = setting("newest local snapshot and `status.json`", "/var/lib/etcd-backup")
+    delta_seconds: int = setting("`etcd-delta-archive` closes and ships a chunk of the delta log this often "
+                                 "(0: no delta log; ssh:// only)", 0, example="10")
     ssh_key: str = setting("the host's key for the backup host's receiver (ssh:// only)", "",
                            example=BACKUP_SSH_KEY)
     ssh_known_hosts: str = setting("the backup host's key (ssh:// only): when present, the only key accepted "

@@ -487,7 +487,7 @@ class EtcdHost:
     """An etcd host's settings for a backup run; `etcdctl` and the client URL say which etcd it asks."""
 
     def __init__(self, root: Path, client_url: str, etcdctl: str = "etcdctl", pki: Path | None = None,
-                 dest: str = SSH_DEST) -> None:
+                 dest: str = SSH_DEST, delta_seconds: int = 0) -> None:
         self.root, self.backup_host = root, root / "backup-host" / CLUSTER
         pki = pki or root
         (root / "bin").mkdir(exist_ok=True)
@@ -496,9 +496,11 @@ class EtcdHost:
         cluster = ClusterEnv(
             cluster_name=CLUSTER, member_name="h1", peer_url="http://127.0.0.1:1", client_url=client_url,
             members=("h1=http://127.0.0.1:1",), client_endpoints=(client_url,), etcd_ca=str(pki / "ca.crt"),
-            etcd_cert=str(pki / "c.crt"), etcd_key=str(pki / "c.key"), data_dir=str(root / "data"), etcdctl=etcdctl)
+            etcd_cert=str(pki / "c.crt"), etcd_key=str(pki / "c.key"), data_dir=str(root / "data"), etcdctl=etcdctl,
+            restore_dir=str(root / "restore"))
         backup = BackupEnv(dest=dest, cert=str(pki / "c.crt"),
-                           key=str(pki / "c.key"), work_dir=str(root / "work"), ssh_key=str(root / "id"))
+                           key=str(pki / "c.key"), work_dir=str(root / "work"), ssh_key=str(root / "id"),
+                           delta_seconds=delta_seconds)
         (root / "cluster.env").write_text(render_env(cluster, "unit test"))
         (root / "backup.env").write_text(render_env(backup, "unit test"))
 
