@@ -151,6 +151,8 @@ class Backup(Model):
     interval_minutes: Annotated[int, Field(ge=5, le=1440)] = 30
     retain: Retain = Retain()
     verify: bool = True
+    # The delta log (bare metal): a chunk of the revisions written is shipped this often, the recovery point.
+    delta_seconds: Annotated[int, Field(ge=1, le=300)] = 10
 
 
 class Network(Model):

@@ -263,6 +263,19 @@ def _age(stamp: str, now: datetime | None) -> str:
     return f"{stamp} ({minutes // 60} h ago)" if minutes < 48 * 60 else f"{stamp} ({minutes // 1440} days ago)"
 
 
+def _delta_log(cfg: ClusterConfig) -> str:
+    if cfg.baremetal is None:
+        return "none on the clouds yet (the recovery point is the snapshot interval)"
+    return (f"every revision written, shipped by the raft leader every {cfg.backup.delta_seconds} s "
+            "(backup.deltaSeconds); a restore replays it onto the snapshot, up to the newest revision or `--until`")
+
+
+def _rpo_target(cfg: ClusterConfig) -> str:
+    if cfg.baremetal is None:
+        return f"{cfg.backup.interval_minutes} min (= backup.intervalMinutes)"
+    return f"{cfg.backup.delta_seconds} s + 2 s (= backup.deltaSeconds, the delta log)"
+
+
 def _backup_status(cfg: ClusterConfig, status: Mapping[str, str] | None, now: datetime | None) -> list[str]:
     if status is None:
         return ["- Last verified snapshot: not known here (the backup job's `status.json`, "
@@ -274,6 +287,10 @@ def _backup_status(cfg: ClusterConfig, status: Mapping[str, str] | None, now: da
     if minutes is not None and minutes > 2 * cfg.backup.interval_minutes:
         lines.append(f"- **Stale**: the newest verified snapshot is older than two intervals "
                      f"({2 * cfg.backup.interval_minutes} min): the RPO target is not being met.")
+    if cfg.baremetal is not None:
+        delta = status.get("last_delta_at")
+        lines.append(f"- Delta log archived through revision {status.get('last_delta_revision', '?')} as of "
+                     f"{_age(delta, now)}." if delta else "- Delta log: **nothing archived yet**.")
     failure = status.get("last_failure")
     if failure and failure > status.get("last_success", ""):
         lines.append(f"- **Last run failed** at {_age(failure, now)}: {status.get('last_failure_reason', '?')}.")
@@ -287,8 +304,9 @@ def _backups(cfg: ClusterConfig, status: Mapping[str, str] | None, now: datetime
         f"- Retention: the newest {b.retain.recent} snapshots plus the first of each of the newest "
         f"{b.retain.daily} UTC days.",
         f"- Verified by restoring each into a throwaway etcd: {'yes' if b.verify else '**no** (backup.verify)'}.",
+        f"- Delta log: {_delta_log(cfg)}.",
         *_backup_status(cfg, status, now),
-        f"- RPO target: {b.interval_minutes} min (= backup.intervalMinutes), for a loss of quorum; "
+        f"- RPO target: {_rpo_target(cfg)}, for a loss of quorum; "
         f"0 for up to {fault_tolerance(cfg.etcd.members)} lost member(s) (every committed write is on a quorum).",
         "- RTO target, up to the fault tolerance: no outage (HA); full redundancy returns when the lost "
         "machine is replaced (see failure domains).",

@@ -10,12 +10,14 @@ these settings point at.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 
 from kcp_host.contract import AGENT, PKI, BackupEnv, render_env
 
 SERVICE = "/etc/systemd/system/etcd-backup.service"
+DELTA_SERVICE = "/etc/systemd/system/etcd-delta-archive.service"
 # etcd's backend quota (ETCD_QUOTA_BACKEND_BYTES, render/etcd.py) is 8 GiB, and a snapshot is the backend file:
 # twice that leaves room for the pages a database over its quota still holds.
 SNAPSHOT_MAX_BYTES = 16 * 1024**3
@@ -105,25 +107,62 @@ def service_unit(cluster_name: str, interval_minutes: int) -> str:
     )
 
 
-def backup_env(dest: str, verify: bool, ssh_key_path: str | None) -> str:
+def delta_unit(cluster_name: str) -> str:
+    """Always running on every member; only the leader's archives (kcp_host/archive.py). It restarts itself after
+    any failure: the backup host says where to resume, so a restart loses nothing."""
+    return (
+        "# Rendered by resilient-control-plane: the delta log (docs/backups.md).\n"
+        "[Unit]\n"
+        f"Description=etcd delta log archiver ({cluster_name} control plane)\n"
+        "After=network-online.target etcd.service\n"
+        "Wants=network-online.target\n\n"
+        "[Service]\n"
+        f"ExecStart={AGENT} etcd-delta-archive\n"
+        "Restart=always\n"
+        "RestartSec=5\n"
+        "StateDirectory=etcd-backup\n"
+        "StateDirectoryMode=0700\n"
+        "PrivateTmp=yes\n"
+        "NoNewPrivileges=yes\n"
+        "ProtectSystem=full\n"
+        "ReadWritePaths=-/etc/etcd/backup-ssh\n\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def delta_enable_command(cluster_name: str, delta_seconds: int) -> str:
+    """Enables and restarts the archiver; names its unit's digest and the interval, so that a change of either runs
+    it again (the archiver reads backup.env once, as it starts)."""
+    digest = hashlib.sha256(delta_unit(cluster_name).encode()).hexdigest()[:12]
+    unit = DELTA_SERVICE.rsplit("/", 1)[1]
+    return (f"systemctl daemon-reload && systemctl enable {unit} && systemctl restart {unit}  "
+            f"# every {delta_seconds}s, unit {digest}")
+
+
+def backup_env(dest: str, verify: bool, ssh_key_path: str | None, delta_seconds: int = 0) -> str:
     """/etc/etcd/backup.env (kcp_host.contract.BackupEnv)."""
     _require(_DEST, "backup destination", dest)
     if dest.startswith("ssh://") and not ssh_key_path:
         raise ValueError(f"backup destination {dest!r} needs ssh_key_path (the host's key for the receiver)")
+    if delta_seconds and not (dest.startswith("ssh://") and 1 <= delta_seconds <= 300):
+        raise ValueError(f"delta log every {delta_seconds}s to {dest!r} is not allowed (1..300 s, ssh:// only)")
     return render_env(BackupEnv(
         dest=dest, cert=f"{PKI}/backup-client.crt", key=f"{PKI}/backup-client.key", verify=verify,
         ssh_key=_require(_PATH, "backup ssh key path", ssh_key_path) if ssh_key_path else "",
+        delta_seconds=delta_seconds,
     ), "Rendered by resilient-control-plane; read by kcp-host etcd-backup (kcp_host/contract.py).")
 
 
 def backup_host_files(cluster_name: str, dest: str, interval_minutes: int, verify: bool,
-                      ssh_key_path: str | None) -> dict[str, str]:
-    """Absolute path on an etcd host -> content, for the backup timer."""
+                      ssh_key_path: str | None, delta_seconds: int = 0) -> dict[str, str]:
+    """Absolute path on an etcd host -> content, for the backup timer and, with `delta_seconds`, the delta log."""
     _require(_SAFE, "cluster name", cluster_name)
     return {
-        BackupEnv.PATH: backup_env(dest, verify, ssh_key_path),
+        BackupEnv.PATH: backup_env(dest, verify, ssh_key_path, delta_seconds),
         SERVICE: service_unit(cluster_name, interval_minutes),
         TIMER: timer_unit(cluster_name, interval_minutes),
+        **({DELTA_SERVICE: delta_unit(cluster_name)} if delta_seconds else {}),
     }
 
 

@@ -37,6 +37,7 @@ class BackupPlan:
     interval_minutes: int
     verify: bool
     ssh_key_path: str | None = None
+    delta_seconds: int = 0  # the delta log's chunk interval; 0: none (it needs the ssh:// backup host)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def etcd_member_files(cluster: Cluster, me: Member, creds: Credentials) -> list[
 
 def _backup_files(cluster: Cluster) -> dict[str, str]:
     plan = cluster.backup
-    return backup.backup_host_files(cluster.name, plan.dest, plan.interval_minutes, plan.verify, plan.ssh_key_path)
+    return backup.backup_host_files(cluster.name, plan.dest, plan.interval_minutes, plan.verify, plan.ssh_key_path,
+                                    plan.delta_seconds)
 
 
 def text_files(files: dict[str, str]) -> list[HostFile]:

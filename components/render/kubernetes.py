@@ -37,6 +37,7 @@ class ApiServerSettings:
     pod_cidr: str
     cluster_domain: str
     api_endpoint: str  # https://host:6443 of the load balancer or VIP
+    etcd_compaction: bool = True  # False where the delta log's archiver compacts etcd instead (docs/backups.md)
 
 
 KUBELET_CONFIG = "/var/lib/kubelet/config.yaml"
@@ -96,6 +97,8 @@ def apiserver_flags(s: ApiServerSettings) -> dict[str, str]:
         "requestheader-username-headers": "X-Remote-User",
         "proxy-client-cert-file": f"{PKI}/front-proxy-client.crt",
         "proxy-client-key-file": f"{PKI}/front-proxy-client.key",
+        # 0 turns kube-apiserver's own compaction (every 5 min) off: it would discard revisions not archived yet.
+        **({} if s.etcd_compaction else {"etcd-compaction-interval": "0"}),
     }
 
 

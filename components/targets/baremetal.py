@@ -253,6 +253,11 @@ class BareMetalTarget:
         for member in t.etcd_members:
             self._command(member, "backup-timer", "systemctl enable --now etcd-backup.timer",
                           delete="systemctl disable --now etcd-backup.timer", depends_on=formed)
+            if self._cluster.backup.delta_seconds:
+                self._command(member, "delta-archive",
+                              backup.delta_enable_command(self._cfg.cluster_name, self._cluster.backup.delta_seconds),
+                              delete=f"systemctl disable --now {backup.DELTA_SERVICE.rsplit('/', 1)[1]}",
+                              depends_on=formed)
             self._command(member, "maintain-timer",
                           "systemctl daemon-reload && systemctl enable --now etcd-maintain.timer",
                           delete="systemctl disable --now etcd-maintain.timer", depends_on=formed)

@@ -47,7 +47,8 @@ def test_every_shipped_stack_has_a_report_with_its_quorum(stack: str) -> None:
     assert f"# Resilience report: {cfg.cluster_name} ({cfg.target}" in report
     assert f"etcd: {members} member(s), quorum {members // 2 + 1}, fault tolerance {(members - 1) // 2}" in report
     assert f"Snapshots every {cfg.backup.interval_minutes} min" in report
-    assert f"RPO target: {cfg.backup.interval_minutes} min" in report
+    rpo = f"{cfg.backup.delta_seconds} s + 2 s" if cfg.baremetal else f"{cfg.backup.interval_minutes} min"
+    assert f"RPO target: {rpo}" in report, "bare metal has the delta log, the clouds only snapshots"
     assert "```mermaid\nflowchart TB" in report
 
 
