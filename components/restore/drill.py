@@ -15,10 +15,11 @@ import os
 import random
 import shlex
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from components.restore import RestoreError
+from components.restore.deltas import taken
 from components.restore.plan import Plan
 from kcp_host.contract import ClusterEnv
 
@@ -69,13 +70,17 @@ def check_data(plan: Plan, report: dict[str, Any], sample: int) -> dict[str, Any
 
 
 def drill_report(plan: Plan, report: dict[str, Any], checks: dict[str, Any], started: datetime) -> dict[str, Any]:
-    """The drill's JSON: RPO is the backup's age when the drill started, RTO the restore's time to healthy."""
-    taken = datetime.strptime(report["taken_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    """The drill's JSON: RPO is the age of the restored data when the drill started, RTO the restore's time to
+    healthy. The restored data's time is the snapshot's `taken_at`, or with the delta log the last replayed
+    revision's: a revision archived after the drill started is no loss (RPO 0), and an unknown time no RPO."""
+    restored_at = taken(report)
+    rpo = None if restored_at is None else round(max(0.0, (started - restored_at).total_seconds()), 1)
     return {
         "ok": all(c["ok"] for c in checks.values()),
         "snapshot": report["snapshot"], "taken_at": report["taken_at"], "drill_started_at": started.isoformat(),
-        "rpo_seconds": round((started - taken).total_seconds(), 1), "rto_seconds": report["rto_seconds"],
+        "rpo_seconds": rpo, "rto_seconds": report["rto_seconds"],
         "total_seconds": report["total_seconds"], "revision": report["revision"], "keys": report.get("keys"),
+        "base_snapshot": report.get("base_snapshot", report["snapshot"]), "deltas": report.get("deltas"),
         "hosts": [h.name for h in plan.hosts], "checks": checks, "steps": report["steps"],
         "members": report.get("members", {}),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -86,6 +91,7 @@ def summary(result: dict[str, Any]) -> str:
     """The one line an operator (or CI log) reads."""
     checks = result["checks"]
     verdict = "OK" if result["ok"] else "FAILED"
+    rpo = "unknown" if result["rpo_seconds"] is None else f"{result['rpo_seconds']:.0f}s"
     return (f"dr-drill {verdict}: {result['snapshot']} rev {result['revision']} keys {checks['key_count']['found']}"
             f"/{result['keys']} sample {checks['sample']['read']}/{checks['sample']['asked']} "
-            f"RPO {result['rpo_seconds']:.0f}s RTO {result['rto_seconds']:.2f}s")
+            f"RPO {rpo} RTO {result['rto_seconds']:.2f}s")

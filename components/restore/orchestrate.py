@@ -1,5 +1,8 @@
 """The restore sequence: every member rebuilt from the same snapshot with a fresh cluster token.
 
+With the backup host's delta log, that snapshot is the point-in-time one which picking it replayed on the first
+member (components/restore/deltas.py); the replay's time counts in the pick step, and in the RTO.
+
 A restore creates a new logical cluster. Steps run on all members in parallel, and a step
 starts only once every member finished the previous one: a refused snapshot (its sha256 or
 size differs from the recorded one, or a member cannot restore it) leaves the whole cluster
@@ -14,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
-from components.restore import RestoreError, members
+from components.restore import RestoreError, deltas, members
 from components.restore.plan import Plan
 from components.restore.ssh import widen_pipe
 from components.restore.stream import SnapshotStream, fan_out, header
@@ -91,7 +94,7 @@ def pick_and_guard(plan: Plan, sessions: Sessions, snapshot_name: str | None, fo
     discards every write since the snapshot. A refusal ends every session: nothing was written anywhere.
     """
     with ThreadPoolExecutor(max_workers=len(sessions) + 1) as pool:
-        picked = pool.submit(plan.source.pick, snapshot_name)
+        picked = pool.submit(plan.reader.pick, snapshot_name)
         seen = {name: pool.submit(session.answer) for name, session in sessions.items()}
     try:
         meta = picked.result()
@@ -114,7 +117,7 @@ def stream_and_prepare(plan: Plan, sessions: Sessions, meta: dict[str, Any],
                        clock: Clock) -> dict[str, dict[str, float]]:
     """The snapshot from its source into every member at once (each has room for it); each member's timings
     and peak memory."""
-    fetch = plan.source.open(meta)
+    fetch = plan.reader.open(meta)
     stream = SnapshotStream(fetch.stream, meta)
     for session in sessions.values():
         session.say("send")
@@ -134,12 +137,14 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
     """One session per member from start to end; each phase starts only once every member finished the previous:
     prepare everywhere first, then stop API servers and switch data dirs, then start etcd."""
     token = f"restore-{secrets.token_hex(4)}"
-    clock.step(f"picking the snapshot from {plan.source.where()}; asking every member whether a healthy quorum "
+    clock.step(f"picking the snapshot from {plan.reader.where()}; asking every member whether a healthy quorum "
                "still exists")
     sessions = {h.name: members.Session(plan.ssh, h, token, plan.revision_bump) for h in plan.hosts}
     try:
         meta = pick_and_guard(plan, sessions, snapshot_name, force, clock)
         name, rev = meta["name"], int(meta["revision"])
+        if replay := deltas.step_line(meta):  # the replay ran in pick: part of this step's time and of the RTO
+            clock.step(replay)
         expect(sessions, members.ask(sessions, header(meta), timeout=60), "room", clock,
                f"{{names}} refused {name} before any byte moved; nothing was changed")
         clock.done("pick_and_quorum_check")
@@ -173,7 +178,8 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
     retire_spares(plan, clock)
     return {"snapshot": name, "revision": rev, "restored_revision": restored_rev, "revision_bump": plan.revision_bump,
             "hashkv": hashkv, "token": token, "rto_seconds": round(rto, 3), "members": timings,
-            "taken_at": meta.get("taken_at"), "keys": meta.get("keys")}
+            "taken_at": meta.get("taken_at"), "keys": meta.get("keys"), "deltas": meta.get("deltas"),
+            "base_snapshot": meta.get("base", meta)["name"]}
 
 
 def check_restored(sessions: Sessions, answers: dict[str, list[str]], meta: dict[str, Any],
@@ -211,7 +217,7 @@ def run_restore(plan: Plan, snapshot_name: str | None, force: bool, quiet: bool 
         report = restore(plan, snapshot_name, force, clock)
     finally:
         plan.ssh.close([*plan.addresses(), *(spare.address for spare in plan.spares)])
-        plan.source.close()
+        plan.reader.close()
     report.update(total_seconds=round(clock.total, 3), steps=clock.steps)
     clock.step(f"done: restored {report['snapshot']} in {report['total_seconds']:.2f}s "
                f"(healthy after {report['rto_seconds']:.2f}s)")

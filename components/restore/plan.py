@@ -9,8 +9,9 @@ from pathlib import Path
 
 from components.config import BackupHost, BareMetal, ClusterConfig
 from components.restore import RestoreError
+from components.restore.deltas import Replayed, until_argument
 from components.restore.members import Host
-from components.restore.sources import BackupFolder, LocalFile, S3Backups, Source
+from components.restore.sources import BackupFolder, DeltaLog, LocalFile, S3Backups, Source
 from components.restore.ssh import Ssh
 from components.stack_file import StackFileError, read_stack
 
@@ -34,9 +35,15 @@ class Plan:
     source: Source
     spares: list[Host] = field(default_factory=list)  # retired after the restore: a takeover belongs to the old cluster
     revision_bump: int = DEFAULT_REVISION_BUMP
+    deltas: Replayed | None = None  # `source` and its delta log, replayed on the first host; None: the snapshot alone
 
     def addresses(self) -> list[str]:
         return [h.address for h in self.hosts]
+
+    @property
+    def reader(self) -> Source:
+        """What the restore picks from and reads: the delta log's replay when there is one, else the snapshots."""
+        return self.deltas or self.source
 
 
 def stack_path(stack: str) -> Path:
@@ -88,7 +95,14 @@ def build_plan(args: argparse.Namespace) -> Plan:
     ssh = Ssh(user=args.ssh_user or (bm.user if bm else DEFAULT_USER),
               key=args.ssh_key or (bm.ssh_private_key_path if bm else None), options=args.ssh_option,
               host_keys=pinned)
-    return Plan(hosts, ssh, source_of(args, cfg, ssh), spares, args.bump_revision)
+    source = source_of(args, cfg, ssh)
+    deltas = None
+    if isinstance(source, DeltaLog) and not args.no_deltas:
+        deltas = Replayed(source, ssh, hosts[0], args.until)
+    elif args.until is not None:
+        raise RestoreError("--until needs the delta log, which only the backup host's folder holds: "
+                           + ("leave out --no-deltas" if args.no_deltas else "not --bucket or --snapshot-file"))
+    return Plan(hosts, ssh, source, spares, args.bump_revision, deltas)
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -106,7 +120,14 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--backup-path", help="the cluster's folder on it (default: backupHost.path/clusterName)")
     p.add_argument("--backup-user", help="login user on the backup host (default: --ssh-user)")
     p.add_argument("--cluster-name", help="default: clusterName from the stack")
-    p.add_argument("--snapshot", help="snapshot name (default: the newest verified one)")
+    p.add_argument("--snapshot", help="snapshot name (default: the newest verified one; with --until, the newest "
+                   "verified one at or before it). The delta log's revisions after it are replayed onto it")
+    p.add_argument("--until", type=until_argument, metavar="TIME|REVISION",
+                   help="restore the cluster as it was at this revision, or at this time (ISO 8601 UTC, e.g. "
+                   "2026-12-01T06:30:00Z: the last revision archived at or before it), from a snapshot and the "
+                   "delta log (default: the newest archived revision)")
+    p.add_argument("--no-deltas", action="store_true",
+                   help="restore the snapshot alone, without replaying the delta log after it")
     p.add_argument("--bucket", help="restore from this S3 backupLocation (s3://BUCKET/PREFIX, `pulumi stack output "
                    "backupLocation`) with the operator's aws CLI and credentials")
     p.add_argument("--snapshot-file", type=Path, help="restore this local file (e.g. downloaded from a bucket)")

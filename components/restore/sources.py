@@ -2,23 +2,30 @@
 
 Each source lists what it holds as the metadata written beside every snapshot (name, revision,
 keys, hashkv, sha256, verified, ...) plus `file_bytes`, picks one by `pick_backup`'s rules, and
-opens its bytes as a stream (`Fetch`) for the members.
+opens its bytes as a stream (`Fetch`) for the members. The backup host's folder also holds the delta log
+(`DeltaLog`: its chunks and their receipts), which components/restore/deltas.py replays onto a snapshot.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
 from components.restore import RestoreError
 from components.restore.ssh import Ssh, widen_pipe
+from kcp_host import deltalog
+
+CHUNK_NAME = re.compile(r"([0-9]{16,19})-([0-9]{16,19})\.delta")  # deltalog.chunk_name, as the receiver files it
+CHUNKS_PER_READ = 200  # chunk files per `cat` on the backup host: one round trip each, a bounded command line
 
 
 def pick_backup(backups: Sequence[dict[str, Any]], wanted: str | None) -> dict[str, Any]:
@@ -80,6 +87,20 @@ class Source(Protocol):
         ...
 
 
+@runtime_checkable
+class DeltaLog(Source, Protocol):
+    """A source that also holds the delta log (chunks of revisions after its snapshots): the backup host only."""
+
+    def pick(self, wanted: str | None, keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        ...
+
+    def deltas(self) -> list[dict[str, Any]]:
+        ...
+
+    def fetch_deltas(self, chunks: Sequence[dict[str, Any]]) -> Generator[bytes, None, None]:
+        ...
+
+
 def received(meta_text: str, receipt_text: str, size: str, mtime: str, file_name: str) -> dict[str, Any]:
     """One pair of the backup host's folder as the restore sees it: its metadata, `file_bytes`, `arrived` (the
     receipt's, else the .json's mtime: both the backup host's clock), and `refused` where the receipt, written
@@ -93,6 +114,33 @@ def received(meta_text: str, receipt_text: str, size: str, mtime: str, file_name
         entry["refused"] = "its metadata differs from what the backup host recorded on its arrival"
     elif receipt and receipt.get("bytes") != entry["file_bytes"]:
         entry["refused"] = f"its .db has {size} bytes, the backup host received {receipt.get('bytes')}"
+    return entry
+
+
+def canonical_chunk(name: str) -> bool:
+    """A name deltalog.chunk_name makes (zero-padded digits, first <= last): anything else is no chunk."""
+    match = CHUNK_NAME.fullmatch(name)
+    return bool(match) and int(match[1]) <= int(match[2]) and deltalog.chunk_name(int(match[1]), int(match[2])) == name
+
+
+def chunk_received(name: str, size: str, receipt_text: str) -> dict[str, Any]:
+    """One chunk of the backup host's delta log as the restore sees it: its range (from its name, which the
+    receiver made from the checked header), its size, and its receipt's sha256 and bytes; `refused` where there
+    is no receipt for it or the receipt contradicts the file."""
+    first, last = (int(n) for n in name.removesuffix(".delta").split("-"))
+    entry: dict[str, Any] = {"name": name, "first": first, "last": last, "file_bytes": int(size)}
+    try:
+        receipt = json.loads(receipt_text) if receipt_text.strip() else None
+    except ValueError:
+        receipt = None
+    if not isinstance(receipt, dict) or not isinstance(receipt.get("sha256"), str):
+        return {**entry, "refused": "no receipt of its arrival"}
+    entry |= {"sha256": receipt["sha256"], "bytes": receipt.get("bytes"), "arrived": receipt.get("arrived"),
+              "arrived_at": receipt.get("arrived_at")}
+    if (receipt.get("name"), receipt.get("first"), receipt.get("last")) != (name, first, last):
+        entry["refused"] = "its receipt is another chunk's"
+    elif receipt.get("bytes") != entry["file_bytes"]:
+        entry["refused"] = f"its file has {size} bytes, the backup host received {receipt.get('bytes')}"
     return entry
 
 
@@ -128,8 +176,9 @@ class BackupFolder:
             raise RestoreError(f"cannot list {self.directory} on {self.address}: {proc.stderr.decode().strip()}")
         return [received(*doc.split("\x1f")) for doc in filter(str.strip, proc.stdout.decode().split("\x1e"))]
 
-    def pick(self, wanted: str | None) -> dict[str, Any]:
-        meta = pick_backup(self.listing(), wanted)
+    def pick(self, wanted: str | None, keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """pick_backup's choice among the snapshots `keep` accepts (all by default), whose .db is there."""
+        meta = pick_backup([b for b in self.listing() if keep is None or keep(b)], wanted)
         if meta["file_bytes"] < 0:
             raise RestoreError(f"{meta['name']}.db is missing beside its metadata on {self.address}")
         return meta
@@ -142,6 +191,47 @@ class BackupFolder:
         assert proc.stdout
         widen_pipe(proc.stdout)
         return Fetch(proc.stdout, proc, self.address)
+
+    def deltas(self) -> list[dict[str, Any]]:
+        """The delta log's chunks under deltas/ (only names deltalog.chunk_name makes), each with its range, its
+        size and what the receiver recorded on its arrival (sha256, bytes); `refused` where that record is missing
+        or contradicts the file, which no restore then replays."""
+        assert self.address and self.directory
+        script = ('for f in "$1"/deltas/*.delta; do case "${f##*/}" in *[!0-9a-z.-]*) continue ;; esac; '
+                  '[ -f "$f" ] || continue; printf "%s\\037%s\\037" "${f##*/}" "$(stat -c %s "$f" || echo -1)"; '
+                  'cat "${f%.delta}.receipt" 2>/dev/null; printf "\\036"; done')
+        proc = self.ssh.run(self.address, f"sh -c {shlex.quote(script)} sh {shlex.quote(self.directory)}",
+                            user=self.user, timeout=60)
+        if proc.returncode != 0:
+            raise RestoreError(f"cannot list the delta log in {self.directory}/deltas on {self.address}: "
+                               f"{proc.stderr.decode().strip()}")
+        docs = (doc.split("\x1f", 2) for doc in proc.stdout.decode(errors="replace").split("\x1e") if doc.strip())
+        return [chunk_received(*doc) for doc in docs if len(doc) == 3 and canonical_chunk(doc[0])]
+
+    def fetch_deltas(self, chunks: Sequence[dict[str, Any]]) -> Generator[bytes, None, None]:
+        """The chunks' bytes, in the given order, each checked against its receipt before it is handed out: the
+        receiver hashed it as it arrived, so a chunk changed on the backup host since is refused. A few hundred
+        chunks per `cat`, read one at a time; stop early and the reader is ended."""
+        assert self.address and self.directory
+        for start in range(0, len(chunks), CHUNKS_PER_READ):
+            batch = chunks[start:start + CHUNKS_PER_READ]
+            paths = [f"{self.directory}/deltas/{c['name']}" for c in batch]
+            proc = self.ssh.popen(self.address, shlex.join(["cat", "--", *paths]), user=self.user)
+            assert proc.stdout
+            try:
+                for chunk in batch:
+                    data = proc.stdout.read(int(chunk["bytes"]))
+                    digest = hashlib.sha256(data).hexdigest()
+                    if (len(data), digest) != (chunk["bytes"], chunk["sha256"]):
+                        short = len(data) < chunk["bytes"] and Fetch(proc.stdout, proc, self.address).failure(len(data))
+                        raise RestoreError(f"delta chunk {chunk['name']} on {self.address} is not the one that arrived "
+                                           f"(read {len(data)} bytes, sha256 {digest}; its receipt says "
+                                           f"{chunk['bytes']} bytes, sha256 {chunk['sha256']}"
+                                           f"{f'; {short}' if short else ''}): refusing it")
+                    yield data
+            finally:
+                proc.kill()
+                proc.wait()
 
     def close(self) -> None:
         if self.address:
