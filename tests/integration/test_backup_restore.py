@@ -46,11 +46,12 @@ EXIT_CGROUP = "219"
 
 
 def pause_backup_timers(dep: Deployment) -> None:
-    """Check the deployed timer runs on every member, then pause it for this module's tests."""
+    """Check the deployed timer runs on every member, then pause it and the delta log for this module's tests
+    (tests/integration/test_delta_log.py tests the delta log)."""
     for m in dep.members:
         state_now = dep.sandbox.ssh(m, "systemctl is-active etcd-backup.timer", check=False).stdout.decode().strip()
         assert state_now in ("active", "inactive"), f"{m}: etcd-backup.timer is {state_now}"
-        dep.sandbox.ssh(m, "systemctl stop etcd-backup.timer")
+        dep.sandbox.ssh(m, "systemctl stop etcd-backup.timer etcd-delta-archive.service")
 
 
 @pytest.fixture(scope="module", autouse=True)
