@@ -126,6 +126,8 @@ def backup_facts(env: ClusterEnv, interval: int | None) -> dict[str, Any] | None
         "last_failure_reason": status.get("last_failure_reason"), "last_run_failed": failed_last,
         "verification_failed": failed_last and "failed verification" in str(status.get("last_failure_reason")),
         "timer_active": systemd.is_active(BACKUP_TIMER), "interval_seconds": interval,
+        "delta_seconds": backup.delta_seconds, "last_delta": epoch(status.get("last_delta_at")),
+        "last_delta_revision": status.get("last_delta_revision"),
     }
 
 
@@ -233,6 +235,13 @@ def exposition(facts: dict[str, Any]) -> str:
             gauge(f"kcp_backup_{name}_timestamp_seconds", f"When {what}; 0: never.", ({}, backup[key] or 0))
         gauge("kcp_backup_last_verification_failed", "1 if this host's newest backup run failed verification.",
               ({}, int(backup["verification_failed"])))
+        if backup["delta_seconds"]:  # the delta log (docs/backups.md), written by the archiver while it leads
+            gauge("kcp_delta_interval_seconds", "How often the leader's archiver ships a chunk of the delta log.",
+                  ({}, backup["delta_seconds"]))
+            gauge("kcp_delta_last_archived_timestamp_seconds", "When this host's archiver last knew every revision "
+                  "archived (recovery point); 0: never.", ({}, backup["last_delta"] or 0))
+            gauge("kcp_delta_last_archived_revision", "The newest revision this host's archiver shipped; 0: none.",
+                  ({}, backup["last_delta_revision"] or 0))
     if (takeover := facts["takeover"]) is not None:
         labels = {"replaced": takeover.get("replaced", {}).get("name", ""),
                   "replaced_member_id": takeover.get("replaced", {}).get("member_id", "")}

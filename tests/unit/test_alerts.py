@@ -79,7 +79,8 @@ def _sample_facts() -> dict[str, Any]:
         "membership": {"members": [], "voter": True, "undeclared": [{"name": "s", "peer_url": "u", "learner": False}],
                        "missing": []},
         "backup": {"interval_seconds": 900, "timer_active": True, "last_success": 1.0, "last_snapshot_taken": 1.0,
-                   "last_verified": 1.0, "last_failure": None, "verification_failed": False},
+                   "last_verified": 1.0, "last_failure": None, "verification_failed": False, "delta_seconds": 10,
+                   "last_delta": 2.0, "last_delta_revision": 42},
         "takeover": {"replaced": {"name": "h3", "member_id": "1"}, "at": 5.0, "adopted": False},
         "drill": {"finished_at": 1.0, "rto_seconds": 2.0, "rpo_seconds": 3.0, "last_success": 1.0},
         "restore": {"finished_at": 1.0, "rto_seconds": 2.0, "rpo_seconds": 3.0},
@@ -102,10 +103,12 @@ def test_the_rules_use_only_metrics_the_agent_or_etcd_exports_and_docs_list_ever
         "etcd_server_quota_backend_bytes"}
 
 
-def test_no_delta_metric_or_alert_while_nothing_archives_deltas() -> None:
-    """Continuous backups (delta archiving) report no status field yet: nothing exports or alerts on them."""
-    assert "delta" not in monitoring.RULES.read_text().lower()
-    assert not any("delta" in name for name in _exported())
+def test_delta_metrics_only_where_the_delta_log_runs() -> None:
+    """The clouds keep snapshots only: no delta metric there, so EtcdDeltaArchiverBehind cannot fire for them."""
+    facts = _sample_facts()
+    assert "kcp_delta_last_archived_timestamp_seconds 2\n" in metrics.exposition(facts)
+    facts["backup"] |= {"delta_seconds": 0, "last_delta": None, "last_delta_revision": None}
+    assert "kcp_delta" not in metrics.exposition(facts)
 
 
 def test_units_write_the_file_every_30_s_and_serve_it_without_privileges() -> None:

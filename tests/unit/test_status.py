@@ -288,7 +288,8 @@ def _facts(name: str, members: list[str], learners: tuple[str, ...] = (), **extr
                        "missing": [{"name": d, "peer_url": LOCAL_PEER[d]} for d in declared if d not in members]},
         "backup": {"timer_active": name != "spare1", "interval_seconds": 900, "last_snapshot": None,
                    "last_success": None, "last_snapshot_taken": None, "last_verified": None, "last_failure": None,
-                   "last_run_failed": False, "verification_failed": False},
+                   "last_run_failed": False, "verification_failed": False, "delta_seconds": 10,
+                   "last_delta": None, "last_delta_revision": None},
         "takeover": None, "drill": {"finished_at": NOW - 86400, "ok": True, "rto_seconds": 2.3, "rpo_seconds": 300,
                                     "snapshot": "local-x", "last_success": NOW - 86400},
         "restore": None,
@@ -302,7 +303,7 @@ def _facts(name: str, members: list[str], learners: tuple[str, ...] = (), **extr
 def _healthy() -> dict[str, Any]:
     hosts = {h: _facts(h, ["h1", "h2", "h3"]) for h in ("h1", "h2", "h3", "spare1")}
     hosts["h1"]["backup"] |= {"last_snapshot": "local-a", "last_success": NOW - 300, "last_snapshot_taken": NOW - 305,
-                              "last_verified": NOW - 300}
+                              "last_verified": NOW - 300, "last_delta": NOW - 3, "last_delta_revision": 77}
     return {"hosts": hosts, "destination": {"where": "10.250.0.20:/srv/etcd-backups/local",
                                             "last_snapshot": "local-a", "last_success": "2027-01-15T07:55:00Z"}}
 
@@ -318,11 +319,24 @@ def test_a_healthy_cluster_needs_no_attention() -> None:
     assert [(m["name"], m["role"], m["leader"], m["quota_percent"]) for m in report["members"]] == [
         ("h1", "voter", True, 0.0), ("h2", "voter", False, 0.0), ("h3", "voter", False, 0.0)]
     assert report["spares"][0]["role"] == "not a member" and report["drift"] is None
-    assert report["backups"]["recovery_point_seconds"] == 305 and report["backups"]["taken_on"] == "h1"
+    assert report["backups"]["recovery_point_seconds"] == 3, "the delta log, not the snapshot, is the newest point"
+    assert report["backups"]["taken_on"] == "h1"
     text = status.render_text(report)
     assert "  h1    rack-a  voter  *       2.0 MiB  0.0%     77        healthy" in text
-    assert "spare1 (rack-a, 10.250.0.14): watching" in text and "recovery point   5m5s ago" in text
+    assert "spare1 (rack-a, 10.250.0.14): watching" in text and "recovery point   3s ago" in text
+    assert "last delta       revision 77 archived as of 2027-01-15T07:59:57Z (on h1)" in text
     assert "LAST DR DRILL: " in text and "RTO 2.30s, RPO 5m0s" in text and text.endswith("Nothing needs attention.\n")
+
+
+def test_a_delta_log_that_stopped_needs_attention_and_the_recovery_point_falls_back_to_the_snapshot() -> None:
+    gathered = _healthy()
+    gathered["hosts"]["h1"]["backup"] |= {"last_delta": NOW - 91}
+    report = _analyse(gathered)
+    assert report["attention"] == ["the delta log is 1m31s behind: a loss of quorum loses writes back to the newest "
+                                   "snapshot (journalctl -u etcd-delta-archive on the leader)"]
+    assert report["backups"]["recovery_point_seconds"] == 91
+    gathered["hosts"]["h1"]["backup"] |= {"last_delta": NOW - 89}
+    assert _analyse(gathered)["attention"] == [], "three chunk intervals and a minute: not behind yet"
 
 
 def test_old_backups_stopped_timers_failed_verification_and_expiring_certificates_need_attention() -> None:
