@@ -91,13 +91,14 @@ def pick_and_guard(plan: Plan, sessions: Sessions, snapshot_name: str | None, fo
     """The snapshot's metadata, picked while every member says whether it sees a healthy quorum.
 
     Every member is asked, so one member that is cut off cannot hide a cluster that still works: a restore
-    discards every write since the snapshot. A refusal ends every session: nothing was written anywhere.
+    discards every write since the snapshot. A refusal ends every session: nothing was written anywhere. A pick
+    that replays the delta log (seconds to minutes of work on a member) starts only once the members answered.
     """
     with ThreadPoolExecutor(max_workers=len(sessions) + 1) as pool:
-        picked = pool.submit(plan.reader.pick, snapshot_name)
+        picked = None if plan.deltas else pool.submit(plan.reader.pick, snapshot_name)
         seen = {name: pool.submit(session.answer) for name, session in sessions.items()}
     try:
-        meta = picked.result()
+        meta = picked.result() if picked else None
     except RestoreError as exc:
         raise halt(sessions, str(exc)) from None
     answers = {name: future.result() for name, future in seen.items()}
@@ -110,6 +111,11 @@ def pick_and_guard(plan: Plan, sessions: Sessions, snapshot_name: str | None, fo
                                  "would discard every write since the snapshot. Nothing was changed. Use --force to "
                                  "restore anyway.")
         clock.step(f"healthy quorum seen from {', '.join(healthy)}; continuing because of --force")
+    if meta is None:
+        try:
+            meta = plan.reader.pick(snapshot_name)
+        except RestoreError as exc:
+            raise halt(sessions, str(exc)) from None
     return meta
 
 

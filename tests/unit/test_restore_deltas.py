@@ -171,7 +171,7 @@ def member():
         print(f"{os.environ['FAKE_HOST']}: {why}", file=sys.stderr)
         return 1
 
-    print("quorum none", flush=True)
+    print(f"quorum {os.environ['FAKE_QUORUM']}", flush=True)
     line = heard()
     if not (words := HEADER.fullmatch(line)):
         return stop(f"bad snapshot header {line.strip()!r}" if line else "the operator stopped the restore")
@@ -202,6 +202,7 @@ class Machine(LocalShell):
 
     agent: Path = Path("/nonexistent")
     replay_mode: str = ""
+    quorum: str = "none"  # what every member answers: whether it sees a healthy quorum
     commands: list[tuple[str, str]] = field(default_factory=list)
 
     def run(self, address: str, command: str, stdin: Any = None, timeout: float = 300,
@@ -214,7 +215,7 @@ class Machine(LocalShell):
         self.commands.append((address, command))
         here = command.replace(AGENT, f"{shlex.quote(sys.executable)} {shlex.quote(str(self.agent))}")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_DIR": str(self.agent.parent), "FAKE_HOST": address,
-               "FAKE_REPLAY": self.replay_mode}
+               "FAKE_REPLAY": self.replay_mode, "FAKE_QUORUM": self.quorum}
         return subprocess.Popen(["sh", "-c", here], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env)
 
@@ -498,6 +499,17 @@ def test_a_refusal_ends_every_member_session_before_any_member_was_sent_anything
         heard = world.machine.kept(host, "heard")
         assert not heard.exists() or heard.read_bytes() == b"", f"{host.name} was told {heard.read_bytes()!r}"
         assert not world.machine.kept(host, "received").exists()
+
+
+def test_a_live_quorum_is_refused_before_the_delta_log_is_replayed(world: World) -> None:
+    """The replay is seconds to minutes of a member's work: a restore that will be refused does none of it."""
+    world.machine.quorum = "healthy"
+    with pytest.raises(RestoreError, match="the cluster has a healthy quorum"):
+        run_restore(plan_of(world), None, force=False, quiet=True)
+    assert world.machine.replays() == []
+    world.machine.quorum = "none"
+    assert run_restore(plan_of(world), None, force=False, quiet=True)["revision"] == 30
+    assert len(world.machine.replays()) == 1
 
 
 # -- flags and the drill ----------------------------------------------------------------------------
