@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from components.restore import RestoreError, deltas, members
 from components.restore.plan import Plan
+from components.restore.sources import DeltaLog
 from components.restore.ssh import widen_pipe
 from components.restore.stream import SnapshotStream, fan_out, header
 
@@ -165,6 +166,7 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
         expect(sessions, members.ask(sessions, "switch", timeout=120), "switched", clock,
                "switching failed on {names}; etcd and the API servers stay stopped where switched (docs/backups.md)")
         clock.done("stop_and_switch")
+        restart_delta_log(plan, token, clock)
         restored_rev = rev + plan.revision_bump
         clock.step(f"starting etcd on every member; each waits until it is healthy at revision {restored_rev} (the "
                    f"snapshot's {rev} + {plan.revision_bump}, compacted there) and reports its hashkv and key count")
@@ -186,6 +188,18 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
             "hashkv": hashkv, "token": token, "rto_seconds": round(rto, 3), "members": timings,
             "taken_at": meta.get("taken_at"), "keys": meta.get("keys"), "deltas": meta.get("deltas"),
             "base_snapshot": meta.get("base", meta)["name"]}
+
+
+def restart_delta_log(plan: Plan, token: str, clock: Clock) -> None:
+    """The restored cluster is a new history: what the delta log holds after the restored point is another one's,
+    and a restore to an earlier point, or without the bump, would hand those revisions out again. So, while no
+    etcd runs anywhere, the log moves aside (kept, named by the token); each member's archiver starts a new chain
+    after the restored cluster's first snapshot. Only the backup host's folder has a delta log."""
+    if plan.new_history and isinstance(plan.source, DeltaLog):
+        aside = f"deltas.before-{token}"
+        if plan.source.set_deltas_aside(aside):
+            clock.note(f"the delta log moved aside to {aside} on the backup host: a new chain starts after the "
+                       "restored cluster's first snapshot")
 
 
 def check_restored(sessions: Sessions, answers: dict[str, list[str]], meta: dict[str, Any],

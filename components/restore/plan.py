@@ -4,6 +4,7 @@ by flags (tests and other targets point a restore anywhere)."""
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,9 @@ class Plan:
     spares: list[Host] = field(default_factory=list)  # retired after the restore: a takeover belongs to the old cluster
     revision_bump: int = DEFAULT_REVISION_BUMP
     deltas: Replayed | None = None  # `source` and its delta log, replayed on the first host; None: the snapshot alone
+    # The restored cluster replaces the one whose backups these are, so its delta log starts anew (False: a drill,
+    # whose scratch cluster leaves the live cluster's delta log alone).
+    new_history: bool = True
 
     def addresses(self) -> list[str]:
         return [h.address for h in self.hosts]
@@ -73,8 +77,8 @@ def source_of(args: argparse.Namespace, cfg: ClusterConfig | None, ssh: Ssh) -> 
     # Listing and reading log in as the SSH user (root, or sudo -n), unless --backup-user: the
     # stack's backupHost.user is the receiver's forced-command user, which can only add files.
     return BackupFolder(ssh, address=args.backup_host or (backup.address if backup else None),
-                      directory=args.backup_path or (f"{root.rstrip('/')}/{cluster}" if cluster else None),
-                      user=args.backup_user)
+                        directory=args.backup_path or (f"{root.rstrip('/')}/{cluster}" if cluster else None),
+                        user=args.backup_user, delta_dir=args.delta_log)
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -135,8 +139,17 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--bump-revision", type=revision_bump, default=DEFAULT_REVISION_BUMP, metavar="N",
                    help="move the restored revision N past the snapshot's and mark it compacted (default: "
                    "%(default)s; 0: keep the snapshot's revision, for etcd older than 3.5.13)")
+    p.add_argument("--delta-log", type=delta_log, default="deltas", metavar="DIR",
+                   help="the delta log in the cluster's folder (default: %(default)s, the live one); an earlier one a "
+                   "restore set aside, deltas.before-restore-TOKEN, restores a point of the history before it")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p
+
+
+def delta_log(text: str) -> str:
+    if not re.fullmatch(r"deltas(\.before-restore-[0-9a-f]{1,32})?", text):
+        raise argparse.ArgumentTypeError(f"'{text}' is no delta log: deltas, or deltas.before-restore-TOKEN")
+    return text
 
 
 def revision_bump(text: str) -> int:

@@ -100,6 +100,9 @@ class DeltaLog(Source, Protocol):
     def fetch_deltas(self, chunks: Sequence[dict[str, Any]]) -> Generator[bytes, None, None]:
         ...
 
+    def set_deltas_aside(self, name: str) -> bool:
+        ...
+
 
 def received(meta_text: str, receipt_text: str, size: str, mtime: str, file_name: str) -> dict[str, Any]:
     """One pair of the backup host's folder as the restore sees it: its metadata, `file_bytes`, `arrived` (the
@@ -156,6 +159,7 @@ class BackupFolder:
     address: str | None
     directory: str | None
     user: str | None = None
+    delta_dir: str = "deltas"  # the delta log in it; an earlier one a restore set aside: `deltas.before-restore-*`
 
     def where(self) -> str:
         return f"{self.address}:{self.directory}"
@@ -193,20 +197,32 @@ class BackupFolder:
         return Fetch(proc.stdout, proc, self.address)
 
     def deltas(self) -> list[dict[str, Any]]:
-        """The delta log's chunks under deltas/ (only names deltalog.chunk_name makes), each with its range, its
+        """The delta log's chunks under `delta_dir` (only names deltalog.chunk_name makes), each with its range, its
         size and what the receiver recorded on its arrival (sha256, bytes); `refused` where that record is missing
         or contradicts the file, which no restore then replays."""
         assert self.address and self.directory
-        script = ('for f in "$1"/deltas/*.delta; do case "${f##*/}" in *[!0-9a-z.-]*) continue ;; esac; '
+        script = ('for f in "$1"/*.delta; do case "${f##*/}" in *[!0-9a-z.-]*) continue ;; esac; '
                   '[ -f "$f" ] || continue; printf "%s\\037%s\\037" "${f##*/}" "$(stat -c %s "$f" || echo -1)"; '
                   'cat "${f%.delta}.receipt" 2>/dev/null; printf "\\036"; done')
-        proc = self.ssh.run(self.address, f"sh -c {shlex.quote(script)} sh {shlex.quote(self.directory)}",
-                            user=self.user, timeout=60)
+        proc = self.ssh.run(self.address, f"sh -c {shlex.quote(script)} sh "
+                            f"{shlex.quote(f'{self.directory}/{self.delta_dir}')}", user=self.user, timeout=60)
         if proc.returncode != 0:
-            raise RestoreError(f"cannot list the delta log in {self.directory}/deltas on {self.address}: "
+            raise RestoreError(f"cannot list the delta log in {self.directory}/{self.delta_dir} on {self.address}: "
                                f"{proc.stderr.decode().strip()}")
         docs = (doc.split("\x1f", 2) for doc in proc.stdout.decode(errors="replace").split("\x1e") if doc.strip())
         return [chunk_received(*doc) for doc in docs if len(doc) == 3 and canonical_chunk(doc[0])]
+
+    def set_deltas_aside(self, name: str) -> bool:
+        """Move deltas/ to `name` beside it (kept, never deleted); False when there was none. A restore starts a new
+        history: the archiver then begins a new chain after the restored cluster's first snapshot."""
+        assert self.address and self.directory
+        script = 'if [ -d "$1/deltas" ]; then mv -T "$1/deltas" "$1/$2"; else exit 3; fi'
+        proc = self.ssh.run(self.address, f"sh -c {shlex.quote(script)} sh {shlex.quote(self.directory)} "
+                            f"{shlex.quote(name)}", user=self.user, timeout=60)
+        if proc.returncode not in (0, 3):
+            raise RestoreError(f"cannot move {self.directory}/deltas aside on {self.address}: "
+                               f"{proc.stderr.decode().strip()}")
+        return proc.returncode == 0
 
     def fetch_deltas(self, chunks: Sequence[dict[str, Any]]) -> Generator[bytes, None, None]:
         """The chunks' bytes, in the given order, each checked against its receipt before it is handed out: the
@@ -215,7 +231,7 @@ class BackupFolder:
         assert self.address and self.directory
         for start in range(0, len(chunks), CHUNKS_PER_READ):
             batch = chunks[start:start + CHUNKS_PER_READ]
-            paths = [f"{self.directory}/deltas/{c['name']}" for c in batch]
+            paths = [f"{self.directory}/{self.delta_dir}/{c['name']}" for c in batch]
             proc = self.ssh.popen(self.address, shlex.join(["cat", "--", *paths]), user=self.user)
             assert proc.stdout
             try:

@@ -30,8 +30,8 @@ def delta_seconds(dep: Deployment) -> int:
     return int(dep.config.get("backup", {}).get("deltaSeconds", 10))
 
 
-def chunks(dep: Deployment) -> list[tuple[int, int]]:
-    out = dep.sandbox.ssh(dep.backup_host, f"ls {backup_dir(dep)}/deltas/ 2>/dev/null; true").stdout.decode()
+def chunks(dep: Deployment, folder: str = "deltas") -> list[tuple[int, int]]:
+    out = dep.sandbox.ssh(dep.backup_host, f"ls {backup_dir(dep)}/{folder}/ 2>/dev/null; true").stdout.decode()
     return sorted(tuple(int(n) for n in name.removesuffix(".delta").split("-"))  # type: ignore[misc]
                   for name in out.split() if name.endswith(".delta"))
 
@@ -105,6 +105,9 @@ def test_every_member_killed_under_writes_loses_no_write_older_than_the_delta_in
     assert report["deltas"] and report["deltas"]["last_revision"] == report["revision"], report
     assert report["restored_revision"] == report["revision"] + REVISION_BUMP
     assert not [a for a in kept if a["revision"] > report["revision"]], "a write newer than the restored point"
+    # The restored cluster is a new history: its delta log starts anew, the old one is kept aside.
+    state["aside"] = f"deltas.before-{report['token']}"
+    assert chunks(dep, state["aside"]) and not chunks(dep)
     state["acks"], state["prefix"] = acks, writer.prefix
 
 
@@ -112,7 +115,7 @@ def test_a_point_in_time_restore_lands_exactly_on_the_requested_revision(local_c
     dep = local_cluster
     acks = state["acks"]
     target = acks[len(acks) // 2]["revision"]
-    proc = etcd_restore(dep, "--until", str(target), "--force")
+    proc = etcd_restore(dep, "--until", str(target), "--delta-log", state["aside"], "--force")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["revision"] == target and report["restored_revision"] == target + REVISION_BUMP, report
@@ -124,14 +127,14 @@ def test_a_point_in_time_restore_lands_exactly_on_the_requested_revision(local_c
 def test_a_chain_with_a_missing_chunk_is_refused_and_the_cluster_untouched(local_cluster: Deployment) -> None:
     dep = local_cluster
     target = state["acks"][-1]["revision"]
-    chain = [c for c in chunks(dep) if c[0] <= target and c[1] > state["snapshot"]["revision"]]
+    chain = [c for c in chunks(dep, state["aside"]) if c[0] <= target and c[1] > state["snapshot"]["revision"]]
     assert len(chain) >= 3, chain
     first, last = chain[len(chain) // 2]
-    name = f"{backup_dir(dep)}/deltas/{first:016d}-{last:016d}"
+    name = f"{backup_dir(dep)}/{state['aside']}/{first:016d}-{last:016d}"
     dep.sandbox.ssh(dep.backup_host, f"mv {name}.delta /root/aside.delta")
     before = cluster_state(dep)
     try:
-        proc = etcd_restore(dep, "--until", str(target), "--force")
+        proc = etcd_restore(dep, "--until", str(target), "--delta-log", state["aside"], "--force")
     finally:
         dep.sandbox.ssh(dep.backup_host, f"mv /root/aside.delta {name}.delta")
     assert proc.returncode == 1 and "gap" in proc.stderr and "nothing was changed" in proc.stderr, proc.stderr

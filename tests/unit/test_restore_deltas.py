@@ -482,6 +482,12 @@ def test_the_restore_streams_the_replayed_snapshot_to_every_member_and_reports_i
                      rf"{S15} \+ 15 revisions from 3 chunks, replayed and checked on h1 in [0-9.]+ s\n",
                      capsys.readouterr().err)
     assert not list(tmp_path.glob("kcp-restore-deltas-*")), "the replayed snapshot is deleted after the restore"
+    # A new history begins: the delta log is kept aside by the restore's token, and a restore can still use it.
+    aside = world.root / f"deltas.before-{report['token']}"
+    assert not (world.root / "deltas").exists() and aside.is_dir()
+    world.folder.delta_dir = aside.name
+    again = run_restore(plan_of(world), None, force=False, quiet=True)
+    assert (again["revision"], again["base_snapshot"]) == (30, S15)
 
 
 @pytest.mark.parametrize("damage", ["gap", "changed chunk", "failed replay"])
@@ -499,6 +505,16 @@ def test_a_refusal_ends_every_member_session_before_any_member_was_sent_anything
         heard = world.machine.kept(host, "heard")
         assert not heard.exists() or heard.read_bytes() == b"", f"{host.name} was told {heard.read_bytes()!r}"
         assert not world.machine.kept(host, "received").exists()
+    assert (world.root / "deltas").is_dir(), "a refused restore leaves the delta log where it is"
+
+
+def test_a_drill_leaves_the_live_clusters_delta_log_where_it_is(world: World) -> None:
+    """A drill restores onto scratch hosts: the cluster whose backups it uses goes on, and so does its chain."""
+    plan = plan_of(world)
+    plan.new_history = False
+    assert run_restore(plan, None, force=False, quiet=True)["revision"] == 30
+    assert (world.root / "deltas").is_dir() and not list(world.root.glob("deltas.before-*"))
+    assert "plan.new_history = False" in (ROOT / "scripts" / "dr-drill").read_text()
 
 
 def test_a_live_quorum_is_refused_before_the_delta_log_is_replayed(world: World) -> None:
