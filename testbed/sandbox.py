@@ -495,6 +495,19 @@ class Sandbox:
             time.sleep(1)
         return run
 
+    def stop_unit(self, host: str, unit: str, timeout: float = 30) -> None:
+        """Stop a long-running UNIT for good (no Restart=) without waiting on the shared cgroup tree (see start_unit):
+        `systemctl stop` waits until the unit's cgroup is empty, and the same unit of another container can sit in
+        it, so a plain stop can hang for the unit's whole stop timeout. Queue the stop, SIGKILL what this host runs
+        of it, and wait until its main process is gone here."""
+        self.ssh(host, f"systemctl stop --no-block {unit}; systemctl kill -s KILL {unit}", check=False)
+        deadline = time.monotonic() + timeout
+        main_pid = f"systemctl show -p MainPID --value {unit}"
+        while self.ssh(host, main_pid, check=False).stdout.strip() not in (b"0", b""):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{host}: {unit} still runs {timeout:.0f} s after it was stopped")
+            time.sleep(0.2)
+
     def copy_to(self, host: str, local_path: str | Path, remote_path: str) -> None:
         """Copy a file or a directory tree to a host, keeping modes (over ssh, via tar)."""
         local = Path(local_path)

@@ -51,7 +51,8 @@ def pause_backup_timers(dep: Deployment) -> None:
     for m in dep.members:
         state_now = dep.sandbox.ssh(m, "systemctl is-active etcd-backup.timer", check=False).stdout.decode().strip()
         assert state_now in ("active", "inactive"), f"{m}: etcd-backup.timer is {state_now}"
-        dep.sandbox.ssh(m, "systemctl stop etcd-backup.timer etcd-delta-archive.service")
+        dep.sandbox.ssh(m, "systemctl stop etcd-backup.timer")
+        dep.sandbox.stop_unit(m, "etcd-delta-archive.service")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -65,10 +65,15 @@ def kill_every_member(dep: Deployment) -> float:
     """etcd and the archiver SIGKILLed on every member at once, then their data removed: a loss of every machine.
     Returns the moment the kills were sent (the test machine's clock, which the test hosts share)."""
     command = (". /etc/etcd/cluster.env; systemctl kill -s KILL etcd.service etcd-delta-archive.service; "
-               "systemctl stop etcd.service etcd-delta-archive.service; rm -rf \"$KCP_DATA_DIR\"")
+               "systemctl stop --no-block etcd.service etcd-delta-archive.service; systemctl kill -s KILL "
+               "etcd.service etcd-delta-archive.service")
     with ThreadPoolExecutor(len(dep.members)) as pool:
         at = time.time()
         list(pool.map(lambda m: dep.sandbox.ssh(m, command), dep.members))
+    for m in dep.members:  # stopped for good (the test hosts' shared cgroup tree: Sandbox.stop_unit), data gone
+        for unit in ("etcd.service", "etcd-delta-archive.service"):
+            dep.sandbox.stop_unit(m, unit)
+        dep.sandbox.ssh(m, '. /etc/etcd/cluster.env; rm -rf "$KCP_DATA_DIR"')
     return at
 
 
