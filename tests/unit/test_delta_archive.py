@@ -8,6 +8,7 @@ integration tests run the same on the deployed hosts under writes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -52,9 +53,23 @@ class Cluster:
                 "KCP_CLUSTER_ENV": str(root / "cluster.env"), "KCP_BACKUP_ENV": str(root / "backup.env"),
                 "FAKE_ROOT": str(self.host.backup_host), "FAKE_SSH_LOG": str(root / "ssh.log")}
 
-    def archiver(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "kcp_host", "etcd-delta-archive"], env=self.env,
-                                stderr=subprocess.PIPE)
+    @contextlib.contextmanager
+    def archiving(self, count: int = 1) -> Iterator[list[subprocess.Popen[bytes]]]:
+        """`count` archivers running for the block (more than one: what a leader change can cause for a moment)."""
+        archivers = [subprocess.Popen([sys.executable, "-m", "kcp_host", "etcd-delta-archive"], env=self.env,
+                                      stderr=subprocess.PIPE) for _ in range(count)]
+        try:
+            yield archivers
+        finally:
+            for archiver in archivers:
+                archiver.kill()
+                archiver.wait()
+
+    def put_all(self, prefix: str, count: int, value: str, archivers: list[subprocess.Popen[bytes]]) -> None:
+        """`count` keys under `prefix`, then wait until the backup host holds every revision."""
+        for i in range(count):
+            self.ctl("put", f"{prefix}{i}", value)
+        self.wait_archived(self.revision(), archivers)
 
     def archived_through(self) -> int:
         return max((int(p.name.split("-")[1].split(".")[0]) for p in self.deltas.glob("*.delta")), default=0)
@@ -112,14 +127,10 @@ def write_everything(cluster: Cluster) -> None:
 
 def test_the_replay_of_the_archived_chain_is_exactly_the_live_store(cluster: Cluster) -> None:
     """Same revision, same keys, same hashkv (which covers every key's value, versions, create revision and lease)."""
-    archiver = cluster.archiver()
-    try:
+    with cluster.archiving() as archivers:
         write_everything(cluster)
         target = cluster.revision()
-        cluster.wait_archived(target, [archiver])
-    finally:
-        archiver.kill()
-        archiver.wait()
+        cluster.wait_archived(target, archivers)
     _, meta = cluster.snapshot()
     chunks = sorted(cluster.deltas.glob("*.delta"))
     ranges = [(deltalog.decode(c.read_bytes()).first, deltalog.decode(c.read_bytes()).last) for c in chunks]
@@ -136,14 +147,10 @@ def test_the_replay_of_the_archived_chain_is_exactly_the_live_store(cluster: Clu
 
 
 def test_a_replay_until_a_revision_stops_exactly_there(cluster: Cluster) -> None:
-    archiver = cluster.archiver()
-    try:
+    with cluster.archiving() as archivers:
         write_everything(cluster)
         middle = cluster.revision() - 8
-        cluster.wait_archived(cluster.revision(), [archiver])
-    finally:
-        archiver.kill()
-        archiver.wait()
+        cluster.wait_archived(cluster.revision(), archivers)
     proc, result = cluster.replay(sorted(cluster.deltas.glob("*.delta")), until=middle)
     assert proc.returncode == 0, proc.stderr.decode()
     assert result["revision"] == middle and result["keys"] == cluster.contents(middle)["keys"], result
@@ -151,20 +158,9 @@ def test_a_replay_until_a_revision_stops_exactly_there(cluster: Cluster) -> None
 
 
 def test_a_chain_with_a_missing_chunk_is_refused(cluster: Cluster) -> None:
-    archiver = cluster.archiver()
-    try:
-        for i in range(5):
-            cluster.ctl("put", f"/a/{i}", "1")
-        cluster.wait_archived(cluster.revision(), [archiver])
-        for i in range(5):
-            cluster.ctl("put", f"/b/{i}", "1")
-        cluster.wait_archived(cluster.revision(), [archiver])
-        for i in range(5):
-            cluster.ctl("put", f"/c/{i}", "1")
-        cluster.wait_archived(cluster.revision(), [archiver])
-    finally:
-        archiver.kill()
-        archiver.wait()
+    with cluster.archiving() as archivers:
+        for prefix in ("/a/", "/b/", "/c/"):  # a chunk each, at least
+            cluster.put_all(prefix, 5, "1", archivers)
     chunks = sorted(cluster.deltas.glob("*.delta"))
     assert len(chunks) >= 3
     proc, result = cluster.replay([chunks[0], *chunks[2:]])
@@ -174,14 +170,8 @@ def test_a_chain_with_a_missing_chunk_is_refused(cluster: Cluster) -> None:
 
 def test_a_chunk_that_replays_to_other_data_than_recorded_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     """A value changed in the chunk: the archiver's recorded hashkv no longer matches the replay."""
-    archiver = cluster.archiver()
-    try:
-        for i in range(5):
-            cluster.ctl("put", f"/a/{i}", "right")
-        cluster.wait_archived(cluster.revision(), [archiver])
-    finally:
-        archiver.kill()
-        archiver.wait()
+    with cluster.archiving() as archivers:
+        cluster.put_all("/a/", 5, "right", archivers)
     (chunk,) = sorted(cluster.deltas.glob("*.delta"))
     wrong = base64.b64encode(b"wrong").decode()
     forged = tmp_path / "forged.delta"
@@ -194,17 +184,12 @@ def test_a_chunk_that_replays_to_other_data_than_recorded_is_refused(cluster: Cl
 def test_two_archivers_at_once_still_leave_one_chain_with_no_gap_and_no_overlap(cluster: Cluster) -> None:
     """What a leader change can cause for a moment: the backup host refuses the chunk that repeats revisions and
     the refused archiver resumes where the chain ends."""
-    archivers = [cluster.archiver(), cluster.archiver()]
-    try:
+    with cluster.archiving(2) as archivers:
         for i in range(40):
             cluster.ctl("put", f"/both/{i}", str(i))
             time.sleep(0.05)
         target = cluster.revision()
         cluster.wait_archived(target, archivers)
-    finally:
-        for a in archivers:
-            a.kill()
-            a.wait()
     _, meta = cluster.snapshot()
     ranges = [tuple(int(n) for n in p.stem.split("-")) for p in cluster.deltas.glob("*.delta")]
     assert deltalog.chain(ranges, after=meta["revision"], until=target)
