@@ -36,12 +36,14 @@ class _Plain(Etcdctl):
 
 
 def contents(ctl: Etcdctl, endpoint: str, revision: int, timeout: str = "60s") -> dict[str, int]:
-    """What a restore of a snapshot taken at `revision` must reproduce; etcdctl's JSON leaves out zeros. `timeout`
-    grows with the database (hashkv reads all of it)."""
+    """What a restore of a snapshot taken at `revision` must reproduce, and the compaction point the hashkv covers
+    the revisions after (-1: never compacted); etcdctl's JSON leaves out zeros. `timeout` grows with the database
+    (hashkv reads all of it)."""
     got = ctl.json([endpoint], "get", "", "--prefix", "--keys-only", "--limit=1", f"--rev={revision}",
                    dial="3s", timeout=timeout)
-    hashed = ctl.json([endpoint], "endpoint", "hashkv", f"--rev={revision}", dial="3s", timeout=timeout)
-    return {"keys": int(got.get("count", 0)), "hashkv": int(hashed[0]["HashKV"].get("hash", 0))}
+    hashed = ctl.json([endpoint], "endpoint", "hashkv", f"--rev={revision}", dial="3s", timeout=timeout)[0]["HashKV"]
+    return {"keys": int(got.get("count", 0)), "hashkv": int(hashed.get("hash", 0)),
+            "compact_revision": int(hashed.get("compact_revision", 0))}
 
 
 class ThrowawayError(Exception):

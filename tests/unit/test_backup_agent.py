@@ -611,8 +611,8 @@ def test_a_run_takes_a_verified_snapshot_and_files_it_on_the_backup_host(etcd_ho
     meta = json.loads((etcd_host.backup_host / f"{name}.json").read_text())
     assert meta["verified"] is True and meta["verify_error"] == "" and meta["keys"] == 20, meta
     assert set(meta) == {"format", "name", "cluster", "taken_at", "member", "etcd_version", "revision", "keys",
-                         "hashkv", "total_keys", "snapshot_hash", "size", "sha256", "snapshot_seconds", "verified",
-                         "verified_at", "verify_seconds", "verify_error"}
+                         "hashkv", "compact_revision", "total_keys", "snapshot_hash", "size", "sha256",
+                         "snapshot_seconds", "verified", "verified_at", "verify_seconds", "verify_error"}
     assert meta["sha256"] == hashlib.sha256((etcd_host.backup_host / f"{name}.db").read_bytes()).hexdigest()
     assert etcd_host.status()["last_verified"] and "last_failure" not in etcd_host.status()
     time.sleep(1)  # names have one-second resolution
