@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,12 @@ import pytest
 from kcp_host import deltalog
 from kcp_host.archive import COMPACT_EVERY_SECONDS, compaction_target
 from tests.unit.test_backup_agent import ROOT, EtcdHost, running_etcd
+
+
+def stop(archiver: subprocess.Popen[bytes]) -> None:
+    """With its etcdctl watch, as systemd stops the unit's whole cgroup."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(archiver.pid, signal.SIGKILL)
 
 
 class Cluster:
@@ -57,12 +64,12 @@ class Cluster:
     def archiving(self, count: int = 1) -> Iterator[list[subprocess.Popen[bytes]]]:
         """`count` archivers running for the block (more than one: what a leader change can cause for a moment)."""
         archivers = [subprocess.Popen([sys.executable, "-m", "kcp_host", "etcd-delta-archive"], env=self.env,
-                                      stderr=subprocess.PIPE) for _ in range(count)]
+                                      stderr=subprocess.PIPE, start_new_session=True) for _ in range(count)]
         try:
             yield archivers
         finally:
             for archiver in archivers:
-                archiver.kill()
+                stop(archiver)
                 archiver.wait()
 
     def put_all(self, prefix: str, count: int, value: str, archivers: list[subprocess.Popen[bytes]]) -> None:
@@ -79,7 +86,7 @@ class Cluster:
         while self.archived_through() < revision:
             if time.monotonic() > deadline or any(a.poll() is not None for a in archivers):
                 for a in archivers:
-                    a.kill()
+                    stop(a)
                 logs = b"".join(a.communicate()[1] for a in archivers).decode()
                 raise AssertionError(f"archived through {self.archived_through()}, wanted {revision}:\n{logs}")
             time.sleep(0.2)
