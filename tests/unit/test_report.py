@@ -160,6 +160,19 @@ def test_a_fresh_backup_is_not_stale_and_no_status_states_no_time() -> None:
     assert "min ago" not in resilience_report(stack_cfg("gce-example"))
 
 
+def test_the_delta_logs_newest_archived_revision_is_reported_on_bare_metal_only() -> None:
+    status = {"last_snapshot": "s", "last_success": "2026-01-01T01:30:00Z", "last_verified": "2026-01-01T01:30:00Z",
+              "last_delta_revision": 4242, "last_delta_at": "2026-01-01T01:39:00Z"}
+    now = datetime(2026, 1, 1, 1, 40, tzinfo=UTC)
+    report = resilience_report(stack_cfg("local"), status, now)
+    assert "- Delta log archived through revision 4242 as of 2026-01-01T01:39:00Z (1 min ago)." in report
+    assert "every revision written, shipped by the raft leader every 10 s (backup.deltaSeconds)" in report
+    assert "nothing archived yet" in resilience_report(stack_cfg("local"), {k: status[k] for k in list(status)[:3]},
+                                                       now)
+    cloud = resilience_report(stack_cfg("gce-example"), status, now)
+    assert "archived through" not in cloud and "none on the clouds yet" in cloud
+
+
 def test_the_diagram_draws_every_member_in_its_zone() -> None:
     report = resilience_report(stack_cfg("gce-five"))
     diagram = report.split("```mermaid\n", 1)[1].split("```", 1)[0]
