@@ -72,12 +72,18 @@ for f in server_rows():
 """
 
 
-def vip_holder(cluster: Deployment) -> str:
-    vip = cluster.api_vip
-    for host in cluster.members:
-        if f" {vip}/" in cluster.sandbox.ssh(host, "ip -o -4 addr show", check=False).stdout.decode():
-            return host
-    raise AssertionError(f"no host holds the VIP {vip}")
+def vip_holder(cluster: Deployment, wait_seconds: float = 10) -> str:
+    """The host holding the VIP. keepalived can be between two holders for a moment (a fresh start, a host with a
+    higher priority taking it back): seen once in CI right after the deployment, while writes through the VIP had
+    just succeeded."""
+    vip, deadline = cluster.api_vip, time.monotonic() + wait_seconds
+    while True:
+        for host in cluster.members:
+            if f" {vip}/" in cluster.sandbox.ssh(host, "ip -o -4 addr show", check=False).stdout.decode():
+                return host
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no host holds the VIP {vip} for {wait_seconds:.0f} s")
+        time.sleep(0.2)
 
 
 def start_writer(cluster: Deployment, name: str, endpoints: list[str], seconds: float = 60) -> Load:
@@ -141,7 +147,7 @@ def vip_away_from(cluster: Deployment, host: str | None) -> Iterator[None]:
 
 def vip_holder_or_none(cluster: Deployment) -> str | None:
     try:
-        return vip_holder(cluster)
+        return vip_holder(cluster, wait_seconds=0)
     except AssertionError:
         return None
 
