@@ -39,6 +39,7 @@ from kcp_host import deltalog
 from kcp_host.contract import AGENT
 
 Until = int | datetime  # --until: a revision, or a time (aware, UTC)
+Chosen = tuple[dict[str, Any], list[dict[str, Any]]]  # the base snapshot's metadata, the delta log's chunks
 REVISION = re.compile(r"[0-9]{1,19}")  # ASCII digits only, as the receiver takes revisions
 # The point-in-time snapshot's name: <base>_deltas-<revision>. Not `+`: a member takes a snapshot name of
 # [A-Za-z0-9_.-] only (kcp_host/restore_member.py's SAFE_WORD: the name also names its staged file).
@@ -172,13 +173,19 @@ class Replayed:
     def where(self) -> str:
         return f"{self.source.where()} with its delta log (replayed on {self.host.name})"
 
-    def pick(self, wanted: str | None) -> dict[str, Any]:
+    def pick(self, wanted: str | None, chosen: Chosen | None = None) -> dict[str, Any]:
         """The point-in-time snapshot's metadata, replayed and saved; the base snapshot's own when nothing is to
-        be replayed. Every refusal says that nothing was changed: no member was sent anything yet."""
+        be replayed. `chosen`: what choose() found already. Every refusal says that nothing was changed: no member
+        was sent anything yet."""
         try:
-            return self.replayed(self.base(wanted))
+            return self.replayed(*(chosen or self.choose(wanted)))
         except RestoreError as error:
             raise RestoreError(f"{error}; nothing was changed") from None
+
+    def choose(self, wanted: str | None) -> Chosen:
+        """The base snapshot and the delta log's listing: reads only, so the restore asks it while the members say
+        whether they see a healthy quorum; the replay waits for their answers."""
+        return self.base(wanted), self.source.deltas()
 
     def open(self, meta: dict[str, Any]) -> Fetch:
         if "replayed_file" in meta:
@@ -209,9 +216,9 @@ class Replayed:
         except RestoreError as error:
             raise RestoreError(f"no snapshot to start from at or before {shown(until)} ({error})") from None
 
-    def replayed(self, base: dict[str, Any]) -> dict[str, Any]:
+    def replayed(self, base: dict[str, Any], log: list[dict[str, Any]]) -> dict[str, Any]:
         """The chain after `base` gathered up to the target (refused where it breaks before), replayed, checked."""
-        after, until, log = int(base["revision"]), self.until, self.source.deltas()
+        after, until = int(base["revision"]), self.until
         # To a time, how far the chain must hold is known once its chunks are read: a gap after the time is no matter.
         if isinstance(until, datetime):
             got = self.gather(sorted((c for c in log if not c.get("refused") and c["last"] > after),

@@ -96,12 +96,12 @@ def pick_and_guard(plan: Plan, sessions: Sessions, snapshot_name: str | None, fo
     that replays the delta log (seconds to minutes of work on a member) starts only once the members answered.
     """
     with ThreadPoolExecutor(max_workers=len(sessions) + 1) as pool:
-        picked = None if plan.deltas else pool.submit(plan.reader.pick, snapshot_name)
+        picked = pool.submit(plan.deltas.choose if plan.deltas else plan.reader.pick, snapshot_name)
         seen = {name: pool.submit(session.answer) for name, session in sessions.items()}
     try:
-        meta = picked.result() if picked else None
+        found = picked.result()
     except RestoreError as exc:
-        raise halt(sessions, str(exc)) from None
+        raise halt(sessions, f"{exc}; nothing was changed" if plan.deltas else str(exc)) from None
     answers = {name: future.result() for name, future in seen.items()}
     if unanswered := [name for name, words in answers.items() if words not in (["quorum", "healthy"],
                                                                                 ["quorum", "none"])]:
@@ -112,12 +112,12 @@ def pick_and_guard(plan: Plan, sessions: Sessions, snapshot_name: str | None, fo
                                  "would discard every write since the snapshot. Nothing was changed. Use --force to "
                                  "restore anyway.")
         clock.step(f"healthy quorum seen from {', '.join(healthy)}; continuing because of --force")
-    if meta is None:
-        try:
-            meta = plan.reader.pick(snapshot_name)
-        except RestoreError as exc:
-            raise halt(sessions, str(exc)) from None
-    return meta
+    if not plan.deltas:
+        return found
+    try:
+        return plan.deltas.pick(snapshot_name, found)
+    except RestoreError as exc:
+        raise halt(sessions, str(exc)) from None
 
 
 def stream_and_prepare(plan: Plan, sessions: Sessions, meta: dict[str, Any],
@@ -166,11 +166,13 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
         expect(sessions, members.ask(sessions, "switch", timeout=120), "switched", clock,
                "switching failed on {names}; etcd and the API servers stay stopped where switched (docs/backups.md)")
         clock.done("stop_and_switch")
-        restart_delta_log(plan, token, clock)
         restored_rev = rev + plan.revision_bump
         clock.step(f"starting etcd on every member; each waits until it is healthy at revision {restored_rev} (the "
                    f"snapshot's {rev} + {plan.revision_bump}, compacted there) and reports its hashkv and key count")
-        answers = members.ask(sessions, f"start {restored_rev}", timeout=180)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # no chunk can reach the backup host before etcd is up
+            moved = pool.submit(restart_delta_log, plan, token, clock)
+            answers = members.ask(sessions, f"start {restored_rev}", timeout=180)
+        moved.result()
         expect(sessions, answers, "healthy", clock, "{names} not healthy; the API servers stay stopped")
         hashkv = check_restored(sessions, answers, meta, plan.revision_bump)
         clock.done("start_and_wait_healthy")
@@ -197,9 +199,13 @@ def restart_delta_log(plan: Plan, token: str, clock: Clock) -> None:
     after the restored cluster's first snapshot. Only the backup host's folder has a delta log."""
     if plan.new_history and isinstance(plan.source, DeltaLog):
         aside = f"deltas.before-{token}"
-        if plan.source.set_deltas_aside(aside):
-            clock.note(f"the delta log moved aside to {aside} on the backup host: a new chain starts after the "
-                       "restored cluster's first snapshot")
+        try:
+            if plan.source.set_deltas_aside(aside):
+                clock.note(f"the delta log moved aside to {aside} on the backup host: a new chain starts after the "
+                           "restored cluster's first snapshot")
+        except RestoreError as error:  # the restore itself is done: say what is left to do
+            clock.step(f"WARNING: {error}; move <backup folder>/deltas to {aside} by hand before the archivers "
+                       "resume (docs/backups.md)")
 
 
 def check_restored(sessions: Sessions, answers: dict[str, list[str]], meta: dict[str, Any],
