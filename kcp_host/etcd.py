@@ -122,6 +122,16 @@ class Etcdctl:
             return None
         return entries[0]["Status"] if entries else None
 
+    def compact(self, endpoints: Sequence[str], revision: int, physical: bool = False,
+                timeout: str = "120s") -> None:
+        """Compact to `revision`; already compacted there or beyond ("required revision has been compacted") is done.
+        EtcdError for any other failure."""
+        try:
+            self.run(endpoints, "compact", str(revision), *(["--physical"] if physical else []), timeout=timeout)
+        except EtcdError as error:
+            if "compacted" not in str(error):
+                raise
+
     def version(self) -> tuple[int, int] | None:
         proc = subprocess.run([self.program, "version"], capture_output=True, text=True, env=command_env(),
                               timeout=30, check=False)

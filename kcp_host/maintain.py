@@ -230,10 +230,9 @@ def recover_nospace(cluster: Cluster, quota: int, lock: Path, backup_wait: float
     revision = next((n.revision for n in nodes if n.leader), max(n.revision for n in nodes))
     log(f"step 2/5: compacting to the current revision {revision} (--physical)")
     try:
-        cluster.ctl.run(cluster.endpoints(), "compact", str(revision), "--physical", timeout="280s")
+        cluster.ctl.compact(cluster.endpoints(), revision, physical=True, timeout="280s")
     except EtcdError as error:
-        if "compacted" not in str(error):  # "required revision has been compacted": done already
-            raise Abort(1, f"compact: {error}") from None
+        raise Abort(1, f"compact: {error}") from None
     log("step 3/5: defragmenting every member, followers first, the leader last")
     defragment(cluster, defrag_order(nodes), lock, backup_wait)
     nodes = cluster.nodes()
