@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT = 1
 KIND = "etcd-delta"
+# A revision as text: ASCII digits only (int() also takes "+1", " 1", "1_0" and other scripts' digits), bounded.
+REVISION_TEXT = re.compile(r"[0-9]{1,19}")
+# What chunk_name makes (16 digits, more once revisions need them), and the receiver's receipt beside it.
+CHUNK_FILE = re.compile(r"([0-9]{16,19})-([0-9]{16,19})\.(delta|receipt)")
 MAX_CHUNK_BYTES = 8 << 20  # a chunk closes early at this size; the receiver refuses larger ones
 Op = tuple[str, str, str, int]  # ("put", key, value, lease) or ("del", key, "", 0); key and value in base64
 

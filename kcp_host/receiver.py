@@ -43,8 +43,6 @@ REQUESTS = """requests, read from SSH_ORIGINAL_COMMAND:
              DIR/deltas/<FIRST>-<LAST>.delta with its receipt, if FIRST is the chain's next revision,
              or a kept snapshot's revision + 1 beyond it (a new segment)
   delta-next print {"next": the chain's next revision or null, "snapshot_revisions": [...]}"""
-REVISION = re.compile(r"[0-9]{1,19}")  # ASCII digits only (int() takes "+1", " 1", "1_0" and other scripts' digits)
-CHUNK = re.compile(r"([0-9]{16,19})-([0-9]{16,19})\.(delta|receipt)")  # deltalog.chunk_name and its receipt
 SHOWN_REVISIONS = 50
 
 
@@ -199,7 +197,7 @@ class Store:
     def chunks(self) -> list[tuple[int, int, Path]]:
         """(first, last, path) of the stored chunks and their receipts. Their names were made here from checked
         headers, so the name says the range; a chunk whose receipt is missing counts all the same."""
-        found = (CHUNK.fullmatch(p.name) for p in self.deltas.iterdir()) if self.deltas.is_dir() else ()
+        found = (deltalog.CHUNK_FILE.fullmatch(p.name) for p in self.deltas.iterdir()) if self.deltas.is_dir() else ()
         return sorted((int(m[1]), int(m[2]), self.deltas / m[0]) for m in found if m)
 
     def next_revision(self) -> int | None:
@@ -258,7 +256,7 @@ class Store:
 
 def revision_argument(word: str) -> int:
     """The request line is hostile too: a revision is plain ASCII digits, bounded, as chunk names are."""
-    if not REVISION.fullmatch(word):
+    if not deltalog.REVISION_TEXT.fullmatch(word):
         raise Abort(1, f"refusing delta revision {one_line(word, 40)!r}: FIRST and LAST are 1 to 19 decimal digits")
     return int(word)
 

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -40,7 +39,6 @@ from kcp_host.contract import AGENT
 
 Until = int | datetime  # --until: a revision, or a time (aware, UTC)
 Chosen = tuple[dict[str, Any], list[dict[str, Any]]]  # the base snapshot's metadata, the delta log's chunks
-REVISION = re.compile(r"[0-9]{1,19}")  # ASCII digits only, as the receiver takes revisions
 # The point-in-time snapshot's name: <base>_deltas-<revision>. Not `+`: a member takes a snapshot name of
 # [A-Za-z0-9_.-] only (kcp_host/restore_member.py's SAFE_WORD: the name also names its staged file).
 NAME_JOIN = "_deltas-"
@@ -55,7 +53,7 @@ REPLAY_BYTES_PER_SECOND = 2e6
 def until_argument(text: str) -> Until:
     """--until: a revision (digits) or an ISO 8601 time with its zone (2026-12-01T06:30:00Z). A time without
     one would be read in the operator's own zone, so it is refused."""
-    if REVISION.fullmatch(text):
+    if deltalog.REVISION_TEXT.fullmatch(text):
         return int(text)
     try:
         when = datetime.fromisoformat(text)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shlex
 import shutil
 import subprocess
@@ -24,7 +23,6 @@ from components.restore import RestoreError
 from components.restore.ssh import Ssh, widen_pipe
 from kcp_host import deltalog
 
-CHUNK_NAME = re.compile(r"([0-9]{16,19})-([0-9]{16,19})\.delta")  # deltalog.chunk_name, as the receiver files it
 CHUNKS_PER_READ = 200  # chunk files per `cat` on the backup host: one round trip each, a bounded command line
 
 
@@ -122,7 +120,7 @@ def received(meta_text: str, receipt_text: str, size: str, mtime: str, file_name
 
 def canonical_chunk(name: str) -> bool:
     """A name deltalog.chunk_name makes (zero-padded digits, first <= last): anything else is no chunk."""
-    match = CHUNK_NAME.fullmatch(name)
+    match = deltalog.CHUNK_FILE.fullmatch(name)
     return bool(match) and int(match[1]) <= int(match[2]) and deltalog.chunk_name(int(match[1]), int(match[2])) == name
 
 
