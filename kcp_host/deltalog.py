@@ -104,6 +104,13 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+def _when(value: Any) -> float:
+    """A revision's `at`: seconds since the epoch, finite (--until TIME compares with it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise DeltaError(f"at: {value!r} is not a time")
+    return float(value)
+
+
 def _op(raw: Any, rev: int) -> Op:
     try:
         if raw[0] == "put" and len(raw) == 4:
@@ -133,8 +140,8 @@ def decode(data: bytes) -> Chunk:
     for number, text in enumerate(lines[1:], start=2):
         try:
             raw = json.loads(text)
-            rev, at, ops = _int(raw["rev"], "rev"), float(raw["at"]), raw["ops"]
-        except (ValueError, KeyError, TypeError) as error:
+            rev, at, ops = _int(raw["rev"], "rev"), _when(raw["at"]), raw["ops"]
+        except (DeltaError, ValueError, KeyError, TypeError) as error:
             raise DeltaError(f"line {number}: not a revision ({error})") from None
         expected = first + len(rows)
         if rev != expected:

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -204,6 +205,10 @@ def test_a_new_segment_starts_right_after_a_newer_kept_snapshot(chained: Receive
      "refusing chunk 11..15: line 4: revision 14 where 13 must follow (a gap or an overlap)"),
     ("delta 11 15", b"\n".join(chunk(11, 15).encode().splitlines()[:-1]),
      "refusing chunk 11..15: the revisions end at 14, the header says 15"),
+    *(("delta 11 15", re.sub(rb'"at":[^,]+', b'"at":' + at, chunk(11, 15).encode(), count=1),
+       f"refusing chunk 11..15: line 2: not a revision (at: {shown} is not a time)")
+      for at, shown in ((b"NaN", "nan"), (b"Infinity", "inf"), (b"true", "True"), (b'"1767225611"', "'1767225611'"),
+                        (b"-1", "-1"))),
 ])
 def test_a_chunk_that_is_not_what_the_request_says_is_refused(receiver: Receiver, request_: str, payload: bytes,
                                                               message: str) -> None:
