@@ -6,7 +6,7 @@ old data is moved aside, never deleted. Its answers on stdout (->), the operator
   restore --token T --bump-revision B
                       -> quorum healthy|none  <- snapshot NAME BYTES  -> room  <- send, BYTES, ok|refused REASON
                       -> prepared BYTES RECEIVE_S RESTORE_S PEAK_KIB TOOL_PEAK_KIB  <- switch  -> switched
-                      <- start REVISION  -> healthy HASHKV SECONDS KEYS  <- apiserver  -> done
+                      <- start REVISION  -> healthy SECONDS KEYS  -> hashkv HASHKV  <- apiserver  -> done
   start-apiserver     put the manifest back, start the units a restore stopped (by hand, after a failed restore)
   retire-spare        on a spare: stop an etcd that took over a slot of the replaced cluster; back to watching
 """
@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 
 from kcp_host import systemd
 from kcp_host.contract import ClusterEnv, load_env
-from kcp_host.etcd import Etcdctl, EtcdError, command_env, last_line, snapshot_tool
+from kcp_host.etcd import Etcdctl, EtcdError, command_env, last_line, size_timeout, snapshot_tool
 from kcp_host.files import chown_tree, flocked, utc_stamp, write_atomic
 from kcp_host.log import Abort, log, set_program
-from kcp_host.verify import contents
+from kcp_host.verify import hash_at, key_count
 
 MANIFEST = Path("/etc/kubernetes/manifests/kube-apiserver.yaml")
 PARKED = Path("/etc/kubernetes/kube-apiserver.yaml.parked-by-etcd-restore")
@@ -193,9 +193,9 @@ def switch(env: ClusterEnv, new: Path, token: str) -> None:
     log(f"data dir restored (cluster token {token})")
 
 
-def start_and_wait(env: ClusterEnv, revision: int, timeout: float) -> tuple[int, int]:
-    """Start etcd; once it is healthy through this member (a linearizable read: a quorum runs), its hashkv and key
-    count at `revision`. A start that fails before etcd runs (219/CGROUP on nspawn hosts) is retried at once, twice."""
+def start_and_wait(env: ClusterEnv, revision: int, timeout: float) -> int:
+    """Start etcd; once it is healthy through this member (a linearizable read: a quorum runs), its key count at
+    `revision`. A start that fails before etcd runs (219/CGROUP on nspawn hosts) is retried at once, twice."""
     import http.client  # here, not at the top: every member starts its session sooner without them
     import ssl
 
@@ -211,8 +211,7 @@ def start_and_wait(env: ClusterEnv, revision: int, timeout: float) -> tuple[int,
                                                timeout=max(1.0, deadline - time.monotonic()))
             conn.request("GET", "/health")
             if json.loads(conn.getresponse().read()).get("health") == "true":
-                found = contents(Etcdctl.of(env), env.client_url, revision)
-                return found["hashkv"], found["keys"]
+                return key_count(Etcdctl.of(env), env.client_url, revision)
         except ConnectionRefusedError:  # not listening yet, or its start failed before etcd ran
             if systemd.show(unit, "SubState") in ("auto-restart", "failed"):
                 if (retries := retries + 1) > 2:
@@ -251,10 +250,20 @@ def restore(env: ClusterEnv, args: argparse.Namespace) -> None:
             print("switched", flush=True)
             revision = int(order(stdin, "start")[1])
             started = time.monotonic()
-            hashkv, keys = start_and_wait(env, revision, args.timeout)
-            log(f"healthy at revision >= {revision} after {time.monotonic() - started:.2f}s, hashkv {hashkv}, "
-                f"{keys} keys")
-            print(f"healthy {hashkv} {time.monotonic() - started:.2f} {keys}", flush=True)
+            keys = start_and_wait(env, revision, args.timeout)
+            up = time.monotonic() - started
+            print(f"healthy {up:.2f} {keys}", flush=True)
+            # Then the hashkv, which the operator compares across members before any API server starts: it reads the
+            # whole database while etcd's start-up compaction of the marked revision reads it too (seconds at 1 GB).
+            database = Path(env.data_dir) / "member" / "snap" / "db"
+            try:
+                timeout = size_timeout(database.stat().st_size)
+                hashkv = hash_at(Etcdctl.of(env), env.client_url, revision, timeout)["hashkv"]
+            except (EtcdError, OSError) as error:
+                raise Abort(1, f"no hashkv at revision {revision}: {error}") from None
+            log(f"healthy at revision >= {revision} after {up:.2f}s with {keys} keys; hashkv {hashkv} after "
+                f"{time.monotonic() - started - up:.2f}s more")
+            print(f"hashkv {hashkv}", flush=True)
             order(stdin, "apiserver")
         except Abort as stop:
             raise Abort(stop.code, f"{stop}; its API server and a switched etcd stay down (docs/backups.md)") from None

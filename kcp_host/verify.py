@@ -35,15 +35,23 @@ class _Plain(Etcdctl):
                 if a not in ("--cacert=", "--cert=", "--key=")]
 
 
-def contents(ctl: Etcdctl, endpoint: str, revision: int, timeout: str = "60s") -> dict[str, int]:
-    """What a restore of a snapshot taken at `revision` must reproduce, and the compaction point the hashkv covers
-    the revisions after (-1: never compacted); etcdctl's JSON leaves out zeros. `timeout` grows with the database
-    (hashkv reads all of it)."""
+def key_count(ctl: Etcdctl, endpoint: str, revision: int, timeout: str = "60s") -> int:
+    """The number of keys at `revision`: etcd counts them in its in-memory index, without reading the values."""
     got = ctl.json([endpoint], "get", "", "--prefix", "--keys-only", "--limit=1", f"--rev={revision}",
                    dial="3s", timeout=timeout)
+    return int(got.get("count", 0))  # etcdctl's JSON leaves out zeros
+
+
+def hash_at(ctl: Etcdctl, endpoint: str, revision: int, timeout: str = "60s") -> dict[str, int]:
+    """hashkv at `revision` and the compaction point it covers the revisions after (-1: never compacted). It reads
+    the whole database: `timeout` grows with it."""
     hashed = ctl.json([endpoint], "endpoint", "hashkv", f"--rev={revision}", dial="3s", timeout=timeout)[0]["HashKV"]
-    return {"keys": int(got.get("count", 0)), "hashkv": int(hashed.get("hash", 0)),
-            "compact_revision": int(hashed.get("compact_revision", 0))}
+    return {"hashkv": int(hashed.get("hash", 0)), "compact_revision": int(hashed.get("compact_revision", 0))}
+
+
+def contents(ctl: Etcdctl, endpoint: str, revision: int, timeout: str = "60s") -> dict[str, int]:
+    """What a restore of a snapshot taken at `revision` must reproduce: key count, hashkv and its compaction point."""
+    return {"keys": key_count(ctl, endpoint, revision, timeout), **hash_at(ctl, endpoint, revision, timeout)}
 
 
 class ThrowawayError(Exception):

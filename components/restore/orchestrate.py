@@ -168,17 +168,24 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
         clock.done("stop_and_switch")
         restored_rev = rev + plan.revision_bump
         clock.step(f"starting etcd on every member; each waits until it is healthy at revision {restored_rev} (the "
-                   f"snapshot's {rev} + {plan.revision_bump}, compacted there) and reports its hashkv and key count")
+                   f"snapshot's {rev} + {plan.revision_bump}, compacted there) and reports its key count, then its "
+                   "hashkv")
         with ThreadPoolExecutor(max_workers=1) as pool:  # no chunk can reach the backup host before etcd is up
             moved = pool.submit(restart_delta_log, plan, token, clock)
             answers = members.ask(sessions, f"start {restored_rev}", timeout=180)
         moved.result()
         expect(sessions, answers, "healthy", clock, "{names} not healthy; the API servers stay stopped")
-        hashkv = check_restored(sessions, answers, meta, plan.revision_bump)
+        check_key_counts(sessions, answers, meta)
         clock.done("start_and_wait_healthy")
         rto = clock.total
-        clock.step(f"cluster healthy (revision {restored_rev}, hashkv {hashkv}, {meta.get('keys')} keys); starting "
-                   "the API servers")
+        clock.step(f"cluster healthy at revision {restored_rev} with {meta.get('keys')} keys on every member; "
+                   "comparing the members' hashkv before any API server starts")
+        hashes = members.ask(sessions, None, timeout=120 + int(meta["file_bytes"]) / 20e6)
+        expect(sessions, hashes, "hashkv", clock, "{names} reported no hashkv; the API servers stay stopped")
+        hashkv = check_same_data(sessions, hashes, meta, plan.revision_bump)
+        clock.done("compare_hashkv")
+        verified = clock.total
+        clock.step(f"every member holds the same data (hashkv {hashkv}); starting the API servers")
         expect(sessions, members.ask(sessions, "apiserver", timeout=120), "done", clock,
                "starting the API servers failed on {names}")
     finally:
@@ -187,7 +194,8 @@ def restore(plan: Plan, snapshot_name: str | None, force: bool, clock: Clock) ->
     clock.done("start_apiservers")
     retire_spares(plan, clock)
     return {"snapshot": name, "revision": rev, "restored_revision": restored_rev, "revision_bump": plan.revision_bump,
-            "hashkv": hashkv, "token": token, "rto_seconds": round(rto, 3), "members": timings,
+            "hashkv": hashkv, "token": token, "rto_seconds": round(rto, 3), "verified_seconds": round(verified, 3),
+            "members": timings,
             "taken_at": meta.get("taken_at"), "keys": meta.get("keys"), "deltas": meta.get("deltas"),
             "base_snapshot": meta.get("base", meta)["name"]}
 
@@ -208,17 +216,20 @@ def restart_delta_log(plan: Plan, token: str, clock: Clock) -> None:
                        "resume (docs/backups.md)")
 
 
-def check_restored(sessions: Sessions, answers: dict[str, list[str]], meta: dict[str, Any],
-                   bump: int) -> int:
-    """Every member serves the same data (hashkv), with the recorded number of keys; unbumped, also the recorded
-    hashkv. A bump changes the hashkv (it covers the compaction point), not the keys. Returns the hashkv."""
+def check_key_counts(sessions: Sessions, answers: dict[str, list[str]], meta: dict[str, Any]) -> None:
+    """Every member, healthy, counts the recorded number of keys at the restored revision."""
+    counts = {name: int(words[2]) for name, words in answers.items()}
+    if meta.get("keys") is not None and set(counts.values()) != {int(meta["keys"])}:
+        raise halt(sessions, f"restored key counts {counts} != recorded {meta['keys']}; API servers left stopped")
+
+
+def check_same_data(sessions: Sessions, answers: dict[str, list[str]], meta: dict[str, Any], bump: int) -> int:
+    """Every member serves the same data (hashkv); unbumped, also the recorded hashkv. A bump changes the hashkv (it
+    covers the compaction point), not the keys. Returns the hashkv."""
     hashes = {name: int(words[1]) for name, words in answers.items()}
-    counts = {name: int(words[3]) for name, words in answers.items()}
     hashkv = next(iter(hashes.values()))
     if set(hashes.values()) != {hashkv}:
         raise halt(sessions, f"the restored members differ: hashkv {hashes}; API servers left stopped")
-    if meta.get("keys") is not None and set(counts.values()) != {int(meta["keys"])}:
-        raise halt(sessions, f"restored key counts {counts} != recorded {meta['keys']}; API servers left stopped")
     if not bump and meta.get("hashkv") is not None and hashkv != int(meta["hashkv"]):
         raise halt(sessions, f"restored cluster hashkv {hashkv} != recorded {meta['hashkv']}; API servers left "
                              "stopped")
@@ -245,6 +256,7 @@ def run_restore(plan: Plan, snapshot_name: str | None, force: bool, quiet: bool 
         plan.ssh.close([*plan.addresses(), *(spare.address for spare in plan.spares)])
         plan.reader.close()
     report.update(total_seconds=round(clock.total, 3), steps=clock.steps)
-    clock.step(f"done: restored {report['snapshot']} in {report['total_seconds']:.2f}s "
-               f"(healthy after {report['rto_seconds']:.2f}s)")
+    clock.step(f"done: restored {report['snapshot']} in {report['total_seconds']:.2f}s (healthy with every key "
+               f"after {report['rto_seconds']:.2f}s, the members' hashkv compared after "
+               f"{report['verified_seconds']:.2f}s)")
     return report

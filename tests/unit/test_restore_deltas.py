@@ -184,7 +184,7 @@ def member():
         return stop(f"REFUSED {words[1]}")
     print(f"prepared {len(data)} 0.1 0.1 100 100", flush=True)
     keys = len(json.loads(data)["kv"])
-    for word, answer in (("switch", "switched"), ("start", f"healthy 7 0.1 {keys}"), ("apiserver", "done")):
+    for word, answer in (("switch", "switched"), ("start", f"healthy 0.1 {keys}\nhashkv 7"), ("apiserver", "done")):
         if not heard().startswith(word):
             return stop("the operator stopped the restore")
         print(answer, flush=True)
