@@ -34,6 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "etcd-restore-member": ("restore_member:main", "one member's steps of scripts/etcd-restore"),
     "etcd-install": ("install:etcd", "install a pinned etcd release, or the distribution's"),
     "kubelet-install": ("install:kubelet", "install containerd, runc, crictl and the kubelet, pinned"),
+    "static-pods-restart": ("staticpods:main", "bare metal: restart the API server's static pods after a change"),
     "cloud-boot": ("cloudboot:main", "the boot path of GCE and AWS machines"),
     "cloud-refresh": ("refresh:main", "the refresh timer's job: apply changed bundles, one machine at a time"),
 }

@@ -325,8 +325,9 @@ HOST_PATHS: tuple[HostPath, ...] = (
              "`kcp-host cloud-boot` (docs/cloud-targets.md)"),
     HostPath(REFRESH_APPLIED, "0644", "clouds only: sha256 of the agent's and the slot's bundles that "
              "`cloud-refresh` applied last; the same bundles again change nothing"),
-    HostPath(STATIC_PODS_STARTED, "0644", "clouds only: sha256 of what the static pods started on (the kubelet's "
-             "release, its, containerd's and every /etc/kubernetes file): `cloud-refresh` restarts them on a change"),
+    HostPath(STATIC_PODS_STARTED, "0644", "sha256 of what the static pods started on (the kubelet's release on the "
+             "clouds, its, containerd's and every /etc/kubernetes file): `cloud-refresh`, and on bare metal "
+             "`static-pods-restart`, restart them on a change, one host at a time"),
 )
 
 

@@ -15,10 +15,6 @@ import argparse
 import dataclasses
 import hashlib
 import os
-import ssl
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 from kcp_host import cloudboot, install, lifecycle, systemd
@@ -37,13 +33,9 @@ from kcp_host.etcd import Etcdctl
 from kcp_host.files import write_atomic
 from kcp_host.log import Abort, log
 from kcp_host.membership import replacement_lock
+from kcp_host.staticpods import await_readyz, kubelet_fingerprint, restart_static_pods
 
 READY_SECONDS = 300  # for healthy voters before a member goes, for /readyz after an API server restart
-API_PORT = 6443
-# What the kubelet and its static pods read (components/render/kubernetes.py): a change restarts them.
-KUBELET_READS = ("/etc/kubernetes", "/etc/containerd", "/var/lib/kubelet/config.yaml",
-                 "/etc/systemd/system/kubelet.service", "/etc/systemd/system/containerd.service")
-CRICTL = ("crictl", "--runtime-endpoint", "unix:///run/containerd/containerd.sock")
 
 
 def fetch(env: BootEnv, slot: str) -> tuple[str, str]:
@@ -65,54 +57,6 @@ def etcd_client(env: BootEnv, slot: SlotEnv) -> ClusterEnv:
     ca, cert, key = slot.etcd_client
     return ClusterEnv(cluster_name=env.cluster, member_name=slot.name, peer_url="", client_url="", members=(),
                       client_endpoints=slot.etcd_endpoints, etcd_ca=ca, etcd_cert=cert, etcd_key=key, data_dir="")
-
-
-def kubelet_fingerprint(release: tuple[str, ...]) -> str:
-    """What the static pods run on: the kubelet's release and every file the kubelet and they read."""
-    digest = hashlib.sha256(repr(release).encode())
-    for top in map(Path, KUBELET_READS):
-        for path in sorted([top] if top.is_file() else top.rglob("*")):
-            if path.is_file():
-                digest.update(f"{path}\n".encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
-def crictl(*args: str) -> str:
-    proc = subprocess.run([*CRICTL, *args], capture_output=True, text=True, timeout=120, check=False)
-    if proc.returncode != 0:
-        raise Abort(1, f"crictl {args[0]}: {proc.stderr.strip()[-300:] or f'exit {proc.returncode}'}")
-    return proc.stdout
-
-
-def restart_static_pods() -> None:
-    """The pods removed while the kubelet is stopped, so that it creates every one anew from the current manifests
-    and files: a pod whose manifest did not change would otherwise go on with the old certificates."""
-    systemd.act("stop", "kubelet")
-    pods = crictl("pods", "-q", "--namespace", "kube-system").split()
-    if pods:
-        crictl("rmp", "--force", *pods)
-    systemd.act("restart", "containerd")
-    systemd.act("start", "kubelet")
-
-
-def await_readyz(timeout: float) -> None:
-    """This node's API server is ready: /readyz answers anonymous callers, and only its status is read, so the
-    serving certificate (which need not name the node) is not checked."""
-    url = f"https://{cloudboot.node_address()}:{API_PORT}/readyz"
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with opener.open(url, timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:  # not listening yet, or not ready (HTTPError)
-            pass
-        if time.monotonic() >= deadline:
-            raise Abort(1, f"{url} not ready after {timeout:.0f}s")
-        time.sleep(2)
 
 
 def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None:
@@ -137,7 +81,7 @@ def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None
     if "apiserver" in env.roles and pods.read_text() != (now := kubelet_fingerprint(after.kubelet_install)):
         install.kubelet(list(after.kubelet_install))
         restart_static_pods()
-        await_readyz(READY_SECONDS)
+        await_readyz(cloudboot.node_address(), READY_SECONDS)
         write_atomic(pods, now)
 
 

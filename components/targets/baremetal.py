@@ -172,11 +172,13 @@ class BareMetalTarget:
             firewalls[machine.name] = self._firewall(machine, after)
         receiver = self._backup_host(assets, self._install_agent("backup", self._bm.backup_host.address))
         started = self._etcd(assets, firewalls, receiver)
+        apiservers: list[remote.Command] = []
         balancers: list[remote.Command] = []
         for machine in t.machines:
             after = [firewalls[machine.name], *started]
             if machine.has("apiserver"):
-                self._apiserver(machine, assets, after)
+                # One at a time on update: each host's API server is ready again before the next one restarts.
+                apiservers.append(self._apiserver(machine, assets, [*after, *apiservers[-1:]]))
             if machine.has("loadbalancer"):
                 # One at a time, so the API VIP always has a holder whose HAProxy runs.
                 balancers.append(self._loadbalancer(machine, [*after, *balancers[-1:]]))
@@ -274,12 +276,16 @@ class BareMetalTarget:
             f"{shlex.quote(backup.receiver_root(bh.path, cfg.cluster_name))}",
             address=bh.address, stdin=line, depends_on=[agent])
 
-    def _apiserver(self, host: Machine, assets: SharedAssets, after: list[pulumi.Resource]) -> None:
+    def _apiserver(self, host: Machine, assets: SharedAssets, after: list[pulumi.Resource]) -> remote.Command:
+        """The API server's files; on update, its kubelet's static pods restart from them (not every host's kubelet
+        at once) and its API server is ready before the step ends."""
         files = assets.credentials.apply(lambda creds: apiserver_files(self._cluster, creds))
-        placed = self._files(host, "apiserver-config", files, "true", depends_on=after)
+        placed = self._files(host, "apiserver-config", files, "true", depends_on=after,
+                             update_then=f"{AGENT} static-pods-restart --address {shlex.quote(host.address or '')}")
         if self._bm.install_kubelet:
             release = kubelet_release_args(self._cfg.kubernetes_version)
             self._command(host, "install-kubelet", f"{AGENT} kubelet-install {release}", depends_on=[placed])
+        return placed
 
     def _loadbalancer(self, host: Machine, after: list[pulumi.Resource]) -> remote.Command:
         t = self._topology

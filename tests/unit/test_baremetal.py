@@ -73,6 +73,18 @@ def test_config_changes_restart_members_one_at_a_time(declared) -> None:
             f"local-{host}-etcd-config restarts without the guard, or a new etcd release would not roll it"
 
 
+def test_api_servers_restart_their_static_pods_one_at_a_time(declared) -> None:
+    """A kubelet restarts a static pod as soon as its manifest changes: every host's step waits for the one before
+    it, and restarts its pods itself, waiting until its API server is ready."""
+    program = declared("local")
+    hosts = ["h1", "h2", "h3"]
+    for index, host in enumerate(hosts, start=1):
+        update = program.named(f"local-{host}-apiserver-config").inputs["update"]
+        assert update.endswith(f"kcp-host static-pods-restart --address 10.250.0.1{index}"), update
+    for before, host in itertools.pairwise(hosts):
+        assert f"local-{before}-apiserver-config" in _waits_for(program, f"local-{host}-apiserver-config")
+
+
 def test_removing_a_member_goes_through_the_quorum_guard(declared) -> None:
     for host in ("h1", "h2", "h3"):
         assert "kcp-host etcd-member-leave;" in declared("local").named(f"local-{host}-etcd-start").inputs["delete"]

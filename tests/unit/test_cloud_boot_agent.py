@@ -29,7 +29,7 @@ from typing import ClassVar
 import pytest
 
 from components.render.hostfiles import HostFile, bundle
-from kcp_host import cli, cloudboot, clouds, install, lifecycle, refresh, systemd
+from kcp_host import cli, cloudboot, clouds, install, lifecycle, refresh, staticpods, systemd
 from kcp_host.cloudboot import forward_rules, fstab_with_mount, unpack
 from kcp_host.clouds import Aws, CloudError, Gce, retry, source_routes
 from kcp_host.contract import AGENT, BootEnv, ClusterEnv, SlotEnv, render_env
@@ -524,7 +524,7 @@ class Refresh:
         monkeypatch.setattr(refresh, "replacement_lock", lock)
         monkeypatch.setattr(refresh, "REFRESH_APPLIED", str(self.tmp / "applied"))
         monkeypatch.setattr(refresh, "STATIC_PODS_STARTED", str(self.tmp / "pods-started"))
-        monkeypatch.setattr(refresh, "KUBELET_READS", (str(self.root / "etc/kubernetes"),))
+        monkeypatch.setattr(staticpods, "KUBELET_READS", (str(self.root / "etc/kubernetes"),))
         monkeypatch.setattr(refresh.os, "execv", exec_agent)
         monkeypatch.setattr(refresh.Etcdctl, "members", lambda ctl, endpoints: [
             Member(1, "prod-etcd-1", ("https://10.0.0.3:2380",), ("https://10.0.0.3:2379",), self.learner)])
@@ -602,8 +602,8 @@ def test_static_pods_are_removed_while_the_kubelet_is_stopped_and_created_anew(t
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _stand_in(tmp_path, monkeypatch, "systemctl", "*) ;;")
     _stand_in(tmp_path, monkeypatch, "crictl", "*'pods -q --namespace kube-system') printf 'p1\\np2\\n' ;;\n*) ;;")
-    refresh.restart_static_pods()
-    crictl = " ".join(refresh.CRICTL[1:])
+    staticpods.restart_static_pods()
+    crictl = " ".join(staticpods.CRICTL[1:])
     assert calls.read_text().splitlines() == ["stop kubelet", f"{crictl} pods -q --namespace kube-system",
                                               f"{crictl} rmp --force p1 p2", "restart containerd", "start kubelet"]
 
@@ -630,16 +630,15 @@ def test_readyz_is_awaited_on_the_node_over_https(tmp_path: Path, monkeypatch: p
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Readyz)
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    monkeypatch.setattr(cloudboot, "node_address", lambda: "127.0.0.1")
-    monkeypatch.setattr(refresh, "API_PORT", httpd.server_address[1])
-    monkeypatch.setattr(refresh.time, "sleep", lambda _: None)
+    monkeypatch.setattr(staticpods, "API_PORT", httpd.server_address[1])
+    monkeypatch.setattr(staticpods.time, "sleep", lambda _: None)
     try:
         _Readyz.answers = [500, 500]
-        refresh.await_readyz(60)
+        staticpods.await_readyz("127.0.0.1", 60)
         assert _Readyz.answers == [], "not ready twice, then ready"
         _Readyz.answers = [500] * 3
         with pytest.raises(Abort, match="readyz not ready after 0s"):
-            refresh.await_readyz(0)
+            staticpods.await_readyz("127.0.0.1", 0)
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -119,6 +119,17 @@ def test_pki_rotation_reissues_every_leaf_and_updates_the_bundles_never_the_cas(
     assert all(a.command is None for chain in plan.deletes for _, a in chain), "tls deletes reach no host"
 
 
+def test_new_api_server_files_restart_one_api_server_after_the_other(before, local) -> None:
+    """New leaf certificates reach every API server in one `pulumi up`: the engine runs the updates in the order their
+    dependencies give, so each host's static pods restart only after the one before it is ready again."""
+    plan = second_up(before, changed(local, pki__rotation=1))
+    hosts = [f"local-{h}-apiserver-config" for h in ("h1", "h2", "h3")]
+    updates = [a for r in plan.registrations for a in r.actions if r.name in hosts]
+    assert [a.name for a in updates] == hosts and all("static-pods-restart" in (a.command or "") for a in updates)
+    for earlier, later in itertools.pairwise(hosts):
+        assert earlier in plan.waits_for(later), f"{later} must wait for {earlier}"
+
+
 def test_unchanged_certificates_stay_byte_identical_and_reissued_ones_change(local) -> None:
     before = run_program(local, stack="local", mocks=RealTlsMocks)
     same = rerun_program(local, before, stack="local", mocks=RealTlsMocks)
