@@ -573,7 +573,9 @@ def read_back():
 # through this machine to every member at once (tee into one ssh per member); `snapshot restore` on every member at
 # once, with etcd's default hash check and the member's own flags (name, initial cluster, peer URL, a new token); the
 # old data moved aside, the restored data put in place, etcd started everywhere (with the marker this stack's unit
-# reads to start on restored data); then `endpoint health` of every member, every 0.1 s, until all are healthy.
+# reads to start on restored data; a start that fails before etcd runs, 219/CGROUP on the nspawn hosts, started again
+# at once, as etcd-restore does, not after RestartSec); then `endpoint health` of every member, every 0.1 s, until all
+# are healthy.
 # bash -c BASELINE baseline KEY BACKUP_HOST FILE TOKEN MEMBER_ADDRESS...; prints "rto SECONDS".
 BASELINE = r'''
 set -euo pipefail
@@ -600,7 +602,9 @@ restore() { s "$1" ". /etc/etcd/cluster.env && \$(command -v etcdutl || echo etc
 step=restore all "$@"
 start_etcd() { s "$1" ". /etc/etcd/cluster.env && systemctl kill -s KILL etcd; systemctl stop etcd && \
   if [ -e \$KCP_DATA_DIR ]; then mv \$KCP_DATA_DIR \$KCP_DATA_DIR.before-baseline-$token; fi && \
-  mv $new \$KCP_DATA_DIR && echo $token > /run/etcd/restored && systemctl start --no-block etcd"; }
+  mv $new \$KCP_DATA_DIR && echo $token > /run/etcd/restored && systemctl start --no-block etcd && \
+  for _ in \$(seq 30); do case \$(systemctl show -p SubState --value etcd) in running) break ;; \
+    auto-restart|failed) systemctl reset-failed etcd; systemctl start --no-block etcd ;; esac; sleep 0.1; done"; }
 step=start_etcd all "$@"
 s "$1" '. /etc/etcd/cluster.env; until etcdctl --endpoints=$KCP_CLIENT_ENDPOINTS --cacert=$KCP_ETCD_CA \
   --cert=$KCP_ETCD_CERT --key=$KCP_ETCD_KEY --dial-timeout=1s --command-timeout=2s endpoint health >/dev/null 2>&1
