@@ -94,6 +94,7 @@ def main(argv: list[str]) -> int:
         return 0
     # No record (none since boot, or a release before this one): the files may have changed, so restart once.
     log("restarting the static pods: the files they read changed")
+    systemd.act("daemon-reload")  # the bundle carries the kubelet's and containerd's units too
     restart_static_pods()
     await_readyz(args.address, args.timeout)
     write_atomic(started, now + "\n")
