@@ -294,13 +294,70 @@ def _declared_serial(c: Cluster, host: str) -> str:
     return out.stdout.decode().strip()
 
 
+STANDIN = "/usr/local/lib/kcp-standin/kubelet_standin.py"
+# Drop-ins, since the API server's bundle carries the real units; KillMode=process: the kubelet's pods outlive it, as
+# a real kubelet's containers do (containerd's real unit has it too).
+STANDIN_DROP_INS = {
+    "kubelet": "[Service]\nExecStart=\nExecStart=/usr/bin/python3 {standin} kubelet {address}\nKillMode=process\n",
+    "containerd": "[Service]\nExecStartPre=\nExecStart=\nExecStart=/bin/sleep infinity\n",
+}
+
+
+def start_kubelet_standins(c: Cluster, hosts: list[str]) -> None:
+    """No kubelet runs on the test hosts: a stand-in kubelet (and crictl, containerd) runs a stand-in API server
+    pod on each, so that `static-pods-restart` restarts something real and every pod start and stop is recorded."""
+    for host in hosts:
+        c.sandbox.copy_to(host, HERE / "kubelet_standin.py", STANDIN)
+        units = "".join(f"mkdir -p /etc/systemd/system/{name}.service.d; "
+                        f"cat > /etc/systemd/system/{name}.service.d/stand-in.conf <<'EOF'\n"
+                        f"{text.format(standin=STANDIN, address=c.sandbox.address(host))}EOF\n"
+                        for name, text in STANDIN_DROP_INS.items())
+        c.sandbox.ssh(host, f"set -e; {units}printf '#!/bin/sh\\nexec python3 {STANDIN} crictl \"$@\"\\n' "
+                            "> /usr/local/bin/crictl; chmod 755 /usr/local/bin/crictl; systemctl daemon-reload; "
+                            "systemctl start containerd kubelet")
+    deadline = time.monotonic() + 30
+    while any("ready" not in [e[0] for e in api_server_events(c, h)] for h in hosts):
+        assert time.monotonic() < deadline, {h: api_server_events(c, h) for h in hosts}
+        time.sleep(0.2)
+
+
+def api_server_events(c: Cluster, host: str) -> list[tuple[str, int, float]]:
+    """(start|ready|stop, pid, time) of the stand-in API server pods on `host`."""
+    out = c.sandbox.ssh(host, "cat /run/kcp-standin/events 2>/dev/null || true").stdout.decode()
+    return [(w[0], int(w[1]), float(w[2])) for w in (line.split() for line in out.splitlines())]
+
+
+def down_intervals(events: list[tuple[str, int, float]], since: float) -> list[tuple[float, float]]:
+    """When no pod of the host answered ready: from a ready pod's stop to the next pod's ready."""
+    out, down_at = [], None
+    for what, _, at in sorted(events, key=lambda e: e[2]):
+        if what == "stop" and at >= since and down_at is None:
+            down_at = at
+        elif what == "ready" and down_at is not None:
+            out.append((down_at, at))
+            down_at = None
+    return out + ([(down_at, float("inf"))] if down_at is not None else [])
+
+
 def test_b_a_pki_rotation_makes_every_member_serve_its_new_certificate(cluster: Cluster) -> None:
+    """New certificates for every host in one `pulumi up`: etcd members restart one at a time, and so do the API
+    servers (stand-in kubelets and API servers, see kubelet_standin.py): never two of them down at once."""
+    api_servers = [h["name"] for h in cluster.config["baremetal"]["hosts"] if "apiserver" in h["roles"]]
+    start_kubelet_standins(cluster, api_servers)
     old = {h: _served_serial(cluster, h) for h in cluster.members}
+    since = time.time()
     update, _, _ = apply(cluster, "pki-rotation", lambda cfg: cfg.setdefault("pki", {}).update(rotation=1))
     assert not [n for n in update.named("replace") if "-ca" in n and "etcd-server" not in n], "a CA was replaced"
     for host in cluster.members:
         now = _served_serial(cluster, host)
         assert now != old[host] and now == _declared_serial(cluster, host), f"{host} serves {now}, was {old[host]}"
+    down = {h: down_intervals(api_server_events(cluster, h), since) for h in api_servers}
+    print("\nFIGURE (local test bed) API server stand-ins down during the pki rotation, seconds: "
+          + ", ".join(f"{h} {[round(b - a, 2) for a, b in spans]}" for h, spans in down.items()))
+    assert all(down.values()), f"every API server restarts on its new certificates: {down}"
+    for (one, spans), (other, others) in itertools.combinations(down.items(), 2):
+        for a, b in spans:
+            assert all(b <= c or d <= a for c, d in others), f"{one} {a}-{b} and {other} {others}: down at once"
 
 
 def test_h_an_operator_range_that_locks_out_the_program_is_refused_at_the_first_host(cluster: Cluster) -> None:
