@@ -47,12 +47,19 @@ EXIT_CGROUP = "219"
 
 def pause_backup_timers(dep: Deployment) -> None:
     """Check the deployed timer runs on every member, then pause it and the delta log for this module's tests
-    (tests/integration/test_delta_log.py tests the delta log)."""
+    (tests/integration/test_delta_log.py tests the delta log). A new delta log asks for a snapshot at once (its chain
+    starts after one): that backup finishes before any test runs, or it could land after a test's own backup and be
+    the newest one a restore picks."""
     for m in dep.members:
         state_now = dep.sandbox.ssh(m, "systemctl is-active etcd-backup.timer", check=False).stdout.decode().strip()
         assert state_now in ("active", "inactive"), f"{m}: etcd-backup.timer is {state_now}"
         dep.sandbox.ssh(m, "systemctl stop etcd-backup.timer")
         dep.sandbox.stop_unit(m, "etcd-delta-archive.service")
+    for m in dep.members:
+        busy = dep.sandbox.ssh(m, "for _ in $(seq 600); do case $(systemctl show -p ActiveState --value "
+                                  "etcd-backup.service) in activating|active|deactivating) sleep 0.5 ;; *) exit 0 ;; "
+                                  "esac; done; exit 1", check=False, timeout=330)
+        assert busy.returncode == 0, f"{m}: etcd-backup.service still runs after 300 s"
 
 
 @pytest.fixture(scope="module", autouse=True)
