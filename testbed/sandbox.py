@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from testbed import image, network
+from testbed import cgroups, image, network
 from testbed.system import SYSTEM_PATH, ProcessId, children_of, keygen, log, run, wait_until
 
 STATE_ROOT = image.STATE_ROOT
@@ -129,6 +129,10 @@ class Sandbox:
     def _lock_file(self, host: str) -> Path:
         """The lock systemd-nspawn keeps beside a running container's directory."""
         return self.dir / "hosts" / f".#{host}.lck"
+
+    def cgroup(self, host: str) -> str:
+        """The host's own cgroup (relative to each hierarchy's root): see testbed.cgroups."""
+        return f"kcp-sandbox/{self.name}/{host}"
 
     def _log_file(self, host: str) -> Path:
         """Console output of the host (kept after down, for post-mortems)."""
@@ -248,6 +252,7 @@ class Sandbox:
         hosts = list(self._known_hosts())
         for host in hosts:
             self._stop(host)
+        cgroups.remove(f"kcp-sandbox/{self.name}")
         for host in hosts:
             network.remove_host_link(self.netns(host), self.veth(host))
         network.remove_bridge(self.bridge)
@@ -307,6 +312,7 @@ class Sandbox:
         log_file = self._log_file(host)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         argv = [
+            *cgroups.spawn_prefix(self.cgroup(host)),
             "systemd-nspawn",
             "-D", str(self.host_dir(host)),
             "--boot",
@@ -381,6 +387,7 @@ class Sandbox:
         child = self._children.pop(host, None)
         if child is not None:
             child.wait(timeout=STOP_TIMEOUT)  # reap, so no zombie stays behind
+        cgroups.remove(self.cgroup(host))
         self._lock_file(host).unlink(missing_ok=True)
         if host in self._load_state():
             self._save_host(host, None)
