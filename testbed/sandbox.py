@@ -483,37 +483,8 @@ class Sandbox:
         return proc
 
     def start_unit(self, host: str, unit: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-        """`systemctl start UNIT`, started once more if systemd never ran its program. These hosts share one
-        cgroup-v1 `name=systemd` tree (nspawn without a host systemd), so a unit of one name that starts in two
-        containers at once (the timers of every host) can lose its cgroup directory to the other container's
-        cleanup: systemd then fails the start with result `resources` ("Failed to spawn executor: No such file or
-        directory") or status 219/CGROUP; it refused the same start twice in a row once. Any failure of the program
-        itself is returned as it is."""
-        for attempt in range(3):
-            run = self.ssh(host, f"systemctl start {unit}", timeout=timeout, check=False)
-            if run.returncode == 0 or attempt == 2:
-                return run
-            shown = self.ssh(host, f"systemctl show -p Result -p ExecMainStatus {unit}", check=False).stdout.decode()
-            state = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
-            if state.get("Result") != "resources" and state.get("ExecMainStatus") != "219":
-                return run
-            print(f"\n(test hosts' shared cgroup tree: {unit} never ran on {host}; starting it again)")
-            self.ssh(host, f"systemctl reset-failed {unit}", check=False)
-            time.sleep(1)
-        return run
-
-    def stop_unit(self, host: str, unit: str, timeout: float = 30) -> None:
-        """Stop a long-running UNIT for good (no Restart=) without waiting on the shared cgroup tree (see start_unit):
-        `systemctl stop` waits until the unit's cgroup is empty, and the same unit of another container can sit in
-        it, so a plain stop can hang for the unit's whole stop timeout. Queue the stop, SIGKILL what this host runs
-        of it, and wait until its main process is gone here."""
-        self.ssh(host, f"systemctl stop --no-block {unit}; systemctl kill -s KILL {unit}", check=False)
-        deadline = time.monotonic() + timeout
-        main_pid = f"systemctl show -p MainPID --value {unit}"
-        while self.ssh(host, main_pid, check=False).stdout.strip() not in (b"0", b""):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{host}: {unit} still runs {timeout:.0f} s after it was stopped")
-            time.sleep(0.2)
+        """`systemctl start UNIT`, returned when the start job is done (for a oneshot: when its program exited)."""
+        return self.ssh(host, f"systemctl start {unit}", timeout=timeout, check=False)
 
     def copy_to(self, host: str, local_path: str | Path, remote_path: str) -> None:
         """Copy a file or a directory tree to a host, keeping modes (over ssh, via tar)."""
