@@ -143,8 +143,11 @@ def etcd_restore(dep: Deployment, *extra: str, env: dict[str, str] | None = None
 
 
 def lose_every_members_data(dep: Deployment) -> None:
+    """etcd stopped and its data gone on every member; a stop that hangs fails with what systemd was doing."""
     for m in dep.members:
-        dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; systemctl stop etcd; rm -rf \"$KCP_DATA_DIR\"")
+        dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; timeout 45 systemctl stop etcd || { { systemctl list-jobs; "
+                           "systemctl status --no-pager -l etcd 'etcd*' 'kcp*'; journalctl -b --no-pager -n 60; "
+                           "} >&2; exit 1; }; rm -rf \"$KCP_DATA_DIR\"", timeout=120)
 
 
 def test_only_the_leader_takes_a_verified_snapshot_of_100mb(local_cluster: Deployment) -> None:
