@@ -27,7 +27,7 @@ import pytest
 # The repo root, so that plain `pytest` (no pythonpath configured) imports testbed too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from testbed import Sandbox, SshError, cgroups
+from testbed import Sandbox, SshError
 from testbed.image import image_dir
 from testbed.network import bridge_name, link_exists, netns_exists
 
@@ -132,46 +132,6 @@ def test_type_notify_service_runs_and_kill_process_crashes_it(sandbox: Sandbox) 
         sandbox.ssh("t1", "systemctl stop etcd", check=False)
 
 
-def systemd_cgroup(pid: int) -> str:
-    """A process's cgroup in the `name=systemd` hierarchy, as the machine sees it."""
-    line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ":name=systemd:" in line)
-    return line.split(":", 2)[2]
-
-
-def host_pid(sandbox: Sandbox, host: str, pid_inside: int) -> int:
-    """The machine's pid of the process that HOST knows as pid_inside."""
-    namespace = os.readlink(f"/proc/{sandbox.container_init(host)}/ns/pid")
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and os.readlink(entry / "ns/pid") == namespace:
-                nspid = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("NSpid:"))
-                if int(nspid.split()[-1]) == pid_inside:
-                    return int(entry.name)
-        except OSError:  # gone meanwhile, or not ours to read (the machine's own init)
-            continue
-    raise AssertionError(f"{host}: no process {pid_inside}")
-
-
-@pytest.mark.skipif(not cgroups.needed(), reason="only a machine with a legacy name=systemd hierarchy and no "
-                    "systemd of its own (this test bed's) puts every container in one cgroup tree")
-def test_each_host_has_its_own_cgroup_tree_so_one_unit_name_never_spans_two_hosts(sandbox: Sandbox) -> None:
-    """A unit of one name running on two hosts sits in two cgroups: a stop or a start on one never sees the other's."""
-    for host in HOSTS:
-        assert systemd_cgroup(sandbox.container_init(host)) == f"/{sandbox.cgroup(host)}/payload/init.scope"
-    unit = "[Service]\nExecStart=/bin/sleep infinity\n"
-    for host in HOSTS:
-        sandbox.ssh(host, f"printf '{unit}' > /run/systemd/system/same-name.service && systemctl daemon-reload && "
-                          "systemctl start same-name")
-    try:
-        main_pid = "systemctl show -p MainPID --value same-name"
-        mains = {host: host_pid(sandbox, host, int(remote(sandbox, host, main_pid))) for host in HOSTS}
-        assert {host: systemd_cgroup(pid) for host, pid in mains.items()} == {
-            host: f"/{sandbox.cgroup(host)}/payload/system.slice/same-name.service" for host in HOSTS}
-    finally:
-        for host in HOSTS:
-            sandbox.ssh(host, "systemctl stop same-name; rm -f /run/systemd/system/same-name.service", check=False)
-
-
 def test_partition_cuts_traffic_and_heal_restores_it(sandbox: Sandbox) -> None:
     assert tcp_probe(sandbox, "t1", "t2")
     sandbox.partition("t2")
@@ -246,7 +206,6 @@ def test_down_removes_everything_by_name(sandbox: Sandbox) -> None:
         assert not netns_exists(sandbox.netns(host))
         assert not sandbox.host_dir(host).exists()
     assert not sandbox.ssh_key_path.exists()
-    assert not any((root / "kcp-sandbox" / NAME).exists() for root in (cgroups.LEGACY_SYSTEMD, cgroups.UNIFIED))
     assert image_dir(sandbox.root, sandbox.suite).is_dir()  # the cached image stays
     sandbox.down()  # idempotent
 
