@@ -505,7 +505,9 @@ class Sandbox:
         main_pid = f"systemctl show -p MainPID --value {unit}"
         while self.ssh(host, main_pid, check=False).stdout.strip() not in (b"0", b""):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{host}: {unit} still runs {timeout:.0f} s after it was stopped")
+                seen = self.ssh(host, f"systemctl list-jobs; systemctl status --no-pager -l {unit}; journalctl -b "
+                                      "--no-pager -n 40", check=False).stdout.decode(errors="replace")
+                raise AssertionError(f"{host}: {unit} still runs {timeout:.0f} s after it was stopped:\n{seen}")
             time.sleep(0.2)
 
     def copy_to(self, host: str, local_path: str | Path, remote_path: str) -> None:

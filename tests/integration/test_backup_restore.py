@@ -164,11 +164,11 @@ def etcd_restore(dep: Deployment, *extra: str, env: dict[str, str] | None = None
 
 
 def lose_every_members_data(dep: Deployment) -> None:
-    """etcd stopped and its data gone on every member; a stop that hangs fails with what systemd was doing."""
+    """etcd killed for good and its data gone on every member, as a loss of every machine. Killed, not stopped: a
+    plain stop waited past 60 s on h1 in one CI run (Sandbox.stop_unit says why it can and shows what systemd did)."""
     for m in dep.members:
-        dep.sandbox.ssh(m, ". /etc/etcd/cluster.env; timeout 45 systemctl stop etcd || { { systemctl list-jobs; "
-                           "systemctl status --no-pager -l etcd 'etcd*' 'kcp*'; journalctl -b --no-pager -n 60; "
-                           "} >&2; exit 1; }; rm -rf \"$KCP_DATA_DIR\"", timeout=120)
+        dep.sandbox.stop_unit(m, "etcd.service")
+        dep.sandbox.ssh(m, '. /etc/etcd/cluster.env; rm -rf "$KCP_DATA_DIR"')
 
 
 def test_only_the_leader_takes_a_verified_snapshot_of_100mb(local_cluster: Deployment) -> None:
