@@ -206,7 +206,9 @@ class Archiver:
                     log(f"no longer the leader; archived through {self.archived}")
                     return
                 self.compact(revision_now)
-                close_at = time.monotonic() + self.backup.delta_seconds
+                # On the interval's beat, not from the end of the upload: a write waits at most one interval plus
+                # one upload (an upload longer than the interval is followed by the next chunk at once).
+                close_at = max(close_at + self.backup.delta_seconds, time.monotonic())
         finally:
             watch.stop()
 
