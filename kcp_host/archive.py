@@ -1,11 +1,13 @@
 """etcd-delta-archive: the delta log, so a restore loses seconds of writes, not a backup interval.
 
 Runs on every etcd host; only the raft leader's acts. It watches etcd from the revision after the last archived
-one (the backup host says which: `delta-next`) and ships every `KCP_BACKUP_DELTA_SECONDS` a chunk of the
-revisions seen (kcp_host/deltalog.py). The backup host refuses a chunk that would leave a gap or repeat a
-revision, so after a leader change, or two archivers for a moment, the chain stays whole: a refused archiver
-asks again where to resume. It also compacts etcd (kube-apiserver's own compaction is off) every 5 minutes to the
-revision of 5 minutes before, never past what is archived or held by a kept snapshot. docs/backups.md.
+one (the destination says which: the backup host's `delta-next`, a bucket's newest chunk) and ships every
+`KCP_BACKUP_DELTA_SECONDS` a chunk of the revisions seen (kcp_host/deltalog.py). The backup host refuses a chunk
+that would leave a gap or repeat a revision, a bucket a second chunk from one revision, so after a leader change,
+or two archivers for a moment, the chain stays whole: a refused archiver asks again where to resume. In a bucket
+each etcd cluster (a restore makes a new one) has its own log, `deltas/<cluster ID>/`. It also compacts etcd
+(kube-apiserver's own compaction is off) every 5 minutes to the revision of 5 minutes before, never past what is
+archived or held by a kept snapshot. docs/backups.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from kcp_host import deltalog, systemd, verify
 from kcp_host.contract import BackupEnv, ClusterEnv, load_env
-from kcp_host.destinations import DeltaRefused, Receiver, UploadError
+from kcp_host.destinations import DeltaRefused, UploadError, destination
 from kcp_host.etcd import Etcdctl, EtcdError, command_env
 from kcp_host.files import update_json, utc_iso
 from kcp_host.log import Abort, log
@@ -81,7 +83,8 @@ class Archiver:
     def __init__(self, env: ClusterEnv, backup: BackupEnv) -> None:
         self.env, self.backup = env, backup
         self.ctl = Etcdctl.of(env, cert=backup.cert, key=backup.key)
-        self.receiver = Receiver(backup)
+        self.sink = destination(backup)
+        self.history = ""  # the etcd cluster's ID (16 hex digits), which names its log in a bucket
         self.status = Path(backup.work_dir) / "status.json"
         self.archived = 0  # the last revision the backup host took
         self.snapshot_revisions: list[int] = []
@@ -93,9 +96,11 @@ class Archiver:
         self.asked_at = -float(SNAPSHOT_ASK_SECONDS)
 
     def local_status(self) -> tuple[bool, int]:
-        """(this member leads, the cluster's revision); EtcdError when the local member does not answer."""
+        """(this member leads, the cluster's revision), and the cluster's ID into `history`; EtcdError when the local
+        member does not answer."""
         try:
             status = self.ctl.json([self.env.client_url], "endpoint", "status", dial="2s", timeout="5s")[0]["Status"]
+            self.history = f"{int(status['header']['cluster_id']):016x}"
             return status["leader"] == status["header"]["member_id"], int(status["header"]["revision"])
         except (LookupError, TypeError, ValueError) as error:
             raise EtcdError(f"unreadable endpoint status: {error}") from None
@@ -103,7 +108,7 @@ class Archiver:
     def resume_point(self) -> int | None:
         """The first revision to watch: after the chain's last, or else a new segment after the newest kept
         snapshot; None until there is a snapshot that etcd still holds the revisions after."""
-        following, self.snapshot_revisions = self.receiver.delta_next()
+        following, self.snapshot_revisions = self.sink.delta_next(self.history)
         newest = max(self.snapshot_revisions, default=None)
         if following is not None and following > self.lost:
             return following
@@ -146,9 +151,9 @@ class Archiver:
                 chunk = deltalog.Chunk(chunk.cluster, chunk.member, chunk.closed_at, chunk.revisions, leases,
                                        self.check(chunk.last))
             try:
-                self.receiver.delta(chunk.encode(), chunk.first, chunk.last)
+                self.sink.delta(chunk.encode(), chunk.first, chunk.last, self.history)
             except DeltaRefused as refusal:
-                raise Resync(f"the backup host refused {chunk.first}..{chunk.last}: {refusal}") from None
+                raise Resync(f"{self.backup.dest} refused {chunk.first}..{chunk.last}: {refusal}") from None
             self.archived = chunk.last
             rows = rows[len(take):]
         update_json(self.status, format=1, last_delta_revision=self.archived, last_delta_at=utc_iso())
@@ -235,7 +240,7 @@ class Archiver:
                     continue
                 self.follow(start)
             except Resync as why:
-                log(f"{why}; asking the backup host where to resume")
+                log(f"{why}; asking {self.backup.dest} where to resume")
                 self.lost = max(self.lost, why.compacted_from)
             except (EtcdError, UploadError, OSError) as error:
                 log(f"{error}; again in {RETRY_SECONDS}s")
@@ -247,8 +252,7 @@ def main(argv: list[str]) -> int:
                                      epilog="Reads /etc/etcd/cluster.env and /etc/etcd/backup.env.")
     parser.parse_args(argv)
     backup = load_env(BackupEnv)
-    if backup.delta_seconds <= 0 or not backup.dest.startswith("ssh://"):
-        raise Abort(2, f"no delta log configured (KCP_BACKUP_DELTA_SECONDS={backup.delta_seconds}, "
-                       f"destination {backup.dest}); it needs an ssh:// backup host")
+    if backup.delta_seconds <= 0:
+        raise Abort(2, f"no delta log configured (KCP_BACKUP_DELTA_SECONDS={backup.delta_seconds})")
     Archiver(load_env(ClusterEnv), backup).run()
     return 0

@@ -70,6 +70,7 @@ class Job:
             meta: dict[str, Any] = {
                 "format": 1, "name": name, "cluster": self.env.cluster_name, "taken_at": utc_iso(started),
                 "member": self.env.member_name, "etcd_version": str(status.get("version", "")), "revision": revision,
+                "cluster_id": f"{int(status['header']['cluster_id']):016x}",  # in a bucket, names its delta log
                 **verify.contents(self.ctl, url, revision, slow), "total_keys": snap["totalKey"],
                 "snapshot_hash": snap["hash"], "size": snap["totalSize"],
                 "snapshot_seconds": round(time.time() - started, 2), "sha256": sha256_of(db),

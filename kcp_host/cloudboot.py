@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from kcp_host import install, systemd
 from kcp_host.clouds import CLOUDS, Aws, CloudError, Gce, retry
-from kcp_host.contract import BootEnv, ClusterEnv, SlotEnv, load_env
+from kcp_host.contract import DELTA_UNIT, DELTA_UNIT_FILE, BootEnv, ClusterEnv, SlotEnv, load_env
 from kcp_host.etcd import Etcdctl
 from kcp_host.files import write_atomic
 from kcp_host.lifecycle import await_healthy
@@ -124,6 +124,14 @@ def cloud_of(env: BootEnv) -> Gce | Aws:
     return CLOUDS[env.provider](env)
 
 
+def start_delta_log(restart: bool) -> None:
+    """The delta log's archiver, where the bundle has its unit (backup.deltaSeconds); it reads backup.env and the
+    agent once, as it starts, so a refresh that changed either restarts it."""
+    if Path(DELTA_UNIT_FILE).is_file():
+        systemd.act("enable", DELTA_UNIT)
+        systemd.act("restart" if restart else "start", "--no-block", DELTA_UNIT)
+
+
 def start_etcd(cloud: Gce | Aws, wait_seconds: int) -> None:
     """The marker object tells etcd-member-recovery that the cluster exists: a blank replacement never bootstraps."""
     cluster = load_env(ClusterEnv)
@@ -134,6 +142,7 @@ def start_etcd(cloud: Gce | Aws, wait_seconds: int) -> None:
     systemd.act("enable", cluster.etcd_unit, "etcd-backup.timer")
     systemd.act("start", "--no-block", cluster.etcd_unit)
     systemd.act("start", "etcd-backup.timer")
+    start_delta_log(restart=False)
     await_healthy(cluster, Etcdctl.of(cluster), wait_seconds)
     created = retry("write the cluster-formed marker", 10, 6, cloud.mark_formed)
     formed.touch()

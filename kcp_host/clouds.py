@@ -24,6 +24,8 @@ from kcp_host.log import Abort, log
 T = TypeVar("T")
 # Metadata servers are link-local: never through a proxy. Nothing else here needs one (Cloud NAT, NAT gateways).
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+GCE_METADATA = "http://metadata.google.internal/computeMetadata/v1"
+GCS_API = "https://storage.googleapis.com"
 
 
 class CloudError(Exception):
@@ -82,8 +84,8 @@ class Gce:
     """The marker object through the GCS JSON API, so that a missing object (404) is told apart from an error."""
 
     env: BootEnv
-    metadata: str = "http://metadata.google.internal/computeMetadata/v1"
-    storage: str = "https://storage.googleapis.com"
+    metadata: str = GCE_METADATA
+    storage: str = GCS_API
 
     def _metadata(self, path: str) -> str:
         return http(f"{self.metadata}/{path}", {"Metadata-Flavor": "Google"})[1]

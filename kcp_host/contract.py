@@ -27,6 +27,8 @@ PKI = f"{ETCD_DIR}/pki"
 ETCD_ENV = f"{ETCD_DIR}/etcd.env"
 BACKUP_SSH_KEY = f"{ETCD_DIR}/backup-ssh/id_ed25519"
 BACKUP_SSH_KNOWN_HOSTS = f"{ETCD_DIR}/backup-ssh/known_hosts"
+DELTA_UNIT = "etcd-delta-archive.service"  # the delta log's archiver, where backup.deltaSeconds renders it
+DELTA_UNIT_FILE = f"/etc/systemd/system/{DELTA_UNIT}"
 HOST_IDENTITY = "/etc/kcp/host-identity"
 DATA_DIR = "/var/lib/etcd/data"
 REFRESH_APPLIED = "/var/lib/kcp/cloud-refresh.sha256"
@@ -135,7 +137,7 @@ class BackupEnv(EnvFile):
     verify: bool = setting("restore every snapshot into a throwaway etcd before it counts", True)
     work_dir: str = setting("newest local snapshot and `status.json`", "/var/lib/etcd-backup")
     delta_seconds: int = setting("`etcd-delta-archive` closes and ships a chunk of the delta log this often "
-                                 "(0: no delta log; ssh:// only)", 0, example="10")
+                                 "(0: no delta log)", 0, example="10")
     ssh_key: str = setting("the host's key for the backup host's receiver (ssh:// only)", "",
                            example=BACKUP_SSH_KEY)
     ssh_known_hosts: str = setting("the backup host's key (ssh:// only): when present, the only key accepted "

@@ -31,6 +31,9 @@ KIND = "etcd-delta"
 REVISION_TEXT = re.compile(r"[0-9]{1,19}")
 # What chunk_name makes (16 digits, more once revisions need them), and the receiver's receipt beside it.
 CHUNK_FILE = re.compile(r"([0-9]{16,19})-([0-9]{16,19})\.(delta|receipt)")
+# In a bucket a chunk is named by its first revision only (its last is in the object's metadata and its header):
+# created only if the name is new, so no two chunks there start at one revision.
+BUCKET_CHUNK = re.compile(r"([0-9]{16,19})\.delta")
 MAX_CHUNK_BYTES = 8 << 20  # a chunk closes early at this size; the receiver refuses larger ones
 Op = tuple[str, str, str, int]  # ("put", key, value, lease) or ("del", key, "", 0); key and value in base64
 
@@ -84,6 +87,10 @@ class Chunk:
 def chunk_name(first: int, last: int) -> str:
     """Sorts by revision as text; digits only, so a name cannot point anywhere else."""
     return f"{first:016d}-{last:016d}.delta"
+
+
+def bucket_chunk_name(first: int) -> str:
+    return f"{first:016d}.delta"
 
 
 def ops_of(events: Iterable[dict[str, Any]]) -> tuple[Op, ...]:

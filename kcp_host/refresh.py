@@ -78,6 +78,7 @@ def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None
     install.etcd(list(after.etcd_install))
     if "etcd" in env.roles:
         lifecycle.rolling_restart([])  # only if what etcd reads at start changed; waits until every voter is healthy
+        cloudboot.start_delta_log(restart=True)
     if "apiserver" in env.roles and pods.read_text() != (now := kubelet_fingerprint(after.kubelet_install)):
         install.kubelet(list(after.kubelet_install))
         restart_static_pods()

@@ -418,13 +418,13 @@ def bucket_run(tmp_path: Path, dest: str, meta: dict[str, Any]) -> tuple[str, st
 
 
 META = {"name": "local-20260101T000000Z", "taken_at": "2026-01-01T00:00:00Z", "revision": 42, "keys": 7,
-        "hashkv": 123, "sha256": "ab" * 32, "verified": True, "verify_error": ""}
+        "hashkv": 123, "sha256": "ab" * 32, "verified": True, "verify_error": "", "cluster_id": "0123456789abcdef"}
 
 
 def test_every_object_version_carries_the_snapshots_metadata() -> None:
     assert object_metadata(META) == ("name=local-20260101T000000Z,taken-at=2026-01-01T00:00:00Z,revision=42,keys=7,"
-                                     f"hashkv=123,sha256={'ab' * 32},verified=true")
-    assert object_metadata({**META, "verified": None}).endswith("verified=null")
+                                     f"hashkv=123,sha256={'ab' * 32},verified=true,cluster-id=0123456789abcdef")
+    assert "verified=null," in object_metadata({**META, "verified": None})
 
 
 def calls(log: Path) -> list[list[str]]:
@@ -610,8 +610,8 @@ def test_a_run_takes_a_verified_snapshot_and_files_it_on_the_backup_host(etcd_ho
     name = etcd_host.status()["last_snapshot"]
     meta = json.loads((etcd_host.backup_host / f"{name}.json").read_text())
     assert meta["verified"] is True and meta["verify_error"] == "" and meta["keys"] == 20, meta
-    assert set(meta) == {"format", "name", "cluster", "taken_at", "member", "etcd_version", "revision", "keys",
-                         "hashkv", "compact_revision", "total_keys", "snapshot_hash", "size", "sha256",
+    assert set(meta) == {"format", "name", "cluster", "taken_at", "member", "etcd_version", "revision", "cluster_id",
+                         "keys", "hashkv", "compact_revision", "total_keys", "snapshot_hash", "size", "sha256",
                          "snapshot_seconds", "verified", "verified_at", "verify_seconds", "verify_error"}
     assert meta["sha256"] == hashlib.sha256((etcd_host.backup_host / f"{name}.db").read_bytes()).hexdigest()
     assert etcd_host.status()["last_verified"] and "last_failure" not in etcd_host.status()

@@ -32,7 +32,7 @@ from components.render.hostfiles import HostFile, bundle
 from kcp_host import cli, cloudboot, clouds, install, lifecycle, refresh, staticpods, systemd
 from kcp_host.cloudboot import forward_rules, fstab_with_mount, unpack
 from kcp_host.clouds import Aws, CloudError, Gce, retry, source_routes
-from kcp_host.contract import AGENT, BootEnv, ClusterEnv, SlotEnv, render_env
+from kcp_host.contract import AGENT, DELTA_UNIT, DELTA_UNIT_FILE, BootEnv, ClusterEnv, SlotEnv, render_env
 from kcp_host.etcd import Member
 from kcp_host.log import Abort
 
@@ -642,3 +642,20 @@ def test_readyz_is_awaited_on_the_node_over_https(tmp_path: Path, monkeypatch: p
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_refresh_restarts_the_delta_log_archiver_where_the_bundle_has_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """It reads backup.env and the agent once, as it starts: a changed bundle restarts it (a chain resumes where it
+    ends); without its unit (backup.deltaSeconds unset) nothing is started."""
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    unit = machine.root / DELTA_UNIT_FILE.lstrip("/")
+    monkeypatch.setattr(cloudboot, "DELTA_UNIT_FILE", str(unit))
+    machine.publish(election="1200")
+    assert machine.run() == 0 and not [s for s in machine.steps if DELTA_UNIT in s]
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text("[Service]\n")
+    machine.publish(election="1300")
+    assert machine.run() == 0
+    assert machine.steps[-4:] == ["etcd restart", f"systemctl enable {DELTA_UNIT}",
+                                  f"systemctl restart --no-block {DELTA_UNIT}", "unlock"], machine.steps

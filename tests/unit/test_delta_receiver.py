@@ -30,6 +30,7 @@ from tests.unit.test_backup_agent import (
 )
 
 ERROR = "etcd-backup-receive: ERROR: "
+HISTORY = "0123456789abcdef"  # the cluster ID a bucket names its log by; the backup host has one log
 
 
 def b64(data: bytes) -> str:
@@ -334,12 +335,12 @@ def test_the_client_sends_chunks_and_learns_where_the_chain_goes_on(
         client: destinations.Receiver, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     backup_host = Receiver(tmp_path / "backup-host")
     snapshot(backup_host, 1, 10)
-    assert client.delta_next() == (None, [10])
-    client.delta(chunk(11, 15).encode(), 11, 15)
+    assert client.delta_next(HISTORY) == (None, [10])
+    client.delta(chunk(11, 15).encode(), 11, 15, HISTORY)
     assert stored(backup_host) == names((11, 15))
-    assert client.delta_next() == (16, [10])
+    assert client.delta_next(HISTORY) == (16, [10])
     with pytest.raises(DeltaRefused) as refusal:
-        client.delta(chunk(11, 15).encode(), 11, 15)
+        client.delta(chunk(11, 15).encode(), 11, 15, HISTORY)
     line = f"{ERROR}overlap: revisions 11..15 are archived already (next is 16)"
     assert refusal.value.stderr == line and refusal.value.code == 1
     assert str(refusal.value) == f"the backup host refused `delta 11 15` (exit 1): {line}", "for the archiver's log"
@@ -358,11 +359,11 @@ def test_a_backup_host_out_of_reach_is_no_refusal(client: destinations.Receiver,
     """ssh's own failures exit 255: the chunk was not refused, sending it again may work."""
     stand_in_ssh(tmp_path, "echo 'ssh: connect to host 192.0.2.1 port 2222: Connection timed out' >&2; exit 255")
     with pytest.raises(UploadError) as failure:
-        client.delta(chunk(11, 15).encode(), 11, 15)
+        client.delta(chunk(11, 15).encode(), 11, 15, HISTORY)
     assert not isinstance(failure.value, DeltaRefused)
     assert failure.value.code == 255 and "Connection timed out" in failure.value.stderr
     with pytest.raises(UploadError):
-        client.delta_next()
+        client.delta_next(HISTORY)
 
 
 @pytest.mark.parametrize("answer", [
@@ -375,11 +376,11 @@ def test_an_answer_that_is_not_one_of_delta_next_is_an_upload_error(client: dest
     (tmp_path / "answer").write_text(answer)
     stand_in_ssh(tmp_path, f"cat {tmp_path / 'answer'}")
     with pytest.raises(UploadError, match="answer to `delta-next` is not one"):
-        client.delta_next()
+        client.delta_next(HISTORY)
 
 
 def test_a_well_formed_answer_of_delta_next_is_taken_as_it_is(client: destinations.Receiver, tmp_path: Path) -> None:
     """The counterpart of the test above: the stand-in is not what fails there."""
     (tmp_path / "answer").write_text('{"next": null, "snapshot_revisions": [10, 20]}\n')
     stand_in_ssh(tmp_path, f"cat {tmp_path / 'answer'}")
-    assert client.delta_next() == (None, [10, 20])
+    assert client.delta_next(HISTORY) == (None, [10, 20])
