@@ -1,8 +1,8 @@
 """The delta log in a restore: a snapshot plus the revisions archived after it, replayed on one member into one
 point-in-time snapshot, which the restore then streams to every member like any other snapshot.
 
-`Replayed` wraps a source that has a delta log (the backup host's folder, sources.DeltaLog) and keeps the Source
-protocol: `pick` chooses the base snapshot, the chain of chunks after it (kcp_host/deltalog.py's rules) and the
+`Replayed` wraps a source that has a delta log (sources.DeltaLog: the backup host's folder, a bucket) and keeps the
+Source protocol: `pick` chooses the base snapshot, the chain of chunks after it (kcp_host/deltalog.py's rules) and the
 target revision (the newest archived one, or `--until`'s), has `kcp-host etcd-delta-replay` replay them on the
 plan's first host and saves what it writes; `open` streams that file. Every refusal comes from `pick`, so the
 restore's guard ends every member's session before any member was sent anything.
@@ -183,7 +183,8 @@ class Replayed:
     def choose(self, wanted: str | None) -> Chosen:
         """The base snapshot and the delta log's listing: reads only, so the restore asks it while the members say
         whether they see a healthy quorum; the replay waits for their answers."""
-        return self.base(wanted), self.source.deltas()
+        base = self.base(wanted)
+        return base, self.source.deltas(base)
 
     def open(self, meta: dict[str, Any]) -> Fetch:
         if "replayed_file" in meta:

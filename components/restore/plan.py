@@ -12,7 +12,7 @@ from components.config import BackupHost, BareMetal, ClusterConfig
 from components.restore import RestoreError
 from components.restore.deltas import Replayed, until_argument
 from components.restore.members import Host
-from components.restore.sources import BackupFolder, DeltaLog, LocalFile, S3Backups, Source
+from components.restore.sources import BackupFolder, DeltaLog, LocalFile, LocalFileWithDeltas, S3Backups, Source
 from components.restore.ssh import Ssh
 from components.stack_file import StackFileError, read_stack
 
@@ -67,9 +67,14 @@ def parse_hosts(text: str) -> list[Host]:
 
 def source_of(args: argparse.Namespace, cfg: ClusterConfig | None, ssh: Ssh) -> Source:
     """A bucket, a local file, or (by default) the cluster's folder on the backup host."""
+    if args.delta_dir and not args.snapshot_file:
+        raise RestoreError("--delta-dir goes with --snapshot-file (the backup host's folder and --bucket hold "
+                           "their own delta log)")
     if args.bucket:
         return S3Backups(args.bucket)
     if args.snapshot_file:
+        if args.delta_dir:
+            return LocalFileWithDeltas(args.snapshot_file, args.metadata, args.delta_dir)
         return LocalFile(args.snapshot_file, args.metadata)
     backup = cfg.baremetal.backup_host if cfg and cfg.baremetal else None
     cluster = args.cluster_name or (cfg.cluster_name if cfg else None)
@@ -104,8 +109,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if isinstance(source, DeltaLog) and not args.no_deltas:
         deltas = Replayed(source, ssh, hosts[0], args.until)
     elif args.until is not None:
-        raise RestoreError("--until needs the delta log, which only the backup host's folder holds: "
-                           + ("leave out --no-deltas" if args.no_deltas else "not --bucket or --snapshot-file"))
+        raise RestoreError("--until needs the delta log: "
+                           + ("leave out --no-deltas" if args.no_deltas else "with --snapshot-file, give --delta-dir"))
     return Plan(hosts, ssh, source, spares, args.bump_revision, deltas)
 
 
@@ -136,6 +141,8 @@ def parser(description: str | None) -> argparse.ArgumentParser:
                    "backupLocation`) with the operator's aws CLI and credentials")
     p.add_argument("--snapshot-file", type=Path, help="restore this local file (e.g. downloaded from a bucket)")
     p.add_argument("--metadata", type=Path, help="the snapshot's .json, needed with --snapshot-file")
+    p.add_argument("--delta-dir", type=Path, help="with --snapshot-file: a folder of the delta log's chunks after it "
+                   "(a bucket's deltas/<cluster ID>/, downloaded), replayed onto it")
     p.add_argument("--bump-revision", type=revision_bump, default=DEFAULT_REVISION_BUMP, metavar="N",
                    help="move the restored revision N past the snapshot's and mark it compacted (default: "
                    "%(default)s; 0: keep the snapshot's revision, for etcd older than 3.5.13)")

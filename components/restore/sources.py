@@ -2,18 +2,21 @@
 
 Each source lists what it holds as the metadata written beside every snapshot (name, revision,
 keys, hashkv, sha256, verified, ...) plus `file_bytes`, picks one by `pick_backup`'s rules, and
-opens its bytes as a stream (`Fetch`) for the members. The backup host's folder also holds the delta log
-(`DeltaLog`: its chunks and their receipts), which components/restore/deltas.py replays onto a snapshot.
+opens its bytes as a stream (`Fetch`) for the members. Each can also hold the delta log (`DeltaLog`: the backup
+host's chunks and their receipts, a bucket's `deltas/<cluster ID>/`, a local folder of chunks downloaded from one),
+which components/restore/deltas.py replays onto a snapshot.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,12 +90,14 @@ class Source(Protocol):
 
 @runtime_checkable
 class DeltaLog(Source, Protocol):
-    """A source that also holds the delta log (chunks of revisions after its snapshots): the backup host only."""
+    """A source that also holds the delta log (chunks of revisions after its snapshots)."""
 
     def pick(self, wanted: str | None, keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         ...
 
-    def deltas(self) -> list[dict[str, Any]]:
+    def deltas(self, base: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunks that may carry `base` on: each with its `name`, `first`, `last`, `bytes` and `sha256`, and
+        `refused` where the store's record contradicts it."""
         ...
 
     def fetch_deltas(self, chunks: Sequence[dict[str, Any]]) -> Generator[bytes, None, None]:
@@ -194,10 +199,11 @@ class BackupFolder:
         widen_pipe(proc.stdout)
         return Fetch(proc.stdout, proc, self.address)
 
-    def deltas(self) -> list[dict[str, Any]]:
+    def deltas(self, base: dict[str, Any]) -> list[dict[str, Any]]:
         """The delta log's chunks under `delta_dir` (only names deltalog.chunk_name makes), each with its range, its
         size and what the receiver recorded on its arrival (sha256, bytes); `refused` where that record is missing
-        or contradicts the file, which no restore then replays."""
+        or contradicts the file, which no restore then replays. One log for every snapshot: a restore moves it
+        aside."""
         assert self.address and self.directory
         script = ('for f in "$1"/*.delta; do case "${f##*/}" in *[!0-9a-z.-]*) continue ;; esac; '
                   '[ -f "$f" ] || continue; printf "%s\\037%s\\037" "${f##*/}" "$(stat -c %s "$f" || echo -1)"; '
@@ -262,20 +268,82 @@ class LocalFile:
     def where(self) -> str:
         return str(self.path)
 
-    def pick(self, wanted: str | None) -> dict[str, Any]:
+    def pick(self, wanted: str | None, keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         if not self.metadata:
             raise RestoreError("--snapshot-file needs --metadata (the .json written beside it)")
         if not self.path.is_file():
             raise RestoreError(f"--snapshot-file {self.path}: no such file")
         stat = self.path.stat()  # the operator chose this file: its own time is its arrival
-        return pick_backup([{**json.loads(self.metadata.read_text()), "file_bytes": stat.st_size,
-                             "arrived": stat.st_mtime}], wanted)
+        meta = {**json.loads(self.metadata.read_text()), "file_bytes": stat.st_size, "arrived": stat.st_mtime}
+        if keep is not None and not keep(meta):
+            raise RestoreError(f"--snapshot-file {self.path} (revision {meta.get('revision')}, taken "
+                               f"{meta.get('taken_at')}) is not at or before it")
+        return pick_backup([meta], wanted)
 
     def open(self, meta: dict[str, Any]) -> Fetch:
         return Fetch(self.path.open("rb"))
 
     def close(self) -> None:
         """Nothing to release: the file is the operator's."""
+
+
+@dataclass
+class ChunkFolder:
+    """Delta log chunks as files in a local folder, named as a bucket names them (`<first revision>.delta`): a
+    bucket's `deltas/<cluster ID>/` downloaded. A chunk's range is its header's; one whose name says another first
+    revision, or whose header is unreadable, is refused. Each file is hashed as it is listed and checked when read."""
+
+    path: Path
+
+    def deltas(self, refused: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Every chunk's entry; `refused`: names the store itself refused, and why."""
+        entries = []
+        for file in sorted(self.path.glob("*.delta")) if self.path.is_dir() else ():
+            match = deltalog.BUCKET_CHUNK.fullmatch(file.name)
+            if not match or not file.is_file():
+                continue
+            data, first = file.read_bytes(), int(match[1])
+            entry: dict[str, Any] = {"name": file.name, "first": first, "last": first, "file_bytes": len(data),
+                                     "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            try:
+                head = json.loads(data.split(b"\n", 1)[0])
+                entry["last"] = int(head["last"])
+                if int(head["first"]) != first:
+                    entry["refused"] = f"its header says it starts at revision {head['first']}"
+            except (ValueError, KeyError, TypeError):
+                entry["refused"] = "its first line is no chunk header"
+            if refused and file.name in refused:
+                entry["refused"] = refused[file.name]
+            entries.append(entry)
+        return entries
+
+    def fetch(self, chunks: Sequence[dict[str, Any]]) -> Generator[bytes, None, None]:
+        for chunk in chunks:
+            data = (self.path / chunk["name"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != chunk["sha256"]:
+                raise RestoreError(f"delta chunk {chunk['name']} in {self.path} changed since it was listed: "
+                                   "refusing it")
+            yield data
+
+
+@dataclass
+class LocalFileWithDeltas(LocalFile):
+    """A local snapshot and a local folder of the chunks after it (`--delta-dir`: e.g. a GCS bucket's
+    `deltas/<cluster ID>/`, downloaded with `gcloud storage cp -r`)."""
+
+    delta_dir: Path = Path()
+
+    def deltas(self, base: dict[str, Any]) -> list[dict[str, Any]]:
+        if not self.delta_dir.is_dir():
+            raise RestoreError(f"--delta-dir {self.delta_dir}: no such folder")
+        return ChunkFolder(self.delta_dir).deltas()
+
+    def fetch_deltas(self, chunks: Sequence[dict[str, Any]]) -> Generator[bytes, None, None]:
+        return ChunkFolder(self.delta_dir).fetch(chunks)
+
+    def set_deltas_aside(self, name: str) -> bool:
+        """The folder is the operator's; the bucket it came from keeps each cluster's log apart already."""
+        return False
 
 
 class S3Backups:
@@ -293,6 +361,7 @@ class S3Backups:
             raise RestoreError(f"--bucket {url}: expected s3://BUCKET/PREFIX (the stack's backupLocation)")
         self.url, self.bucket, self.prefix = url, bucket, prefix.strip("/")
         self.scratch: Path | None = None
+        self.chunks = ChunkFolder(Path())  # the delta log once `deltas` downloaded it
 
     def where(self) -> str:
         return self.url
@@ -324,6 +393,7 @@ class S3Backups:
             tags = head.get("Metadata", {})
             entry = {"name": version["Key"].removeprefix(folder).removesuffix(".db"), "taken_at": tags.get("taken-at"),
                      "sha256": tags.get("sha256"), "verified": tags.get("verified") == "true",
+                     "cluster_id": tags.get("cluster-id"),
                      "file_bytes": int(head["ContentLength"]), "arrived": version["LastModified"],
                      "_key": version["Key"], "_version": version["VersionId"]}
             try:
@@ -336,10 +406,13 @@ class S3Backups:
                 entry["refused"] = f"its object metadata names {tags.get('name')!r}"
             yield entry
 
-    def pick(self, wanted: str | None) -> dict[str, Any]:
-        """The newest verified snapshot, or the named one (pick_backup's rules), downloaded."""
+    def pick(self, wanted: str | None, keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """The newest verified snapshot (among those `keep` accepts), or the named one (pick_backup's rules),
+        downloaded."""
         seen: list[dict[str, Any]] = []
         for meta in self.listing():
+            if keep is not None and not keep(meta):
+                continue
             seen.append(meta)
             if not meta.get("refused") and (meta["name"] == wanted or (wanted is None and meta["verified"])):
                 break
@@ -352,7 +425,38 @@ class S3Backups:
     def open(self, meta: dict[str, Any]) -> Fetch:
         return Fetch(Path(meta["local_file"]).open("rb"))
 
+    def deltas(self, base: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunks of the delta log of the cluster `base` was taken of (`deltas/<its cluster ID>/`, each etcd
+        cluster's own: a restore makes a new one), downloaded into the scratch dir. A key with more than one version
+        is refused: the archivers create each key once, so a second version is an upload over a chunk. None for a
+        snapshot that records no cluster ID (taken before the delta log came to the clouds)."""
+        history = base.get("cluster_id")
+        if not (isinstance(history, str) and re.fullmatch(r"[0-9a-f]{16}", history)):
+            return []
+        folder = f"{self.prefix}/deltas/{history}/".lstrip("/")
+        versions = self.aws("list-object-versions", "--prefix", folder).get("Versions", [])
+        counts = Counter(v["Key"] for v in versions)
+        refused = {key.removeprefix(folder): "more than one version: an upload over a chunk" for key, n in
+                   counts.items() if n > 1}
+        if not self.scratch:
+            self.scratch = Path(tempfile.mkdtemp(prefix="kcp-restore-download-"))
+        self.chunks = ChunkFolder(self.scratch / "deltas")
+        if counts:
+            proc = subprocess.run(["aws", "s3", "cp", "--recursive", "--only-show-errors", f"s3://{self.bucket}/{folder}",
+                                   str(self.chunks.path)], capture_output=True, text=True, timeout=3600, check=False)
+            if proc.returncode != 0:
+                raise RestoreError(f"cannot download the delta log s3://{self.bucket}/{folder}: {proc.stderr.strip()}")
+        return self.chunks.deltas(refused)
+
+    def fetch_deltas(self, chunks: Sequence[dict[str, Any]]) -> Generator[bytes, None, None]:
+        return self.chunks.fetch(chunks)
+
+    def set_deltas_aside(self, name: str) -> bool:
+        """Nothing to move: the restored cluster has a new cluster ID, so its archivers start a log of their own."""
+        return False
+
     def close(self) -> None:
-        """Delete the downloaded copy: it holds every secret of the cluster."""
+        """Delete the downloaded copies: they hold every secret of the cluster."""
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None

@@ -265,7 +265,7 @@ def test_the_delta_log_lists_chunk_names_only_each_with_what_the_receiver_record
     for stray in ("notes.delta", "11-15.delta", "0000000000000031-0000000000000032.delta.part",
                   "00000000000000031-0000000000000032.delta", "0000000000000040-0000000000000035.delta"):
         (deltas / stray).write_bytes(b"not a chunk")
-    listed = world.folder.deltas()
+    listed = world.folder.deltas({})
     assert [(c["first"], c["last"]) for c in sorted(listed, key=lambda c: c["first"])] == RANGES
     for entry in listed:
         receipt = json.loads((deltas / entry["name"].replace(".delta", ".receipt")).read_text())
@@ -288,7 +288,7 @@ def test_a_chunk_without_a_matching_receipt_is_listed_as_refused(world: World, d
     else:
         receipt.write_text((world.root / "deltas" / deltalog.chunk_name(16, 20).replace(".delta", ".receipt"))
                            .read_text())
-    refused = {c["name"]: c.get("refused") for c in world.folder.deltas()}
+    refused = {c["name"]: c.get("refused") for c in world.folder.deltas({})}
     assert refused[deltalog.chunk_name(21, 25)].startswith(why)
     assert [name for name, reason in refused.items() if reason] == [deltalog.chunk_name(21, 25)]
 
@@ -561,12 +561,20 @@ def test_an_until_that_is_neither_a_revision_nor_a_time_with_its_zone_is_a_usage
     assert usage.value.code == 2 and why in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [("--bucket", "s3://b/p"), ("--snapshot-file", "/x.db", "--metadata", "/x.json"),
-                                   ("--no-deltas",)])
+@pytest.mark.parametrize("flags", [("--snapshot-file", "/x.db", "--metadata", "/x.json"), ("--no-deltas",)])
 def test_until_without_a_delta_log_is_refused(flags: tuple[str, ...]) -> None:
     with pytest.raises(RestoreError, match="--until needs the delta log"):
         plan_for(*BACKUP_HOST, *flags, "--until", "5")
     assert plan_for(*BACKUP_HOST, *flags).deltas is None, "without --until: the snapshot alone, as before"
+
+
+@pytest.mark.parametrize("flags", [("--bucket", "s3://b/p"),
+                                   ("--snapshot-file", "/x.db", "--metadata", "/x.json", "--delta-dir", "/d")])
+def test_a_bucket_and_a_downloaded_chunk_folder_have_a_delta_log(flags: tuple[str, ...]) -> None:
+    plan = plan_for(*BACKUP_HOST, *flags, "--until", "5")
+    assert isinstance(plan.deltas, Replayed) and plan.deltas.until == 5, plan.deltas
+    with pytest.raises(RestoreError, match="--delta-dir goes with --snapshot-file"):
+        plan_for(*BACKUP_HOST, "--delta-dir", "/d")
 
 
 @pytest.mark.parametrize(("taken_at", "rpo", "shown"), [

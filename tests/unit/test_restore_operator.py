@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,8 @@ def locked_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
             subprocess.run(["aws", "s3api", *args, "--bucket", bucket], capture_output=True, check=True)
         yield bucket
     finally:
+        # moto keeps its buckets in this process, not in the server: the next test starts from none.
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
         server.stop()
 
 
