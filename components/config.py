@@ -151,7 +151,7 @@ class Backup(Model):
     interval_minutes: Annotated[int, Field(ge=5, le=1440)] = 30
     retain: Retain = Retain()
     verify: bool = True
-    # The delta log (bare metal): a chunk of the revisions written is shipped this often, the recovery point.
+    # The delta log: a chunk of the revisions written is shipped this often to the backup host or bucket: the RPO.
     delta_seconds: Annotated[int, Field(ge=1, le=300)] = 10
 
 

@@ -13,9 +13,9 @@ def cluster_facts(cfg: ClusterConfig, topology: Topology, addresses: dict[str, s
     """Resolved, provider-neutral facts for the renderer; targets call it inside an apply."""
     members = tuple(etcd.Member(m.name, addresses[m.name]) for m in topology.etcd_members)
     spares = tuple(etcd.Member(m.name, addresses[m.name]) for m in topology.spares)
-    # The delta log goes to the bare-metal backup host only (docs/backups.md); where it runs, its archiver compacts
-    # etcd, held behind what is archived, and kube-apiserver does not.
-    delta_seconds = cfg.backup.delta_seconds if backup_dest.startswith("ssh://") else 0
+    # The delta log goes where the snapshots go (docs/backups.md); its archiver compacts etcd, held behind what is
+    # archived, and kube-apiserver does not.
+    delta_seconds = cfg.backup.delta_seconds if backup_dest.startswith(("ssh://", "gs://", "s3://")) else 0
     api = kubernetes.ApiServerSettings(
         kubernetes_version=cfg.kubernetes_version,
         etcd_servers=tuple(m.client_url for m in members),

@@ -264,15 +264,13 @@ def _age(stamp: str, now: datetime | None) -> str:
 
 
 def _delta_log(cfg: ClusterConfig) -> str:
-    if cfg.baremetal is None:
-        return "none on the clouds yet (the recovery point is the snapshot interval)"
+    where = "the backup host" if cfg.baremetal is not None else "the backup bucket (deltas/<cluster ID>/)"
     return (f"every revision written, shipped by the raft leader every {cfg.backup.delta_seconds} s "
-            "(backup.deltaSeconds); a restore replays it onto the snapshot, up to the newest revision or `--until`")
+            f"(backup.deltaSeconds) to {where}; a restore replays it onto the snapshot, up to the newest revision or "
+            "`--until`")
 
 
 def _rpo_target(cfg: ClusterConfig) -> str:
-    if cfg.baremetal is None:
-        return f"{cfg.backup.interval_minutes} min (= backup.intervalMinutes)"
     return f"{cfg.backup.delta_seconds} s + 2 s (= backup.deltaSeconds, the delta log)"
 
 
@@ -287,10 +285,9 @@ def _backup_status(cfg: ClusterConfig, status: Mapping[str, str] | None, now: da
     if minutes is not None and minutes > 2 * cfg.backup.interval_minutes:
         lines.append(f"- **Stale**: the newest verified snapshot is older than two intervals "
                      f"({2 * cfg.backup.interval_minutes} min): the RPO target is not being met.")
-    if cfg.baremetal is not None:
-        delta = status.get("last_delta_at")
-        lines.append(f"- Delta log archived through revision {status.get('last_delta_revision', '?')} as of "
-                     f"{_age(delta, now)}." if delta else "- Delta log: **nothing archived yet**.")
+    delta = status.get("last_delta_at")
+    lines.append(f"- Delta log archived through revision {status.get('last_delta_revision', '?')} as of "
+                 f"{_age(delta, now)}." if delta else "- Delta log: **nothing archived yet**.")
     failure = status.get("last_failure")
     if failure and failure > status.get("last_success", ""):
         lines.append(f"- **Last run failed** at {_age(failure, now)}: {status.get('last_failure_reason', '?')}.")

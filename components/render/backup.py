@@ -14,10 +14,9 @@ import hashlib
 import re
 import shlex
 
-from kcp_host.contract import AGENT, PKI, BackupEnv, render_env
+from kcp_host.contract import AGENT, DELTA_UNIT, DELTA_UNIT_FILE, PKI, BackupEnv, render_env
 
 SERVICE = "/etc/systemd/system/etcd-backup.service"
-DELTA_SERVICE = "/etc/systemd/system/etcd-delta-archive.service"
 # etcd's backend quota (ETCD_QUOTA_BACKEND_BYTES, render/etcd.py) is 8 GiB, and a snapshot is the backend file:
 # twice that leaves room for the pages a database over its quota still holds.
 SNAPSHOT_MAX_BYTES = 16 * 1024**3
@@ -135,8 +134,7 @@ def delta_enable_command(cluster_name: str, delta_seconds: int) -> str:
     """Enables and restarts the archiver; names its unit's digest and the interval, so that a change of either runs
     it again (the archiver reads backup.env once, as it starts)."""
     digest = hashlib.sha256(delta_unit(cluster_name).encode()).hexdigest()[:12]
-    unit = DELTA_SERVICE.rsplit("/", 1)[1]
-    return (f"systemctl daemon-reload && systemctl enable {unit} && systemctl restart {unit}  "
+    return (f"systemctl daemon-reload && systemctl enable {DELTA_UNIT} && systemctl restart {DELTA_UNIT}  "
             f"# every {delta_seconds}s, unit {digest}")
 
 
@@ -145,8 +143,8 @@ def backup_env(dest: str, verify: bool, ssh_key_path: str | None, delta_seconds:
     _require(_DEST, "backup destination", dest)
     if dest.startswith("ssh://") and not ssh_key_path:
         raise ValueError(f"backup destination {dest!r} needs ssh_key_path (the host's key for the receiver)")
-    if delta_seconds and not (dest.startswith("ssh://") and 1 <= delta_seconds <= 300):
-        raise ValueError(f"delta log every {delta_seconds}s to {dest!r} is not allowed (1..300 s, ssh:// only)")
+    if delta_seconds and not 1 <= delta_seconds <= 300:
+        raise ValueError(f"delta log every {delta_seconds}s is not allowed (1..300 s)")
     return render_env(BackupEnv(
         dest=dest, cert=f"{PKI}/backup-client.crt", key=f"{PKI}/backup-client.key", verify=verify,
         ssh_key=_require(_PATH, "backup ssh key path", ssh_key_path) if ssh_key_path else "",
@@ -162,7 +160,7 @@ def backup_host_files(cluster_name: str, dest: str, interval_minutes: int, verif
         BackupEnv.PATH: backup_env(dest, verify, ssh_key_path, delta_seconds),
         SERVICE: service_unit(cluster_name, interval_minutes),
         TIMER: timer_unit(cluster_name, interval_minutes),
-        **({DELTA_SERVICE: delta_unit(cluster_name)} if delta_seconds else {}),
+        **({DELTA_UNIT_FILE: delta_unit(cluster_name)} if delta_seconds else {}),
     }
 
 

@@ -37,7 +37,7 @@ class BackupPlan:
     interval_minutes: int
     verify: bool
     ssh_key_path: str | None = None
-    delta_seconds: int = 0  # the delta log's chunk interval; 0: none (it needs the ssh:// backup host)
+    delta_seconds: int = 0  # the delta log's chunk interval; 0: none
 
 
 @dataclass(frozen=True)

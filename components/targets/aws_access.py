@@ -3,8 +3,9 @@
 One instance role per role (components/targets/cloud.py: `etcd`, `api`, or `cp` when colocated),
 with inline policies that name exact resources: every role GetSecretValue on the host programs and
 its own slots' secrets, and the cluster key's Decrypt for those secrets only. Only the role of the
-instances that run etcd may touch the backup bucket (`_backup_write_policy`) and attach volumes and
-interfaces: only the members' own, to instances of this cluster. Describe calls have no
+instances that run etcd may touch the backup bucket (`_backup_write_policy`: add backups; list and
+read the delta log's chunks, nothing else) and attach volumes and interfaces: only the members'
+own, to instances of this cluster. Describe calls have no
 resource-level permissions in EC2, so they are the only `*` resources, and they only read.
 """
 
@@ -23,6 +24,7 @@ from components.targets.cloud import (
     SHARED_IDENTITY,
     ExpiryRule,
     backup_prefix,
+    delta_prefix,
     formerly,
     lock_days,
     marker_key,
@@ -128,7 +130,11 @@ def backup_bucket(cfg: ClusterConfig, identity: Identity, region: str,
     """Versioned, public access blocked, SSE-KMS with the cluster key. Object Lock in governance mode retains every
     object version `lock_days` (no host, no lifecycle rule deletes it sooner: an upload over a key only adds a
     version); lifecycle rules delete by age after that. Only `identity` (the etcd members') may write below the
-    backup prefix: its own policy grants it, the bucket policy refuses everyone else."""
+    backup prefix: its own policy grants it, the bucket policy refuses everyone else. Below the delta log's prefix
+    the bucket policy also refuses, to everyone, any upload without `If-None-Match: *` (create only, never over an
+    existing chunk); S3 documents the `s3:if-none-match` key for this:
+    https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes-enforce.html. Multipart uploads cannot
+    carry the header, so none reach that prefix (a chunk is one PutObject)."""
     cluster = cfg.cluster_name
     bucket = aws.s3.Bucket(resource_name(cluster, "etcd-backups"), bucket_prefix=f"{cluster}-etcd-backups-",
                            tags={"kcp-cluster": cluster}, opts=opts)
@@ -165,16 +171,22 @@ def backup_bucket(cfg: ClusterConfig, identity: Identity, region: str,
         "Condition": {"Bool": {"aws:SecureTransport": "false"}}}, {
         "Sid": "OnlyEtcdMembersWriteBackups", "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
         "Resource": bucket.arn.apply(lambda a: f"{a}/{prefix}/*"),
-        "Condition": {"ArnNotEquals": {"aws:PrincipalArn": identity.role.arn}}}]), opts=opts)
+        "Condition": {"ArnNotEquals": {"aws:PrincipalArn": identity.role.arn}}}, {
+        "Sid": "DeltaChunksCreateOnly", "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+        "Resource": bucket.arn.apply(lambda a: f"{a}/{delta_prefix(cluster)}/*"),
+        "Condition": {"Null": {"s3:if-none-match": "true"}}}]), opts=opts)
     _backup_write_policy(cfg, identity, region, bucket, opts)
     return bucket
 
 
 def _backup_write_policy(cfg: ClusterConfig, identity: Identity, region: str, bucket: aws.s3.Bucket,
                          opts: pulumi.ResourceOptions) -> None:
-    """PutObject only: no delete, no object retention or bypass (the bucket's default retention locks every version
-    without them), no read or list of backups; create and read of the one cluster-formed marker."""
+    """PutObject below the backup prefix: no delete, no object retention or bypass (the bucket's default retention
+    locks every version without them). No read or list of snapshots; of the delta log's chunks
+    (`cloud.delta_prefix`) list and head/get only, which the members need to find the chunks already written and
+    each one's `last` revision; create and read of the one cluster-formed marker."""
     prefix, marker = backup_prefix(cfg.cluster_name), marker_key(cfg.cluster_name)
+    deltas = delta_prefix(cfg.cluster_name)
     policy(cfg.cluster_name, identity, "write-backups", [
         {"Effect": "Allow", "Action": "s3:PutObject",
          "Resource": [bucket.arn.apply(lambda a: f"{a}/{prefix}/*"), bucket.arn.apply(lambda a: f"{a}/{marker}")]},
@@ -182,6 +194,10 @@ def _backup_write_policy(cfg: ClusterConfig, identity: Identity, region: str, bu
         # Lets HeadObject answer 404 (not 403) for a missing marker, and lists nothing else.
         {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": bucket.arn,
          "Condition": {"StringEquals": {"s3:prefix": marker}}},
+        # The delta log: list one log's chunks, HeadObject each (HeadObject needs GetObject); nothing outside it.
+        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": bucket.arn,
+         "Condition": {"StringLike": {"s3:prefix": f"{deltas}/*"}}},
+        {"Effect": "Allow", "Action": "s3:GetObject", "Resource": bucket.arn.apply(lambda a: f"{a}/{deltas}/*")},
         {"Effect": "Allow", "Action": ["kms:GenerateDataKey", "kms:Decrypt"], "Resource": identity.key.arn,
          "Condition": _via("s3", region)},
     ], opts)

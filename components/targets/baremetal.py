@@ -35,7 +35,7 @@ from components.render.hostfiles import (
 from components.targets import Deployed, SharedAssets
 from components.topology import Machine, Topology
 from components.versions import kubelet_release_args
-from kcp_host.contract import AGENT, BACKUP_SSH_KEY, BACKUP_SSH_KNOWN_HOSTS, HOST_IDENTITY
+from kcp_host.contract import AGENT, BACKUP_SSH_KEY, BACKUP_SSH_KNOWN_HOSTS, DELTA_UNIT, HOST_IDENTITY
 
 # trustOnFirstUse: the host's ed25519 key as it reports it, `TYPE BASE64` (a hostKey's shape).
 READ_HOST_KEY = "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub"
@@ -258,7 +258,7 @@ class BareMetalTarget:
             if self._cluster.backup.delta_seconds:
                 self._command(member, "delta-archive",
                               backup.delta_enable_command(self._cfg.cluster_name, self._cluster.backup.delta_seconds),
-                              delete=f"systemctl disable --now {backup.DELTA_SERVICE.rsplit('/', 1)[1]}",
+                              delete=f"systemctl disable --now {DELTA_UNIT}",
                               depends_on=formed)
             self._command(member, "maintain-timer",
                           "systemctl daemon-reload && systemctl enable --now etcd-maintain.timer",

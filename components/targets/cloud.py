@@ -140,6 +140,12 @@ def backup_prefix(cluster: str) -> str:
     return f"{cluster}/backups"
 
 
+def delta_prefix(cluster: str) -> str:
+    """The delta log below the backup prefix: `<cluster ID>/<first revision>.delta`, one log per etcd cluster
+    (kcp_host/destinations.py's Bucket.delta); the members may list it (and head its chunks on S3)."""
+    return f"{backup_prefix(cluster)}/deltas"
+
+
 def marker_key(cluster: str) -> str:
     """Outside the backup prefix, so hosts that may overwrite backups cannot delete it."""
     return f"{cluster}/cluster-formed"

@@ -3,7 +3,8 @@
 One dedicated service account per role (components/targets/cloud.py: `etcd`, `api`, or `cp` when
 colocated) runs that role's VMs. Each gets log and metric writing and read access to the host
 programs and its own slots' secrets (granted per secret, in gce.py). Only the account of the
-machines that run etcd gets any access to the backup bucket: what `backup_bucket_access` grants.
+machines that run etcd gets any access to the backup bucket: what `backup_bucket_access` grants
+(add backups; list the delta log's chunks only).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pulumi_gcp as gcp
 from components.config import ClusterConfig, Gce
 from components.naming import resource_name, short_name
 from components.targets import cloud
-from components.targets.cloud import ExpiryRule, backup_prefix, lock_days, marker_key, retention_rules
+from components.targets.cloud import ExpiryRule, backup_prefix, delta_prefix, lock_days, marker_key, retention_rules
 
 PROJECT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
 SOFT_DELETE_SECONDS = 7 * 86_400  # a compromised host's deletes stay recoverable for a week
@@ -60,7 +61,16 @@ def backup_bucket_access(cfg: ClusterConfig, gce: Gce, member: pulumi.Output[str
     `lock_days` (not locked: an owner can still lift it) keeps every object from deletion and replacement; it and
     Object Versioning are mutually exclusive, so versioning is off: each snapshot is a new object anyway.
     `member` (the etcd members' identity) is the only one granted anything: create only below the backup prefix (no
-    overwrite: that needs delete; no delete, no read, no list), create and read of the cluster-formed marker."""
+    overwrite: that needs delete; no delete, no read), create and read of the cluster-formed marker, and list only
+    of the delta log's chunks (a managed folder at `delta_prefix`; the listing carries each chunk's custom
+    metadata, so no read of any object is needed), never of snapshots.
+
+    The list grant is on a managed folder, not a conditional bucket binding: a list call's resource.name is the
+    bucket, and the list-prefix attribute (`storage.googleapis.com/objectListPrefix`) works only in Credential
+    Access Boundaries; in a role binding "Cloud Storage methods will work incorrectly and fail unexpectedly"
+    (https://cloud.google.com/iam/docs/conditions-attribute-reference#api-attributes-storage). A role on a managed
+    folder applies to the objects named below it, listing included
+    (https://cloud.google.com/storage/docs/managed-folders, https://cloud.google.com/storage/docs/listing-objects)."""
     cluster = cfg.cluster_name
     bucket = gcp.storage.Bucket(
         resource_name(cluster, "etcd-backups"), project=gce.project, location=gce.region.upper(),
@@ -90,4 +100,14 @@ def backup_bucket_access(cfg: ClusterConfig, gce: Gce, member: pulumi.Output[str
                 title=title, expression=bucket.name.apply(
                     lambda b, e=expression: e.format(o=f"projects/_/buckets/{b}/objects")))
             , opts=opts)
+    lister = gcp.projects.IAMCustomRole(
+        resource_name(cluster, "delta-lister-role"), project=gce.project,
+        role_id=f"kcpDeltaLister_{cluster.replace('-', '_')}", title=f"{cluster} etcd delta log lister",
+        description="List the delta log's chunks (granted on its managed folder only); no read, no write.",
+        permissions=["storage.objects.list"], opts=opts)
+    # force_destroy: deleting the folder leaves its chunks in place (the retention policy keeps them anyway).
+    folder = gcp.storage.ManagedFolder(resource_name(cluster, "delta-folder"), bucket=bucket.name,
+                                       name=f"{delta_prefix(cluster)}/", force_destroy=True, opts=opts)
+    gcp.storage.ManagedFolderIamMember(resource_name(cluster, "delta-lister"), bucket=bucket.name,
+                                       managed_folder=folder.name, role=lister.name, member=member, opts=opts)
     return bucket

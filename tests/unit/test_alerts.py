@@ -104,7 +104,8 @@ def test_the_rules_use_only_metrics_the_agent_or_etcd_exports_and_docs_list_ever
 
 
 def test_delta_metrics_only_where_the_delta_log_runs() -> None:
-    """The clouds keep snapshots only: no delta metric there, so EtcdDeltaArchiverBehind cannot fire for them."""
+    """Where backup.env has no delta log (KCP_BACKUP_DELTA_SECONDS=0), no delta metric: EtcdDeltaArchiverBehind cannot
+    fire there."""
     facts = _sample_facts()
     assert "kcp_delta_last_archived_timestamp_seconds 2\n" in metrics.exposition(facts)
     facts["backup"] |= {"delta_seconds": 0, "last_delta": None, "last_delta_revision": None}

@@ -251,6 +251,50 @@ def test_instances_may_only_add_backups_under_their_prefix(stack) -> None:
     assert not {a for a in actions if "Delete" in a}, f"delete granted: {actions}"
 
 
+def _s3(statements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [s for s in statements if any(a.startswith("s3:") for a in _actions(s))]
+
+
+def _actions(statement: dict[str, Any]) -> list[str]:
+    return [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]
+
+
+def test_instances_read_and_list_only_the_marker_and_the_delta_logs_chunks(stack) -> None:
+    """Beyond adding backups: HeadObject (GetObject) and list of the cluster-formed marker and of the delta log's
+    chunks, which the archiver needs to resume its log; never a read or list of snapshots or anything else."""
+    cfg, program = stack
+    c = cfg["clusterName"]
+    bucket, marker, deltas = f"arn:aws:s3:::{c}-etcd-backups", f"{c}/cluster-formed", f"{c}/backups/deltas"
+    statements = _s3(_policy(program, "write-backups"))
+    assert {a for s in statements for a in _actions(s)} == {"s3:PutObject", "s3:GetObject", "s3:ListBucket"}, \
+        statements
+    assert all(s["Effect"] == "Allow" and len(_actions(s)) == 1 for s in statements), statements
+    gets = [s for s in statements if s["Action"] == "s3:GetObject"]
+    assert sorted(s["Resource"] for s in gets) == sorted([f"{bucket}/{marker}", f"{bucket}/{deltas}/*"]), gets
+    assert all("Condition" not in s for s in gets), gets
+    lists = [s for s in statements if s["Action"] == "s3:ListBucket"]
+    assert all(s["Resource"] == bucket for s in lists), lists
+    assert sorted(json.dumps(s["Condition"], sort_keys=True) for s in lists) == sorted([
+        json.dumps({"StringEquals": {"s3:prefix": marker}}),
+        json.dumps({"StringLike": {"s3:prefix": f"{deltas}/*"}})]), lists
+    for s in gets + lists:
+        for arn in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]):
+            assert "/snapshots" not in arn and arn != f"{bucket}/{c}/backups/*", f"reads beyond the log: {s}"
+
+
+def test_no_one_writes_a_delta_chunk_but_create_only(stack) -> None:
+    """The bucket policy refuses every PutObject below the delta log's prefix that lacks If-None-Match (S3's
+    conditional write), whoever sends it, so no chunk is written over another, not even a new version of one."""
+    c = stack[0]["clusterName"]
+    statements = json.loads(stack[1].named(f"{c}-etcd-backups-tls-only").inputs["policy"])["Statement"]
+    (deny,) = [s for s in statements if s.get("Sid") == "DeltaChunksCreateOnly"]
+    assert deny == {"Sid": "DeltaChunksCreateOnly", "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+                    "Resource": f"arn:aws:s3:::{c}-etcd-backups/{c}/backups/deltas/*",
+                    "Condition": {"Null": {"s3:if-none-match": "true"}}}, deny
+    assert {s.get("Sid") for s in statements} == {"TlsOnly", "OnlyEtcdMembersWriteBackups", "DeltaChunksCreateOnly"}
+    assert all(s["Effect"] == "Deny" for s in statements), "the bucket policy only ever refuses"
+
+
 def test_no_secret_in_user_data(stack) -> None:
     cfg, program = stack
     encryption_key = program.outputs[f"{cfg['clusterName']}-secrets-encryption-key"]["base64"]

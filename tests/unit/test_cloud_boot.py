@@ -29,7 +29,7 @@ from components.targets.aws import AwsTarget
 from components.targets.gce import GceTarget
 from components.validation import load
 from components.versions import ETCD_SHA256, kubelet_release_args
-from kcp_host.contract import AGENT, BootEnv, SlotEnv, load_env, render_env
+from kcp_host.contract import AGENT, DELTA_UNIT_FILE, BackupEnv, BootEnv, SlotEnv, load_env, render_env
 from tests.integration.realtls import plain
 from tests.program import ROOT, stack_config
 
@@ -171,6 +171,12 @@ def test_slot_bundles_carry_the_releases_so_a_version_change_reaches_running_mac
             manifest = files["etc/kubernetes/manifests/kube-apiserver.yaml"]
             assert f"--etcd-servers={','.join(slot.etcd_endpoints)}" in manifest
             assert all(f.lstrip("/") in files and f"={f}" in manifest for f in slot.etcd_client), slot.etcd_client
+            assert "--etcd-compaction-interval=0" in manifest, "the delta log's archiver compacts etcd instead"
+        else:  # the delta log to the bucket, started by cloud-boot and cloud-refresh where its unit is
+            (tmp_path / "backup.env").write_text(files[BackupEnv.PATH.lstrip("/")])
+            backup = load_env(BackupEnv, str(tmp_path / "backup.env"), environ={})
+            assert backup.delta_seconds == cfg.backup.delta_seconds and backup.dest[:5] in ("gs://", "s3://"), backup
+            assert f"ExecStart={AGENT} etcd-delta-archive\n" in files[DELTA_UNIT_FILE.lstrip("/")]
 
 
 def test_host_programs_are_the_agent_alone_in_pieces_that_each_fit_a_secret() -> None:

@@ -62,7 +62,8 @@ class Access:
     bundles: dict[str, set[str]]  # slot secret -> the paths its bundle holds
     programs: list[str]  # the host-programs secrets
     reads: Callable[[str, str], bool]  # (identity, secret) -> may read its payload
-    bucket_users: set[str]  # identities granted anything on the backup bucket (GCE: any role; AWS: any S3 action)
+    bucket_users: set[str]  # identities granted anything on the backup bucket (GCE: any role, on it or a managed
+    # folder in it; AWS: any S3 action)
     attachers: set[str]  # identities that may attach volumes or interfaces (AWS)
 
     def identities_of(self, holds: Callable[[set[str]], bool]) -> set[str]:
@@ -116,6 +117,7 @@ def _gce(program: Program, cluster: str) -> Access:
         programs=cloud.programs_secrets(cluster),
         reads=lambda identity, secret: (secret, identity) in secret_grants or identity in project_readers,
         bucket_users={b.inputs["member"] for b in program.of_type("gcp:storage/bucketIAMMember:BucketIAMMember")}
+        | {f.inputs["member"] for f in program.of_type("gcp:storage/managedFolderIamMember:ManagedFolderIamMember")}
         | {m.inputs["member"] for m in project if m.inputs["role"].startswith(("roles/storage.", "roles/owner",
                                                                                   "roles/editor"))},
         attachers=set())

@@ -30,6 +30,8 @@ CHECK, FIREWALL, TEMPLATE = f"{T}regionHealthCheck:RegionHealthCheck", f"{T}fire
 BACKEND, RULE = f"{T}regionBackendService:RegionBackendService", f"{T}forwardingRule:ForwardingRule"
 SECRET_IAM = "gcp:secretmanager/secretIamMember:SecretIamMember"
 BUCKET, BUCKET_IAM = "gcp:storage/bucket:Bucket", "gcp:storage/bucketIAMMember:BucketIAMMember"
+FOLDER, FOLDER_IAM = "gcp:storage/managedFolder:ManagedFolder", \
+    "gcp:storage/managedFolderIamMember:ManagedFolderIamMember"
 
 
 @pytest.fixture(params=GCE_STACKS)
@@ -292,6 +294,28 @@ def test_only_etcd_hosts_may_add_backups_and_only_add(stack) -> None:
     etcd = "cp" if cfg.get("etcd", {}).get("placement") == "colocated" else "etcd"
     for name, grant in grants.items():
         assert grant["member"].startswith(f"serviceAccount:{c}-{etcd}-sa@"), (name, grant["member"])
+
+
+def test_etcd_hosts_may_list_the_delta_logs_chunks_and_nothing_else(stack) -> None:
+    """storage.objects.list alone, on the delta log's managed folder alone: the listing carries each chunk's
+    custom metadata (its last revision), so no object is read. Not a conditional bucket binding: Cloud Storage
+    supports the list-prefix attribute only in Credential Access Boundaries (gce_access.backup_bucket_access)."""
+    cfg, program = stack
+    c = cfg["clusterName"]
+    role = program.named(f"{c}-delta-lister-role")
+    assert role.inputs["permissions"] == ["storage.objects.list"], role.name
+    assert role.inputs["roleId"] == f"kcpDeltaLister_{c.replace('-', '_')}", role.name
+    (folder,) = program.of_type(FOLDER)
+    assert folder.inputs["name"] == f"{c}/backups/deltas/", folder.inputs
+    assert folder.inputs["bucket"] == f"{c}-etcd-backups", folder.inputs
+    (grant,) = program.of_type(FOLDER_IAM)
+    etcd = "cp" if cfg.get("etcd", {}).get("placement") == "colocated" else "etcd"
+    assert grant.inputs["managedFolder"] == folder.inputs["name"] and grant.inputs["role"] == f"{c}-delta-lister-role" \
+        and grant.inputs["member"].startswith(f"serviceAccount:{c}-{etcd}-sa@") and "condition" not in grant.inputs, \
+        grant.inputs
+    for kind in ("managedFolderIamBinding:ManagedFolderIamBinding", "managedFolderIamPolicy:ManagedFolderIamPolicy",
+                 "bucketIAMBinding:BucketIAMBinding", "bucketIAMPolicy:BucketIAMPolicy"):
+        assert not program.of_type(f"gcp:storage/{kind}"), f"unexpected {kind}"
 
 
 def test_service_account_has_only_logging_and_metrics_project_roles(stack) -> None:

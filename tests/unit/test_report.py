@@ -47,8 +47,7 @@ def test_every_shipped_stack_has_a_report_with_its_quorum(stack: str) -> None:
     assert f"# Resilience report: {cfg.cluster_name} ({cfg.target}" in report
     assert f"etcd: {members} member(s), quorum {members // 2 + 1}, fault tolerance {(members - 1) // 2}" in report
     assert f"Snapshots every {cfg.backup.interval_minutes} min" in report
-    rpo = f"{cfg.backup.delta_seconds} s + 2 s" if cfg.baremetal else f"{cfg.backup.interval_minutes} min"
-    assert f"RPO target: {rpo}" in report, "bare metal has the delta log, the clouds only snapshots"
+    assert f"RPO target: {cfg.backup.delta_seconds} s + 2 s" in report, "every target has the delta log"
     assert "```mermaid\nflowchart TB" in report
 
 
@@ -160,7 +159,7 @@ def test_a_fresh_backup_is_not_stale_and_no_status_states_no_time() -> None:
     assert "min ago" not in resilience_report(stack_cfg("gce-example"))
 
 
-def test_the_delta_logs_newest_archived_revision_is_reported_on_bare_metal_only() -> None:
+def test_the_delta_logs_newest_archived_revision_is_reported_on_every_target() -> None:
     status = {"last_snapshot": "s", "last_success": "2026-01-01T01:30:00Z", "last_verified": "2026-01-01T01:30:00Z",
               "last_delta_revision": 4242, "last_delta_at": "2026-01-01T01:39:00Z"}
     now = datetime(2026, 1, 1, 1, 40, tzinfo=UTC)
@@ -170,7 +169,8 @@ def test_the_delta_logs_newest_archived_revision_is_reported_on_bare_metal_only(
     assert "nothing archived yet" in resilience_report(stack_cfg("local"), {k: status[k] for k in list(status)[:3]},
                                                        now)
     cloud = resilience_report(stack_cfg("gce-example"), status, now)
-    assert "archived through" not in cloud and "none on the clouds yet" in cloud
+    assert "- Delta log archived through revision 4242" in cloud and "to the backup bucket (deltas/<cluster ID>/)" \
+        in cloud and "RPO target: 10 s + 2 s" in cloud
 
 
 def test_the_diagram_draws_every_member_in_its_zone() -> None:
