@@ -46,12 +46,15 @@ BRIDGED_REPLACING = {
 # google/services/resourcemanager/resource_google_service_account.go (Account), 2f152ea2d0
 # .../resource_google_project_iam_custom_role.go (IAMCustomRole), 0262be693c
 # google/services/storage/resource_storage_bucket.go (Bucket); terraform-provider-aws 02f97af85f
-# internal/service/iam/role_policy.go (RolePolicy: UpdateWithoutTimeout is PutRolePolicy).
+# internal/service/iam/role_policy.go (RolePolicy: UpdateWithoutTimeout is PutRolePolicy), 0073593e7d
+# internal/service/s3/bucket_policy.go (BucketPolicy: UpdateWithoutTimeout is PutBucketPolicy; a replacement would
+# delete the bucket's policy after the new one was put).
 UPSTREAM_REPLACING = {
     "gcp:serviceaccount/account:Account": {"accountId", "project"},
     "gcp:projects/iAMCustomRole:IAMCustomRole": {"roleId", "project"},
     "gcp:storage/bucket:Bucket": {"name", "location", "project", "enableObjectRetention"},
     "aws:iam/rolePolicy:RolePolicy": {"name", "namePrefix", "role"},
+    "aws:s3/bucketPolicy:BucketPolicy": {"bucket"},
 }
 BRIDGED_REPLACING |= UPSTREAM_REPLACING
 

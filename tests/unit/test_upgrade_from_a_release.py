@@ -89,3 +89,14 @@ def test_no_delete_at_the_end_of_the_upgrade_removes_what_it_declared(capture: t
                if physical_key(old) in declared]
     assert not clashes, "the up's last deletes would remove objects it declares: " + "; ".join(clashes)
     assert len(deleted) > 0, "the upgrade deletes nothing: the capture no longer shows the shared identity"
+
+
+@pytest.mark.parametrize("capture", CAPTURES, ids="-".join)
+def test_the_upgrade_keeps_the_backup_bucket_and_its_policy(capture: tuple[str, str]) -> None:
+    """A replaced bucket loses the history; a replaced bucket policy is deleted after its successor was put, which
+    leaves the bucket with none (no TLS-only, no refusal of other writers)."""
+    plan = upgrade(capture)
+    kinds = ("aws:s3/bucket:Bucket", "aws:s3/bucketPolicy:BucketPolicy", "gcp:storage/bucket:Bucket")
+    touched = [(c.name, c.op) for c in plan.changes if c.type in kinds and c.op in ("replace", "delete")]
+    assert not touched, touched
+    assert [c for c in plan.changes if c.type in kinds], "the capture declares no backup bucket"
