@@ -18,7 +18,7 @@ import pytest
 
 from tests.figures import record
 from tests.integration.conftest import Deployment
-from tests.integration.test_backup_restore import backup_dir, cluster_state, etcd_restore, run_backup_everywhere
+from tests.integration.test_backup_restore import acked, backup_dir, cluster_state, etcd_restore, run_backup_everywhere
 from tests.integration.test_load_balancer_failover import start_writer
 
 pytestmark = pytest.mark.integration
@@ -34,12 +34,6 @@ def chunks(dep: Deployment, folder: str = "deltas") -> list[tuple[int, int]]:
     out = dep.sandbox.ssh(dep.backup_host, f"ls {backup_dir(dep)}/{folder}/ 2>/dev/null; true").stdout.decode()
     return sorted(tuple(int(n) for n in name.removesuffix(".delta").split("-"))  # type: ignore[misc]
                   for name in out.split() if name.endswith(".delta"))
-
-
-def acked(dep: Deployment, prefix: str) -> dict[str, str]:
-    """Every key under `prefix` the cluster holds now, with its value."""
-    out = dep.etcdctl(dep.members[0], "get", prefix, "--prefix", timeout=120).stdout.decode().split("\n")
-    return dict(zip(out[0::2], out[1::2], strict=False))
 
 
 def test_the_archiver_runs_on_every_member_and_only_the_leader_archives(local_cluster: Deployment) -> None:
