@@ -3,23 +3,46 @@
 archived revisions. No acknowledged write older than `backup.deltaSeconds + 2 s` before the kill may be missing.
 
 The tests run in file order and build on each other: the loss and restore, then a point-in-time restore to a
-revision of that history, then a chain with a chunk missing.
+revision of that history, then a chain with a chunk missing. Last, the delta log in S3 (moto's stand-in): the
+agent's archiver run against a bucket as a cloud member runs it, and restores from the bucket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import re
+import signal
+import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kcp_host import deltalog
 from tests.figures import record
 from tests.integration.conftest import Deployment
-from tests.integration.test_backup_restore import acked, backup_dir, cluster_state, etcd_restore, run_backup_everywhere
+from tests.integration.test_backup_restore import (
+    BUCKET,
+    S3_DELTA_SECONDS,
+    acked,
+    backup_dir,
+    backup_to_s3,
+    cluster_state,
+    etcd_restore,
+    lose_every_members_data,
+    run_backup_everywhere,
+    s3,  # noqa: F401 (moto's S3, a module fixture here too)
+    s3_agent,
+    s3api,
+)
 from tests.integration.test_load_balancer_failover import start_writer
+from tests.integration.test_self_healing import leader
 
 pytestmark = pytest.mark.integration
 REVISION_BUMP = 1_000_000_000
@@ -138,3 +161,126 @@ def test_a_chain_with_a_missing_chunk_is_refused_and_the_cluster_untouched(local
         dep.sandbox.ssh(dep.backup_host, f"mv /root/aside.delta {name}.delta")
     assert proc.returncode == 1 and "gap" in proc.stderr and "nothing was changed" in proc.stderr, proc.stderr
     assert cluster_state(dep) == before, "a refused restore must leave the cluster as it was"
+
+
+def s3_chunks(env: dict[str, str], history: str) -> dict[str, list[str]]:
+    """Every key under the delta log of cluster `history`, with its version IDs."""
+    versions: dict[str, list[str]] = {}
+    for v in s3api(env, "list-object-versions", "--prefix", f"local/deltas/{history}/").get("Versions", []):
+        versions.setdefault(v["Key"], []).append(v["VersionId"])
+    return versions
+
+
+def test_the_delta_log_in_s3_keeps_every_write_and_restores_any_revision(
+        local_cluster: Deployment, tmp_path: Path, s3: dict[str, str]) -> None:  # noqa: F811 (the imported fixture)
+    """The archiver with an s3:// destination, as a cloud member runs it: two at once for a while (a leader change
+    seen late), one of them killed with the writes; every member's data lost; the restore from the bucket replays
+    the chain onto the snapshot. Then a point-in-time restore, and a forged overlapping chunk refused."""
+    dep = local_cluster
+    lead = leader(dep, dep.members)
+    work = tmp_path / "s3-deltas"
+    snapshot = backup_to_s3(dep, s3, work, lead)
+    history = snapshot["cluster_id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", history), snapshot
+    bound = S3_DELTA_SECONDS + 2
+    writer = start_writer(dep, "s3-deltas", dep.client_endpoints, seconds=120)
+    logs = [(tmp_path / f"archiver-{n}.log").open("wb") for n in range(2)]
+    archivers = [subprocess.Popen(s3_agent(dep, s3, work, lead, "etcd-delta-archive"), stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True) for log in logs]
+    try:
+        time.sleep(6)  # two archivers ship at once: the bucket takes one chunk per first revision
+        kill_group(archivers[0])
+        # The one left takes over (after a refusal: list and head the log, then an interval and an upload, about
+        # 6 s here); the RPO is measured once it ships on its own, at a random point of its cycle.
+        shipped = len(s3_chunks(s3, history))
+        deadline = time.monotonic() + 60
+        while len(s3_chunks(s3, history)) <= shipped:
+            assert time.monotonic() < deadline and archivers[1].poll() is None, "the archiver left shipped nothing"
+            time.sleep(0.5)
+        time.sleep(random.uniform(0, S3_DELTA_SECONDS + 2))
+        killed_at = time.time()
+        kill_group(archivers[1])
+        writer.proc.terminate()
+        writer.proc.wait(timeout=30)
+    finally:
+        for archiver in archivers:
+            kill_group(archiver)
+            archiver.wait()
+    journal = "".join((tmp_path / f"archiver-{n}.log").read_text() for n in range(2))
+    print(f"\n{journal[-1500:]}")
+    assert "refused" in journal, "the two archivers never met at one revision: the test did not test that"
+    keys = s3_chunks(s3, history)
+    assert keys and all(len(ids) == 1 and re.fullmatch(r"local/deltas/[0-9a-f]{16}/[0-9]{16}\.delta", key)
+                        for key, ids in keys.items()), keys
+    acks = [a for a in writer.acks() if a["t"] <= killed_at]
+    lose_every_members_data(dep)
+    proc = etcd_restore(dep, "--bucket", f"s3://{BUCKET}/local", env=s3)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    deltas = report["deltas"]
+    print(proc.stderr.strip().splitlines()[-1])
+    held = acked(dep, writer.prefix)
+    kept = [a for a in acks if held.get(a["key"]) == a["value"]]
+    too_old = [a for a in acks if held.get(a["key"]) != a["value"] and a["t"] < killed_at - bound]
+    rpo = killed_at - max((a["t"] for a in kept), default=killed_at)
+    print(f"S3: {len(acks)} writes acknowledged before the kill, {len(acks) - len(kept)} lost; observed RPO "
+          f"{rpo:.2f} s (bound {bound} s); RTO with deltas {report['rto_seconds']:.2f} s; {deltas['revisions']} "
+          f"revisions from {deltas['chunks']} chunks of {len(keys)} in the bucket")
+    record("delta log in S3 (moto stand-in): RPO when the archiver dies under writes", rpo,
+           "KCP_BACKUP_DELTA_SECONDS + 2 s", bound, f"<= {bound} s")
+    assert not too_old, f"{len(too_old)} acknowledged writes older than {bound} s are missing, e.g. {too_old[:3]}"
+    assert (report["base_snapshot"], deltas["first_revision"], deltas["last_revision"]) == \
+        (snapshot["name"], snapshot["revision"] + 1, report["revision"]), report
+    assert not [a for a in kept if a["revision"] > report["revision"]], "a write newer than the restored point"
+
+    restored_exactly_at(dep, acks, acks[len(acks) // 2]["revision"], writer.prefix,
+                        "--bucket", f"s3://{BUCKET}/local", env=s3)
+
+    # As an operator restores from GCS (docs/backups.md): the snapshot and its cluster's log downloaded, then replayed.
+    download = tmp_path / "download"
+    download.mkdir()
+    for suffix in (".db", ".json"):
+        got = s3api(s3, "get-object", "--key", f"local/snapshots/{snapshot['name']}{suffix}",
+                    str(download / f"s{suffix}"))
+        assert isinstance(got, dict), got
+    subprocess.run(["aws", "s3", "cp", "--recursive", "--only-show-errors", f"s3://{BUCKET}/local/deltas/{history}/",
+                    str(download / history)], env=s3, check=True)
+    restored_exactly_at(dep, acks, acks[len(acks) // 3]["revision"], writer.prefix, "--snapshot-file",
+                        str(download / "s.db"), "--metadata", str(download / "s.json"), "--delta-dir",
+                        str(download / history), env=s3)
+
+    # A chunk that starts inside another one (its name is new, so the bucket takes it): the restore refuses the chain.
+    chunk = next(c for k in sorted(keys) if len((c := deltalog.decode(s3_object(s3, k))).revisions) > 1)
+    forged = deltalog.Chunk(chunk.cluster, chunk.member, chunk.closed_at, chunk.revisions[1:]).encode()
+    (tmp_path / "forged").write_bytes(forged)
+    key = f"local/deltas/{history}/{deltalog.bucket_chunk_name(chunk.first + 1)}"
+    put = s3api(s3, "put-object", "--key", key, "--body", str(tmp_path / "forged"), "--checksum-algorithm", "CRC32")
+    assert isinstance(put, dict), put
+    before = cluster_state(dep)
+    proc = etcd_restore(dep, "--bucket", f"s3://{BUCKET}/local", "--force", env=s3)
+    assert proc.returncode != 0 and "overlap" in proc.stderr and "nothing was changed" in proc.stderr, proc.stderr
+    assert cluster_state(dep) == before, "a refused restore changed the cluster"
+
+
+def restored_exactly_at(dep: Deployment, acks: list[dict[str, Any]], target: int, prefix: str, *source: str,
+                        env: dict[str, str]) -> None:
+    """A point-in-time restore (`--until target --force`) from `source`: every write up to it is back, none after."""
+    proc = etcd_restore(dep, *source, "--until", str(target), "--force", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["revision"] == target, proc.stdout
+    held = acked(dep, prefix)
+    assert all(held.get(a["key"]) == a["value"] for a in acks if a["revision"] <= target), "a write up to it is missing"
+    assert not [a for a in acks if a["revision"] > target and a["key"] in held], "a write after it came back"
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """An archiver with its `etcdctl watch` and any upload under way, as systemd stops the unit's whole cgroup."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def s3_object(env: dict[str, str], key: str) -> bytes:
+    with tempfile.TemporaryDirectory() as scratch:
+        got = s3api(env, "get-object", "--key", key, f"{scratch}/object")
+        assert isinstance(got, dict), got
+        return Path(f"{scratch}/object").read_bytes()
