@@ -62,6 +62,12 @@ def http(url: str, headers: dict[str, str], method: str = "GET", data: bytes | N
     return status, body.decode()
 
 
+def gce_token(metadata: str) -> str:
+    """The instance service account's access token from the metadata server at `metadata` (for a request header)."""
+    return str(json.loads(http(f"{metadata}/instance/service-accounts/default/token",
+                               {"Metadata-Flavor": "Google"})[1])["access_token"])
+
+
 def cli(*argv: str) -> str:
     """What a CLI prints (perhaps a secret: never in an error); a CloudError names its last error line."""
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
@@ -92,7 +98,7 @@ class Gce:
 
     def _marker(self, url: str, ok: Sequence[int], method: str = "GET", data: bytes | None = None) -> bool:
         """Whether a GCS call on the marker object (named in `url` by {bucket} and {name}) answered 200."""
-        token = json.loads(self._metadata("instance/service-accounts/default/token"))["access_token"]
+        token = gce_token(self.metadata)
         bucket, _, name = self.env.marker.removeprefix("gs://").partition("/")
         url = self.storage + url.format(bucket=bucket, name=urllib.parse.quote(name, safe=""))
         return http(url, {"Authorization": f"Bearer {token}", "Content-Type": "text/plain"}, method, data, ok)[0] == 200

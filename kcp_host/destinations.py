@@ -13,7 +13,7 @@ import sys
 import tempfile
 import urllib.parse
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 from urllib.parse import urlsplit
 
 from kcp_host import clouds, deltalog
@@ -107,8 +107,7 @@ class Bucket:
     def put(self, file: Path, key: str, tags: str | None = None) -> None:
         url = f"{self.base}/{key}"
         if url.startswith("gs://"):  # create-only: a key that exists already is refused, never replaced
-            argv = ["gcloud", "storage", "cp", "--quiet", "--if-generation-match=0",
-                    *([f"--custom-metadata={tags}"] if tags else []), str(file), url]
+            argv = gcs_create(file, url, tags)
         else:  # Object Lock needs a checksum on every upload; an upload over a key only adds a version
             argv = ["aws", "s3", "cp", "--only-show-errors", "--checksum-algorithm", "CRC32",
                     *(["--metadata", tags] if tags else []), str(file), url]
@@ -134,8 +133,7 @@ class Bucket:
             file.write(chunk)
             file.flush()
             if url.startswith("gs://"):
-                argv = ["gcloud", "storage", "cp", "--quiet", "--if-generation-match=0",
-                        f"--custom-metadata=last={last}", file.name, url]
+                argv = gcs_create(Path(file.name), url, f"last={last}")
             else:
                 bucket, _, key = url.removeprefix("s3://").partition("/")
                 argv = ["aws", "s3api", "put-object", "--bucket", bucket, "--key", key, "--body", file.name,
@@ -189,6 +187,12 @@ class Bucket:
 PRECONDITION_FAILED = ("pre-conditions you specified did not hold", "ConditionalRequestConflict")
 
 
+def gcs_create(file: Path, url: str, metadata: str | None) -> list[str]:
+    """`gcloud storage cp` that only creates: a name that exists already is refused (HTTP 412), never replaced."""
+    return ["gcloud", "storage", "cp", "--quiet", "--if-generation-match=0",
+            *([f"--custom-metadata={metadata}"] if metadata else []), str(file), url]
+
+
 def bucket_cli(argv: list[str], url: str) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     if proc.returncode != 0:
@@ -202,8 +206,7 @@ def gcs_listing(bucket: str, prefix: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     page = ""
     try:
-        token = json.loads(clouds.http(f"{clouds.GCE_METADATA}/instance/service-accounts/default/token",
-                                       {"Metadata-Flavor": "Google"})[1])["access_token"]
+        token = clouds.gce_token(clouds.GCE_METADATA)
         while True:
             query = urllib.parse.urlencode({"prefix": prefix, "fields": "items(name,metadata),nextPageToken",
                                             **({"pageToken": page} if page else {})})
@@ -223,7 +226,7 @@ def stored_here(work_dir: str, history: str) -> list[int]:
     name = read_json(work / "status.json").get("last_snapshot")
     meta = read_json(work / f"{name}.json") if isinstance(name, str) and "/" not in name else {}
     revision = meta.get("revision")
-    return [revision] if meta.get("cluster_id") == history and isinstance(revision, int) and whole(revision) else []
+    return [revision] if meta.get("cluster_id") == history and whole(revision) else []
 
 
 def destination(backup: BackupEnv) -> Receiver | Bucket:
@@ -238,6 +241,6 @@ def object_metadata(meta: dict[str, Any]) -> str:
     return ",".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in values)
 
 
-def whole(value: Any) -> bool:
+def whole(value: Any) -> TypeGuard[int]:
     """A revision as JSON has it: not a bool, a float or a string of digits."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -137,13 +137,8 @@ def test_a_point_in_time_restore_lands_exactly_on_the_requested_revision(local_c
     dep = local_cluster
     acks = state["acks"]
     target = acks[len(acks) // 2]["revision"]
-    proc = etcd_restore(dep, "--until", str(target), "--delta-log", state["aside"], "--force")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    assert report["revision"] == target and report["restored_revision"] == target + REVISION_BUMP, report
-    held = acked(dep, state["prefix"])
-    assert all(held.get(a["key"]) == a["value"] for a in acks if a["revision"] <= target), "a write up to it is missing"
-    assert not [a for a in acks if a["revision"] > target and a["key"] in held], "a write after it came back"
+    report = restored_exactly_at(dep, acks, target, state["prefix"], "--delta-log", state["aside"])
+    assert report["restored_revision"] == target + REVISION_BUMP, report
 
 
 def test_a_chain_with_a_missing_chunk_is_refused_and_the_cluster_untouched(local_cluster: Deployment) -> None:
@@ -263,14 +258,17 @@ def test_the_delta_log_in_s3_keeps_every_write_and_restores_any_revision(
 
 
 def restored_exactly_at(dep: Deployment, acks: list[dict[str, Any]], target: int, prefix: str, *source: str,
-                        env: dict[str, str]) -> None:
-    """A point-in-time restore (`--until target --force`) from `source`: every write up to it is back, none after."""
+                        env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A point-in-time restore (`--until target --force`) from `source`: every write up to it is back, none after.
+    Returns the restore's report."""
     proc = etcd_restore(dep, *source, "--until", str(target), "--force", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["revision"] == target, proc.stdout
+    report = json.loads(proc.stdout)
+    assert report["revision"] == target, report
     held = acked(dep, prefix)
     assert all(held.get(a["key"]) == a["value"] for a in acks if a["revision"] <= target), "a write up to it is missing"
     assert not [a for a in acks if a["revision"] > target and a["key"] in held], "a write after it came back"
+    return report
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
