@@ -130,11 +130,18 @@ def kubelet(argv: list[str]) -> int:
     unpinned = [f"{name.upper()}_SHA256" for name in KUBELET_RELEASES if not SHA256.fullmatch(args[f"{name}_sha256"])]
     if unpinned:
         raise Abort(2, f"not a sha256: {', '.join(unpinned)}")
+    replaced = []
     for name, (binary, pattern, dest, url) in KUBELET_RELEASES.items():
         if version_of([str(binary), "--version"], pattern) != args[name]:
             install_release(url.format(v=args[name], arch=ARCH[platform.machine()]), args[f"{name}_sha256"], dest)
             log(f"{binary.name} {args[name]} installed")
+            replaced.append(name)
     systemd.act("daemon-reload")
+    # A running daemon keeps its old binary until it restarts (runc and crictl run anew each time). Restarting
+    # either leaves the static pods running: containerd's shims hold them, the kubelet adopts them again.
+    upgraded = [unit for unit in ("containerd", "kubelet") if unit in replaced]
+    if upgraded:
+        systemd.act("try-restart", *upgraded)
     systemd.act("enable", "--now", "containerd", "kubelet")
     print(f"kubelet v{args['kubelet']} with containerd v{args['containerd']} running static pods from "
           "/etc/kubernetes/manifests")

@@ -375,9 +375,10 @@ def test_kubelet_install_refuses_an_unpinned_release_before_any_download(capsys:
         install.kubelet(PINS[:7])
 
 
-def test_kubelet_install_installs_pinned_binaries_writes_nothing_else_and_starts_the_units(
+def test_kubelet_install_installs_pinned_binaries_writes_nothing_else_and_restarts_what_it_upgraded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Against stand-ins: the kubelet reports an old version, the rest the pinned ones; systemctl logs its calls."""
+    """Against stand-ins: the kubelet reports an old version, the rest the pinned ones; systemctl logs its calls. The
+    running kubelet is restarted onto its new binary (try-restart: a first install starts it once, by enable)."""
     calls = _stand_in(tmp_path, monkeypatch, "systemctl", "*) ;;")
     reported = {"kubelet": "1.35.0", "containerd": "2.3.4", "runc": "1.4.3", "crictl": "1.36.0"}
     monkeypatch.setattr(install, "version_of", lambda argv, pattern: reported[Path(argv[0]).name])
@@ -388,6 +389,11 @@ def test_kubelet_install_installs_pinned_binaries_writes_nothing_else_and_starts
     assert install.kubelet(PINS) == 0
     assert fetched == [("https://dl.k8s.io/release/v1.36.4/bin/linux/amd64/kubelet", "a" * 64,
                         Path("/usr/local/bin/kubelet"))]
+    assert calls.read_text().splitlines() == ["daemon-reload", "try-restart kubelet", "enable --now containerd kubelet"]
+    calls.write_text("")  # the same release again: nothing downloaded, nothing restarted
+    reported["kubelet"] = "1.36.4"
+    assert install.kubelet(PINS) == 0
+    assert len(fetched) == 1
     assert calls.read_text().splitlines() == ["daemon-reload", "enable --now containerd kubelet"]
     source = Path(install.__file__).read_text()
     assert "[Unit]" not in source and "/etc/systemd" not in source, "units are host files, from the renderer"
