@@ -1,4 +1,4 @@
-"""The base root filesystems that sandbox hosts are copied from, one per Debian suite.
+"""The base root filesystems below every sandbox host's disk, one per Debian suite.
 
 Hosts run Debian trixie by default: its etcd 3.5 (with `etcdutl`) is the minor
 version the deployment's default `etcd.version` installs.  Bookworm stays
@@ -304,12 +304,12 @@ def _remove_stale_builds(target: Path) -> None:
 
 
 def unmount_under(path: Path) -> None:
-    """Unmount everything mounted below path, deepest first."""
-    prefix = str(path.resolve()) + "/"
+    """Unmount everything mounted at or below path, deepest first."""
+    top = str(path.resolve())
     mounts = []
     for line in Path("/proc/mounts").read_text().splitlines():
         mount_point = line.split()[1].replace("\\040", " ")
-        if mount_point.startswith(prefix):
+        if mount_point == top or mount_point.startswith(top + "/"):
             mounts.append(mount_point)
     for mount_point in sorted(mounts, key=len, reverse=True):
         run(["umount", "--lazy", mount_point], check=False)
@@ -323,12 +323,18 @@ def remove_tree(path: Path) -> None:
     run(["rm", "-rf", "--one-file-system", str(path)], timeout=600)
 
 
-def copy_image(image: Path, dest: Path) -> None:
-    """A host's own full copy of the image (cp -a keeps owners, modes, links)."""
-    remove_tree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.copy")
-    remove_tree(tmp)
-    run(["cp", "-a", "--", str(image), str(tmp)], timeout=600)
-    (tmp / STAMP_NAME).unlink(missing_ok=True)
-    tmp.rename(dest)
+def mount_disk(image: Path, layers: Path, dest: Path) -> bool:
+    """A host's own disk at dest: the image read-only below, the host's writes in layers/upper (overlayfs).
+
+    Copying the image took 6-11 s a host here (cp -a of ~360 MB); an overlay mounts at once. Returns True when
+    the disk is new (no writes of an earlier boot). The image must not change while disks use it: ensure_image
+    rebuilds it only when its recipe changed.
+    """
+    fresh = not (layers / "upper").is_dir()
+    for layer in ("upper", "work"):
+        (layers / layer).mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    if not dest.is_mount():
+        run(["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={image},upperdir={layers / 'upper'},workdir={layers / 'work'}", str(dest)])
+    return fresh

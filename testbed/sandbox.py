@@ -1,7 +1,8 @@
 """Real test hosts: systemd-nspawn containers in their own network namespaces.
 
-A `Sandbox` gives each host a full Debian root filesystem (a copy of the cached
-base image of its suite: trixie unless asked otherwise), a network namespace
+A `Sandbox` gives each host a full Debian root filesystem (the cached base image
+of its suite, trixie unless asked otherwise, below an overlay that keeps the host's
+own writes), a network namespace
 joined to a bridge, a booted systemd with sshd, and the fault injections the
 resilience tests need: crash a host, crash a process, partition a host, replace
 a host by one with an empty disk.  All hosts of a sandbox run one suite, which
@@ -49,6 +50,7 @@ LOCAL_STACK_HOSTS: dict[str, str] = {
 
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+CGROUP_TREES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 
 
 class SshError(subprocess.CalledProcessError):
@@ -125,6 +127,33 @@ class Sandbox:
     def host_dir(self, host: str) -> Path:
         """The host's root filesystem."""
         return self.dir / "hosts" / host
+
+    def _disk_layers(self, host: str) -> Path:
+        """What the host wrote over the image (overlayfs upper and work directories)."""
+        return self.dir / "disks" / host
+
+    def _cgroups(self, host: str) -> list[Path]:
+        """The host's own cgroup in each tree its systemd writes units into (cgroup v1 `name=systemd` and the
+        unified v2 tree; nspawn mounts the other controllers read-only). There is no systemd on this machine to
+        give each container a scope, and nspawn --keep-unit keeps the cgroup it starts in: without these, every
+        container's `system.slice/<unit>` is one directory, and one container's cleanup of a unit breaks the same
+        unit starting in another (boots degraded, starts failed with 219/CGROUP, stops waited for the others)."""
+        groups = []
+        for tree in CGROUP_TREES:
+            if (tree / "cgroup.procs").exists():
+                group = tree / f"kcp-{self.name}-{host}"
+                group.mkdir(exist_ok=True)
+                groups.append(group)
+        return groups
+
+    def _remove_cgroups(self, host: str) -> None:
+        """Remove the host's cgroups, deepest first, once nothing runs in them."""
+        for tree in CGROUP_TREES:
+            top = tree / f"kcp-{self.name}-{host}"
+            if top.is_dir():
+                for path, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+                    with contextlib.suppress(OSError):  # busy: a process lingers; the empty group is harmless
+                        os.rmdir(path)
 
     def _lock_file(self, host: str) -> Path:
         """The lock systemd-nspawn keeps beside a running container's directory."""
@@ -253,7 +282,10 @@ class Sandbox:
         network.remove_bridge(self.bridge)
         for host in hosts:
             self._refuse_if_locked(host)
-        image.remove_tree(self.dir / "hosts")
+        image.remove_tree(self.dir / "hosts")  # unmounts the disks first
+        image.remove_tree(self.dir / "disks")
+        for host in hosts:
+            self._remove_cgroups(host)
         for leftover in (
             "state.json",
             "state.tmp",
@@ -320,9 +352,11 @@ class Sandbox:
             # transparent bind need CAP_NET_ADMIN there, and it reaches nothing else.
             "--capability=CAP_NET_ADMIN",
         ]  # fmt: skip
+        # Its own cgroup first, then exec nspawn (same pid): see _cgroups.
+        joins = "".join(f"echo $$ > {shlex.quote(str(group / 'cgroup.procs'))} && " for group in self._cgroups(host))
         with open(log_file, "ab") as out:
             child = subprocess.Popen(
-                argv,
+                ["sh", "-c", f'{joins}exec "$@"', "nspawn", *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -334,10 +368,12 @@ class Sandbox:
         log(f"{host}: booting {self.address(host)} (nspawn pid {child.pid})")
 
     def _prepare_disk(self, host: str, base: Path, wipe: bool) -> None:
-        """Copy the image if needed, then give the host its identity and our key."""
-        root = self.host_dir(host)
-        if wipe or not root.exists():
-            image.copy_image(base, root)
+        """Mount the host's disk (a new one if asked or none exists), then give it its identity and our key."""
+        root, layers = self.host_dir(host), self._disk_layers(host)
+        if wipe:
+            image.remove_tree(root)
+            image.remove_tree(layers)
+        if image.mount_disk(base, layers, root):
             (root / "etc/hostname").write_text(f"{host}\n")
             (root / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost\n")
             (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
@@ -476,30 +512,12 @@ class Sandbox:
         return proc
 
     def start_unit(self, host: str, unit: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-        """`systemctl start UNIT`, started once more if systemd never ran its program. These hosts share one
-        cgroup-v1 `name=systemd` tree (nspawn without a host systemd), so a unit of one name that starts in two
-        containers at once (the timers of every host) can lose its cgroup directory to the other container's
-        cleanup: systemd then fails the start with result `resources` ("Failed to spawn executor: No such file or
-        directory") or status 219/CGROUP; it refused the same start twice in a row once. Any failure of the program
-        itself is returned as it is."""
-        for attempt in range(3):
-            run = self.ssh(host, f"systemctl start {unit}", timeout=timeout, check=False)
-            if run.returncode == 0 or attempt == 2:
-                return run
-            shown = self.ssh(host, f"systemctl show -p Result -p ExecMainStatus {unit}", check=False).stdout.decode()
-            state = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
-            if state.get("Result") != "resources" and state.get("ExecMainStatus") != "219":
-                return run
-            print(f"\n(test hosts' shared cgroup tree: {unit} never ran on {host}; starting it again)")
-            self.ssh(host, f"systemctl reset-failed {unit}", check=False)
-            time.sleep(1)
-        return run
+        """`systemctl start UNIT`, its result returned as it is (a oneshot's start ends with its program)."""
+        return self.ssh(host, f"systemctl start {unit}", timeout=timeout, check=False)
 
     def stop_unit(self, host: str, unit: str, timeout: float = 30) -> None:
-        """Stop a long-running UNIT for good (no Restart=) without waiting on the shared cgroup tree (see start_unit):
-        `systemctl stop` waits until the unit's cgroup is empty, and the same unit of another container can sit in
-        it, so a plain stop can hang for the unit's whole stop timeout. Queue the stop, SIGKILL what this host runs
-        of it, and wait until its main process is gone here."""
+        """Stop a long-running UNIT for good (no Restart=), as the loss of its machine would: queue the stop, SIGKILL
+        what this host runs of it, and wait until its main process is gone."""
         self.ssh(host, f"systemctl stop --no-block {unit}; systemctl kill -s KILL {unit}", check=False)
         deadline = time.monotonic() + timeout
         main_pid = f"systemctl show -p MainPID --value {unit}"
