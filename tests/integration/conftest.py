@@ -147,7 +147,7 @@ def deployed(workdir_prefix: str, configure: Callable[[dict[str, Any], Sandbox],
             configure(cfg, sandbox)
         program = run_program(cfg, stack="local", mocks=RealTlsMocks)
         replay = Replay.of(sandbox, program)
-        replay.create()
+        replay.first_up(program)
         yield Deployment(sandbox, program, replay, cfg, Path(tmp),
                          members=[h["name"] for h in cfg["baremetal"]["hosts"] if "etcd" in h["roles"]],
                          spares=[s["name"] for s in cfg["baremetal"]["spares"]])

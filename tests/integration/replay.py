@@ -1,9 +1,10 @@
 """Replays the bare-metal commands the program declared, over SSH, onto local test hosts.
 
-Test code only: the product has no engine of its own. `create()` runs what the first `pulumi up`
-runs for each `remote.CopyToRemote` and `remote.Command`, in registration order (which follows
+Test code only: the product has no engine of its own. `first_up()` is the first `pulumi up`: every
+`remote.CopyToRemote` and `remote.Command` created, planned from an empty state and run as `run(plan)`
+runs it. `create(steps)` runs steps' create commands again one by one, in registration order (which follows
 the declared dependencies), with the declared stdin; `delete()` runs the `delete` steps in reverse
-(a `pulumi destroy`). `run(plan)` runs a planned second `pulumi up` (tests/integration/update_plan.py)
+(a `pulumi destroy`). `run(plan)` runs a planned `pulumi up` (tests/integration/update_plan.py)
 the way the engine schedules it: registrations as their dependencies finish, in parallel; then the
 deletes, antichain by antichain. What happens after a failure follows deployment_executor.go and
 step_executor.go (pulumi/pulumi 1b5949891b):
@@ -37,7 +38,7 @@ from typing import Any
 from testbed.sandbox import Sandbox
 from tests.integration.engine_rules import COMMAND, COPY
 from tests.integration.realtls import plain
-from tests.integration.update_plan import Action, Registration, UpdatePlan
+from tests.integration.update_plan import Action, Registration, UpdatePlan, plan_update
 from tests.program import Program
 
 
@@ -125,7 +126,6 @@ class UpdateRun:
 class Replay:
     sandbox: Sandbox
     steps: list[Step]
-    timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, sandbox: Sandbox, program: Program) -> Replay:
@@ -147,14 +147,19 @@ class Replay:
         for step in self.for_host(host):
             step.inputs["connection"]["hostKey"] = host_key
 
+    def first_up(self, program: Program) -> UpdateRun:
+        """The first `pulumi up` of `program` onto empty hosts: independent steps in parallel, as the engine runs
+        them; fails with the run's report if a step failed."""
+        run = self.run(plan_update(Program(), program))
+        assert run.ok, run.report()
+        return run
+
     def create(self, steps: list[Step] | None = None) -> None:
         for step in steps if steps is not None else self.steps:
-            started = time.monotonic()
             if step.type == COPY:
                 self._run(step, *_copy_command(step.inputs))
             elif step.create:
                 self._run(step, step.create, step.stdin)
-            self.timings[step.name] = time.monotonic() - started
 
     def delete(self, steps: list[Step] | None = None) -> None:
         for step in reversed(steps if steps is not None else self.steps):

@@ -104,7 +104,7 @@ def cluster() -> Iterator[Cluster]:
         config["baremetal"]["spares"][0]["zone"] = "rack-c"
         program = run_program(config, stack="local", mocks=RealTlsMocks)
         replay = Replay.of(sandbox, program)
-        replay.create()
+        replay.first_up(program)
         yield Cluster(sandbox, replay, program, config, Path(tmp), build)
     build.undo()
 
