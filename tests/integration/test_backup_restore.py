@@ -41,8 +41,6 @@ PREFIX = "/bench/"
 SSH_OPTIONS = ["--ssh-option", "StrictHostKeyChecking=no", "--ssh-option", "UserKnownHostsFile=/dev/null",
                "--ssh-option", "LogLevel=ERROR"]
 state: dict[str, Any] = {}
-# systemd's "could not put the process into the unit's cgroup" (the program never ran).
-EXIT_CGROUP = "219"
 
 
 def pause_backup_timers(dep: Deployment) -> None:
@@ -135,25 +133,10 @@ def start_backup_units(dep: Deployment, members: list[str], timeout: float = 600
 
 
 def run_backup_everywhere(dep: Deployment, timeout: float = 600) -> dict[str, Any]:
-    """Start the timer's unit on every member at once, as the timer does; exactly one acts.
-
-    On these test hosts all containers share one cgroup-v1 `name=systemd` tree (nspawn
-    without a host systemd), so a unit of the same name starting in two containers at once
-    can lose its cgroup directory to the other container's cleanup: systemd then fails the
-    start with status 219/CGROUP, or refuses the job for "unavailable resources" (result
-    `resources`, exit status 0), before etcd-backup runs at all. Only such a start, in which
-    the program never ran, is started again (Sandbox.start_unit); any failure of etcd-backup itself fails.
-    """
+    """Start the timer's unit on every member at once, as the timer does; exactly one acts."""
     before = set(backups(dep))
     started = time.monotonic()
     results = start_backup_units(dep, dep.members, timeout)
-    never_ran = [m for m, (rc, message, status) in results.items()
-                 if rc != 0 and (status == EXIT_CGROUP or (status == "0" and "unavailable resources" in message))]
-    for m in never_ran:  # one at a time, as Sandbox.start_unit starts it again
-        print(f"\n(test hosts' shared cgroup tree: etcd-backup.service never ran on {m}; starting it again)")
-        dep.sandbox.ssh(m, "systemctl reset-failed etcd-backup.service", check=False)
-        run = dep.sandbox.start_unit(m, "etcd-backup.service", timeout)
-        results[m] = (run.returncode, run.stderr.decode(errors="replace").strip(), "")
     elapsed = time.monotonic() - started
     assert all(rc == 0 for rc, _, _ in results.values()), f"a backup unit failed: {results}"
     new = set(backups(dep)) - before
@@ -170,8 +153,7 @@ def etcd_restore(dep: Deployment, *extra: str, env: dict[str, str] | None = None
 
 
 def lose_every_members_data(dep: Deployment) -> None:
-    """etcd killed for good and its data gone on every member, as a loss of every machine. Killed, not stopped: a
-    plain stop waited past 60 s on h1 in one CI run (Sandbox.stop_unit says why it can and shows what systemd did)."""
+    """etcd killed for good and its data gone on every member, as a loss of every machine."""
     for m in dep.members:
         dep.sandbox.stop_unit(m, "etcd.service")
         dep.sandbox.ssh(m, '. /etc/etcd/cluster.env; rm -rf "$KCP_DATA_DIR"')

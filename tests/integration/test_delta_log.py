@@ -87,7 +87,7 @@ def kill_every_member(dep: Deployment) -> float:
     with ThreadPoolExecutor(len(dep.members)) as pool:
         at = time.time()
         list(pool.map(lambda m: dep.sandbox.ssh(m, command), dep.members))
-    for m in dep.members:  # stopped for good (the test hosts' shared cgroup tree: Sandbox.stop_unit), data gone
+    for m in dep.members:  # stopped for good (Sandbox.stop_unit), data gone
         for unit in ("etcd.service", "etcd-delta-archive.service"):
             dep.sandbox.stop_unit(m, unit)
         dep.sandbox.ssh(m, '. /etc/etcd/cluster.env; rm -rf "$KCP_DATA_DIR"')
