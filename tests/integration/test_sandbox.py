@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from testbed import Sandbox, SshError
 from testbed.image import image_dir
 from testbed.network import bridge_name, link_exists, netns_exists
+from testbed.sandbox import CGROUP_TREES
+from testbed.system import wait_until
 
 NAME = "kcptest"
 SUBNET = "10.250.9"
@@ -132,6 +134,25 @@ def test_type_notify_service_runs_and_kill_process_crashes_it(sandbox: Sandbox) 
         sandbox.ssh("t1", "systemctl stop etcd", check=False)
 
 
+def test_one_unit_name_on_two_hosts_is_two_cgroups(sandbox: Sandbox) -> None:
+    """Each host's systemd keeps its units in a tree of its own: in one shared tree, one container's cleanup of a
+    unit's cgroup broke the same unit starting in another (boots degraded, starts failed with 219/CGROUP)."""
+    tree = CGROUP_TREES[0]
+    if not (tree / "cgroup.procs").exists():
+        pytest.skip(reason=f"this machine has no cgroup-v1 name=systemd tree at {tree}: nothing is shared there")
+    for host in HOSTS:
+        sandbox.ssh(host, "systemd-run --unit=kcp-probe sleep 300")
+    try:
+        for host in HOSTS:
+            procs = tree / f"kcp-{NAME}-{host}/payload/system.slice/kcp-probe.service/cgroup.procs"
+            assert wait_until(lambda procs=procs: procs.is_file() and len(procs.read_text().split()) == 1, 10), \
+                f"{host}'s kcp-probe is not alone in {procs.parent}"
+        assert not (tree / "payload/system.slice/kcp-probe.service").exists(), "a unit in the machine's own tree"
+    finally:
+        for host in HOSTS:
+            sandbox.ssh(host, "systemctl stop kcp-probe", check=False)
+
+
 def test_partition_cuts_traffic_and_heal_restores_it(sandbox: Sandbox) -> None:
     assert tcp_probe(sandbox, "t1", "t2")
     sandbox.partition("t2")
@@ -205,6 +226,8 @@ def test_down_removes_everything_by_name(sandbox: Sandbox) -> None:
         assert not link_exists(sandbox.veth(host))
         assert not netns_exists(sandbox.netns(host))
         assert not sandbox.host_dir(host).exists()
+        assert not any((tree / f"kcp-{NAME}-{host}").exists() for tree in CGROUP_TREES)
+    assert not (sandbox.dir / "disks").exists()
     assert not sandbox.ssh_key_path.exists()
     assert image_dir(sandbox.root, sandbox.suite).is_dir()  # the cached image stays
     sandbox.down()  # idempotent
