@@ -141,15 +141,19 @@ class Sandbox:
         groups = []
         for tree in CGROUP_TREES:
             if (tree / "cgroup.procs").exists():
-                group = tree / f"kcp-{self.name}-{host}"
+                group = tree / self.cgroup_name(host)
                 group.mkdir(exist_ok=True)
                 groups.append(group)
         return groups
 
+    def cgroup_name(self, host: str) -> str:
+        """The host's own cgroup, directly below each tree's root."""
+        return f"kcp-{self.name}-{host}"
+
     def _remove_cgroups(self, host: str) -> None:
         """Remove the host's cgroups, deepest first, once nothing runs in them."""
         for tree in CGROUP_TREES:
-            top = tree / f"kcp-{self.name}-{host}"
+            top = tree / self.cgroup_name(host)
             if top.is_dir():
                 for path, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
                     with contextlib.suppress(OSError):  # busy: a process lingers; the empty group is harmless

@@ -144,7 +144,7 @@ def test_one_unit_name_on_two_hosts_is_two_cgroups(sandbox: Sandbox) -> None:
         sandbox.ssh(host, "systemd-run --unit=kcp-probe sleep 300")
     try:
         for host in HOSTS:
-            procs = tree / f"kcp-{NAME}-{host}/payload/system.slice/kcp-probe.service/cgroup.procs"
+            procs = tree / sandbox.cgroup_name(host) / "payload/system.slice/kcp-probe.service/cgroup.procs"
             assert wait_until(lambda procs=procs: procs.is_file() and len(procs.read_text().split()) == 1, 10), \
                 f"{host}'s kcp-probe is not alone in {procs.parent}"
         assert not (tree / "payload/system.slice/kcp-probe.service").exists(), "a unit in the machine's own tree"
@@ -226,7 +226,7 @@ def test_down_removes_everything_by_name(sandbox: Sandbox) -> None:
         assert not link_exists(sandbox.veth(host))
         assert not netns_exists(sandbox.netns(host))
         assert not sandbox.host_dir(host).exists()
-        assert not any((tree / f"kcp-{NAME}-{host}").exists() for tree in CGROUP_TREES)
+        assert not any((tree / sandbox.cgroup_name(host)).exists() for tree in CGROUP_TREES)
     assert not (sandbox.dir / "disks").exists()
     assert not sandbox.ssh_key_path.exists()
     assert image_dir(sandbox.root, sandbox.suite).is_dir()  # the cached image stays
