@@ -30,17 +30,23 @@ from kcp_host.log import Abort, log
 ETCD_MOUNT = "/var/lib/etcd"
 
 
-def unpack(text: str, root: str = "/") -> list[Path]:
-    """A bundle (hostfiles.bundle) from memory under `root`, every entry checked before the first is written.
-    Returns the files it changed: one already in place (bytes, mode, owner) is left alone, so a refresh knows."""
+def read_bundle(text: str, root: str = "/") -> list[tuple[Path, tarfile.TarInfo, bytes]]:
+    """A bundle's files (hostfiles.bundle) from memory: where each goes under `root`, its entry and its bytes, every
+    entry checked before the first is read."""
     try:
         with tarfile.open(fileobj=io.BytesIO(base64.b64decode(text.strip(), validate=True))) as tar:
             # bundle_target refuses an entry before it is read: extractfile would follow a link
             entries = [(bundle_target(Path(root), m), m, tar.extractfile(m)) for m in tar.getmembers()]
-            files = [(target, member, source.read()) for target, member, source in entries if source]
+            return [(target, member, source.read()) for target, member, source in entries if source]
     except (ValueError, OSError, EOFError, zlib.error, tarfile.TarError) as error:
         raise CloudError(f"not a bundle: {error}") from None
-    changed = [(target, member, data) for target, member, data in files if not in_place(target, member, data)]
+
+
+def unpack(text: str, root: str = "/") -> list[Path]:
+    """A bundle written under `root`. Returns the files it changed: one already in place (bytes, mode, owner) is
+    left alone, so a refresh knows."""
+    changed = [(target, member, data) for target, member, data in read_bundle(text, root)
+               if not in_place(target, member, data)]
     for target, member, data in changed:
         write_atomic(target, data, member.mode & 0o7777, (member.uname, member.gname))
     return [target for target, _, _ in changed]

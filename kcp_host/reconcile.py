@@ -6,6 +6,7 @@ delete step runs only at the end of `pulumi up`, after the others' firewalls dro
 time, each only while the rest keep a healthy quorum, with leadership moved away first. Each is
 marked under kcp/removed/ so that its etcd, if it still runs, does not rejoin; a host the stack lists
 again is unmarked. A host with no member configuration yet, or that reaches no member, has nothing to do.
+On GCE and AWS, `cloud-refresh` runs `follow` with the members of a slot's new bundle.
 """
 
 from __future__ import annotations
@@ -61,21 +62,13 @@ def remove(view: ClusterView, endpoints: list[str], leaving: Member) -> None:
         time.sleep(1)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kcp-host etcd-reconcile-members", description=__doc__.splitlines()[0])
-    parser.add_argument("--members", required=True, help="the stack's members: name=peerURL,...")
-    parser.add_argument("--spares", default="", help="the stack's spares (a spare may have taken a slot)")
-    args = parser.parse_args(argv)
-    wanted = {**peers(args.members), **peers(args.spares)}
-    if not Path(os.environ.get(ClusterEnv.OVERRIDE, ClusterEnv.PATH)).is_file():
-        log("no member configuration on this host yet: nothing to reconcile from here")
-        return 0
-    env = load_env(ClusterEnv)
+def follow(env: ClusterEnv, wanted: dict[str, str]) -> None:
+    """Remove the members whose peer URL `wanted` (name -> peer URL) lacks, one at a time; unmark the wanted."""
     view = ClusterView(env, Etcdctl.of(env))
     endpoints = [*view.endpoints(), env.client_url]
     if not view.fetch(endpoints):
         log("no member answered from this host: nothing to reconcile from here")
-        return 0
+        return
     endpoints = [*view.endpoints(), env.client_url]
     for name in wanted:
         view.ctl.run(endpoints, "del", REMOVED_PREFIX + name, check=False)
@@ -87,4 +80,15 @@ def main(argv: list[str]) -> int:
             raise Abort(1, f"removing {member.name or member.hex_id}: {error}") from None
     log(f"membership follows the stack: {', '.join(sorted(wanted))}" + (
         f" (removed {', '.join(m.name or m.hex_id for m in leaving)})" if leaving else ""))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kcp-host etcd-reconcile-members", description=__doc__.splitlines()[0])
+    parser.add_argument("--members", required=True, help="the stack's members: name=peerURL,...")
+    parser.add_argument("--spares", default="", help="the stack's spares (a spare may have taken a slot)")
+    args = parser.parse_args(argv)
+    if not Path(os.environ.get(ClusterEnv.OVERRIDE, ClusterEnv.PATH)).is_file():
+        log("no member configuration on this host yet: nothing to reconcile from here")
+        return 0
+    follow(load_env(ClusterEnv), {**peers(args.members), **peers(args.spares)})
     return 0
