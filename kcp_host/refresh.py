@@ -2,11 +2,11 @@
 
 Bundles are otherwise read only at boot, and the groups never roll etcd members, so `kcp-cloud-refresh.timer` runs
 this on every cloud machine. It fetches the agent's and the slot's bundles as the boot path does; when they differ
-from the ones it applied last, it holds the lock that member replacements take (so the two never overlap), checks that
-every voter is healthy and none is joining, unpacks, installs a new release, restarts only what reads a changed file
-and waits until healthy again before the next machine may go. A failure records nothing and exits non-zero: the lock
-goes (its lease, if this process died), the others find a voter unhealthy before they touch anything, and the next
-run tries again.
+from the ones it applied last, it holds the lock that member replacements take (so the two never overlap), removes
+the members the stack dropped (`follow_membership`), checks that every voter is healthy and none is joining, unpacks,
+installs a new release, restarts only what reads a changed file and waits until healthy again before the next
+machine may go. A failure records nothing and exits non-zero: the lock goes (its lease, if this process died), the
+others find a voter unhealthy before they touch anything, and the next run tries again.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from kcp_host import cloudboot, install, lifecycle, systemd
+from kcp_host import cloudboot, install, lifecycle, reconcile, systemd
 from kcp_host.clouds import CloudError, retry
 from kcp_host.contract import (
     AGENT,
@@ -27,7 +27,9 @@ from kcp_host.contract import (
     ClusterEnv,
     ContractError,
     SlotEnv,
+    env_name,
     load_env,
+    parse_env_text,
 )
 from kcp_host.etcd import Etcdctl
 from kcp_host.files import write_atomic
@@ -38,14 +40,18 @@ from kcp_host.staticpods import await_readyz, kubelet_fingerprint, restart_stati
 READY_SECONDS = 300  # for healthy voters before a member goes, for /readyz after an API server restart
 
 
+def read_secret(env: BootEnv, name: str) -> str:
+    cloud = cloudboot.cloud_of(env)
+    return retry(f"read the secret {name}", 5, 10, lambda: cloud.secret(name))
+
+
 def fetch(env: BootEnv, slot: str) -> tuple[str, str]:
     """The agent's bundle (its pieces joined, as kcp-bootstrap joins them) and the slot's, from the secret store."""
-    cloud = cloudboot.cloud_of(env)
+    return "".join(read_secret(env, name) for name in env.programs_secrets), read_secret(env, slot)
 
-    def read(name: str) -> str:
-        return retry(f"read the secret {name}", 5, 10, lambda: cloud.secret(name))
 
-    return "".join(read(name) for name in env.programs_secrets), read(slot)
+def digest(programs: str, files: str) -> str:
+    return hashlib.sha256(f"{programs}\n{files}".encode()).hexdigest()
 
 
 def etcd_client(env: BootEnv, slot: SlotEnv) -> ClusterEnv:
@@ -57,6 +63,23 @@ def etcd_client(env: BootEnv, slot: SlotEnv) -> ClusterEnv:
     ca, cert, key = slot.etcd_client
     return ClusterEnv(cluster_name=env.cluster, member_name=slot.name, peer_url="", client_url="", members=(),
                       client_endpoints=slot.etcd_endpoints, etcd_ca=ca, etcd_cert=cert, etcd_key=key, data_dir="")
+
+
+def follow_membership(client: ClusterEnv, files: str) -> None:
+    """Members the slot's bundle no longer lists leave etcd, as `etcd-reconcile-members` makes them leave on bare
+    metal: a cloud deletes a dropped slot's group, and nothing else would remove its member, which then counts as a
+    dead voter (a 5 -> 3 shrink would leave 3 of 5 voters, tolerating no failure) and fails every health gate. Only
+    a current member acts: a dropped slot's machine keeps its old bundle, which still lists every member."""
+    cluster_env = next((data for target, _, data in cloudboot.read_bundle(files) if str(target) == ClusterEnv.PATH),
+                       None)
+    if cluster_env is None:
+        raise ContractError(f"the slot's bundle has no {ClusterEnv.PATH}")
+    listed = Etcdctl.of(client).members(list(client.client_endpoints)) or []
+    if not any(client.peer_url in m.peer_urls for m in listed):
+        log("this machine is no member now: the members follow the stack's membership")
+        return
+    wanted = parse_env_text(cluster_env.decode()).get(env_name(ClusterEnv, "members"), "")
+    reconcile.follow(client, reconcile.peers(wanted))
 
 
 def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None:
@@ -90,9 +113,8 @@ def main(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="kcp-host cloud-refresh", description=__doc__.splitlines()[0]).parse_args(argv)
     env, slot = load_env(BootEnv), load_env(SlotEnv)  # the slot boot unpacked: a machine keeps it for life
     programs, files = fetch(env, slot.name)
-    digest = hashlib.sha256(f"{programs}\n{files}".encode()).hexdigest()
     applied = Path(REFRESH_APPLIED)
-    if applied.is_file() and applied.read_text().strip() == digest:
+    if applied.is_file() and applied.read_text().strip() == digest(programs, files):
         print("the bundles are the ones applied last: nothing to do")
         return 0
     try:
@@ -103,8 +125,11 @@ def main(argv: list[str]) -> int:
         waits = dataclasses.replace(client, lock_wait_seconds=env.refresh_seconds)  # in line until the next run
         with replacement_lock(waits, Etcdctl.of(client), list(client.client_endpoints)):
             log("new bundles; holding the rollout lock")
+            files = read_secret(env, slot.name)  # the newest: the wait for the lock may outlast a `pulumi up`
+            if "etcd" in env.roles:
+                follow_membership(client, files)
             apply(env, client, files, slot)
-            write_atomic(applied, digest + "\n")
+            write_atomic(applied, digest(programs, files) + "\n")
     except CloudError as error:  # a bundle that does not unpack
         raise Abort(1, str(error)) from None
     log("applied the new bundles")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -464,11 +465,9 @@ class Refresh:
         self.secrets = {"prod-host-programs": bundle([HostFile(AGENT, b"agent 1", 0o755)])}
         self.slot, self.learner, self.installed = ("prod-etcd-0" if "etcd" in roles else "prod-api"), False, "3.5.33"
         (tmp_path / "boot.env").write_text(render_env(BootEnv(**{**vars(ENV), "roles": roles}), "test"))
-        (tmp_path / "cluster.env").write_text(render_env(ClusterEnv(
-            cluster_name="prod", member_name="prod-etcd-0", peer_url="https://10.0.0.2:2380",
-            client_url="https://10.0.0.2:2379", members=("prod-etcd-0=https://10.0.0.2:2380",),
-            client_endpoints=("https://10.0.0.2:2379",), etcd_ca="ca", etcd_cert="crt", etcd_key="key",
-            data_dir="data", started_config_file=str(tmp_path / "started")), "test"))
+        # etcd's member list as the stand-in etcdctl answers it: no member with this machine's peer URL yet
+        self.listed = [Member(1, "prod-etcd-1", ("https://10.0.0.3:2380",), ("https://10.0.0.3:2379",), False)]
+        (tmp_path / "cluster.env").write_text(self.cluster_env(("prod-etcd-0=https://10.0.0.2:2380",)))
         monkeypatch.setenv(BootEnv.OVERRIDE, str(tmp_path / "boot.env"))
         monkeypatch.setenv(ClusterEnv.OVERRIDE, str(tmp_path / "cluster.env"))
         monkeypatch.setenv(SlotEnv.OVERRIDE, str(self.root / SlotEnv.PATH.lstrip("/")))
@@ -481,14 +480,24 @@ class Refresh:
     def etcd_env(self) -> str:
         return (self.root / "etc/etcd/etcd.env").read_text()
 
-    def publish(self, version: str = "3.5.33", election: str = "1000", kube: str = "v1") -> None:
-        """A `pulumi up`: new bundles in the secret store."""
+    def cluster_env(self, members: tuple[str, ...]) -> str:
+        return render_env(ClusterEnv(
+            cluster_name="prod", member_name="prod-etcd-0", peer_url="https://10.0.0.2:2380",
+            client_url="https://10.0.0.2:2379", members=members,
+            client_endpoints=tuple(m.split("=")[1].replace(":2380", ":2379") for m in members), etcd_ca="ca",
+            etcd_cert="crt", etcd_key="key", data_dir="data", started_config_file=str(self.tmp / "started")), "test")
+
+    def publish(self, version: str = "3.5.33", election: str = "1000", kube: str = "v1",
+                members: tuple[str, ...] = ("prod-etcd-0=https://10.0.0.2:2380",)) -> None:
+        """A `pulumi up`: new bundles in the secret store (a member's with a cluster.env listing `members`)."""
         api, member = "apiserver" in self.roles, "etcd" in self.roles
         slot = SlotEnv(self.slot, ("release", version, "-"), kubelet_install=("1.36.4",) if api else (),
                        etcd_endpoints=() if member else ("https://10.0.0.2:2379",),
                        etcd_client=() if member else ("ca", "crt", "key"))
         files = [HostFile(SlotEnv.PATH, render_env(slot, "test")),
                  HostFile("/etc/etcd/etcd.env", f"ETCD_ELECTION_TIMEOUT={election}\n")]
+        if member:
+            files.append(HostFile(ClusterEnv.PATH, self.cluster_env(members)))
         self.secrets[self.slot] = bundle(files + ([HostFile("/etc/kubernetes/pki/apiserver.crt", kube)] if api else []))
 
     def rolling_restart(self, argv: list[str]) -> int:
@@ -533,7 +542,9 @@ class Refresh:
         monkeypatch.setattr(staticpods, "KUBELET_READS", (str(self.root / "etc/kubernetes"),))
         monkeypatch.setattr(refresh.os, "execv", exec_agent)
         monkeypatch.setattr(refresh.Etcdctl, "members", lambda ctl, endpoints: [
-            Member(1, "prod-etcd-1", ("https://10.0.0.3:2380",), ("https://10.0.0.3:2379",), self.learner)])
+            dataclasses.replace(m, learner=self.learner) for m in self.listed])
+        monkeypatch.setattr(refresh.reconcile, "follow", lambda env, wanted: steps.append(
+            f"follow membership: {','.join(sorted(wanted))}"))
         monkeypatch.setattr(lifecycle, "await_voters_healthy", record("voters healthy"))
         monkeypatch.setattr(lifecycle, "rolling_restart", self.rolling_restart)
         monkeypatch.setattr(install, "version_of", lambda argv, pattern: self.installed)
@@ -559,6 +570,48 @@ def test_refresh_applies_a_new_bundle_under_the_lock_and_a_second_run_changes_no
                              "etcd restart", "unlock"]
     assert (machine.root / "etc/etcd/etcd.env").read_text() == "ETCD_ELECTION_TIMEOUT=1200\n"
     assert machine.run() == 0 and machine.steps == [], "applied: no lock, nothing touched"
+
+
+FIVE = tuple(f"prod-etcd-{i}=https://10.0.0.{i + 2}:2380" for i in range(5))
+
+
+def test_a_member_removes_the_members_its_new_bundle_drops_before_the_health_gate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5 -> 3 on a cloud: the dropped slots' groups are deleted; their members must leave etcd, or the health gate
+    fails on them forever and 3 of 5 voters tolerate no failure."""
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    machine.listed = [Member(i + 1, f"prod-etcd-{i}", (f"https://10.0.0.{i + 2}:2380",), (), False) for i in range(5)]
+    machine.publish(members=FIVE[:3])
+    assert machine.run() == 0
+    assert machine.steps[:3] == ["lock (waits 300s)", "follow membership: prod-etcd-0,prod-etcd-1,prod-etcd-2",
+                                 "voters healthy"], machine.steps
+
+
+def test_a_machine_that_is_no_member_leaves_the_membership_to_the_members(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dropped slot's machine (its bundle is never updated, it still lists every member) or one not yet joined."""
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    machine.publish(election="1200", members=FIVE)
+    assert machine.run() == 0
+    assert not [step for step in machine.steps if step.startswith("follow")], machine.steps
+
+
+def test_the_slots_bundle_is_read_again_once_the_lock_is_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait for the lock may outlast a `pulumi up`: what is applied (and its membership) is the newest bundle."""
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    machine.publish(election="1200")
+    held = refresh.replacement_lock
+
+    @contextlib.contextmanager
+    def lock_during_an_up(env: ClusterEnv, ctl: object, endpoints: list[str]) -> Iterator[None]:
+        machine.publish(election="1400")
+        with held(env, ctl, endpoints):
+            yield
+
+    monkeypatch.setattr(refresh, "replacement_lock", lock_during_an_up)
+    assert machine.run() == 0
+    assert machine.etcd_env() == "ETCD_ELECTION_TIMEOUT=1400\n"
+    assert machine.run() == 0 and machine.steps == [], "the newest bundle is recorded as applied"
 
 
 def test_a_new_etcd_release_is_installed_and_restarts_etcd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
