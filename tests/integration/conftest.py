@@ -19,7 +19,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,10 +129,10 @@ class Deployment:
 
 @contextlib.contextmanager
 def deployed(workdir_prefix: str, configure: Callable[[dict[str, Any], Sandbox], None] | None = None,
-             ) -> Iterator[Deployment]:
+             extra_hosts: Mapping[str, int] | None = None) -> Iterator[Deployment]:
     """Fresh hosts for the `local` stack (plus an outsider in no role), the program run under mocks that issue
     real certificates, its commands replayed onto them; everything torn down afterwards, also on failure.
-    `configure` may change the stack config first."""
+    `extra_hosts` (name: last address byte) boot too, for `configure` to place in the stack config it may change."""
     _require_testbed()
     name, subnet = sandbox_identity()
     cfg0 = stack_config(LOCAL_STACK)
@@ -140,6 +140,7 @@ def deployed(workdir_prefix: str, configure: Callable[[dict[str, Any], Sandbox],
              for h in [*cfg0["baremetal"]["hosts"], *cfg0["baremetal"]["spares"]]}
     hosts["backup"] = cfg0["baremetal"]["backupHost"]["address"].replace("10.250.0.", f"{subnet}.")
     hosts["outsider"] = f"{subnet}.30"  # in no role: what the firewall must keep out
+    hosts |= {host: f"{subnet}.{byte}" for host, byte in (extra_hosts or {}).items()}
     with Sandbox(name=name, subnet=subnet, hosts=hosts) as sandbox, \
             tempfile.TemporaryDirectory(prefix=workdir_prefix) as tmp:
         cfg = local_stack_for(subnet, sandbox.ssh_key_path)
