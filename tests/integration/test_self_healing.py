@@ -131,8 +131,9 @@ class Load:
         return [json.loads(line) for line in lines if line.endswith("}")]
 
 
-def start_load(cluster: Deployment, name: str, seconds: float = 240) -> Load:
-    """The writer in the backup host's namespace, through every member's client URL."""
+def start_load(cluster: Deployment, name: str, seconds: float = 240, request_timeout: float = 0.5) -> Load:
+    """The writer in the backup host's namespace, through every member's client URL; it tries the next member after
+    `request_timeout` without an answer."""
     ca, cert, key = cluster.client_tls
     log = cluster.workdir / f"acks-{name}.jsonl"
     log.unlink(missing_ok=True)
@@ -140,7 +141,7 @@ def start_load(cluster: Deployment, name: str, seconds: float = 240) -> Load:
     argv = ["ip", "netns", "exec", cluster.sandbox.netns(cluster.backup_host), sys.executable, str(WRITELOAD),
             "--endpoints", ",".join(cluster.client_endpoints), "--cacert", str(ca), "--cert", str(cert),
             "--key", str(key), "--prefix", prefix, "--count", "100000", "--seconds", str(seconds),
-            "--interval", "0.01", "--timeout", "0.5", "--out", str(log)]
+            "--interval", "0.01", "--timeout", str(request_timeout), "--out", str(log)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     load = Load(proc, log, prefix)
     deadline = time.monotonic() + 30
@@ -160,9 +161,9 @@ def assert_acked_writes_present(cluster: Deployment, hosts: list[str], load: Loa
 
 
 @contextmanager
-def under_load(cluster: Deployment, name: str, hosts: list[str]) -> Iterator[Load]:
+def under_load(cluster: Deployment, name: str, hosts: list[str], request_timeout: float = 0.5) -> Iterator[Load]:
     """Run a fault under load, then check health, hashkv and every acknowledged write."""
-    load = start_load(cluster, name)
+    load = start_load(cluster, name, request_timeout=request_timeout)
     try:
         yield load
         wait_promoted_and_healthy(cluster, hosts)
@@ -223,13 +224,27 @@ def test_killed_follower_restarts_on_its_own_data(local_cluster: Deployment) -> 
 
 
 KILLS = 3  # etcd draws each follower's election timeout from [T, 2T): one kill is one draw
+# A put that a follower forwarded to the leader just killed is lost; the writer waits this long before it tries the
+# next member. With 0.5 s, nine kills on the local test bed measured gaps 0.06-0.46 s longer than etcd took to elect
+# a leader (1.06-1.75 s, from its journal): the writer's own wait, not the cluster's. Puts take ~0.02 s here.
+KILL_REQUEST_TIMEOUT = 0.2
+
+
+def elected_after(cluster: Deployment, hosts: list[str], at: float) -> float | None:
+    """Seconds from `at` until a member's etcd logged that it became leader (journal time, the same clock)."""
+    times = []
+    for host in hosts:
+        out = cluster.sandbox.ssh(host, f"journalctl -u etcd -o short-unix --no-pager --since @{int(at)} "
+                                        "| grep 'became leader at term'", check=False).stdout.decode()
+        times += [float(line.split()[0]) for line in out.splitlines()]
+    return min((t - at for t in times if t > at), default=None)
 
 
 def test_killed_leader_write_gap_is_within_two_election_timeouts(local_cluster: Deployment) -> None:
     """The median gap of three leader kills, each once the cluster is whole again: a single kill measures the
     random draw of one election timeout as much as the cluster (one was seen at 2.18 s, others at ~1.1 s)."""
     hosts, kills = local_cluster.members, []
-    with under_load(local_cluster, "leader-kill", hosts) as load:
+    with under_load(local_cluster, "leader-kill", hosts, request_timeout=KILL_REQUEST_TIMEOUT) as load:
         for _ in range(KILLS):
             wait_promoted_and_healthy(local_cluster, hosts)
             old = leader(local_cluster, hosts)
@@ -239,10 +254,15 @@ def test_killed_leader_write_gap_is_within_two_election_timeouts(local_cluster: 
     election = election_timeout_s(local_cluster)
     gaps = [longest_stall_after(load.acks(), at, window=8) for _, at in kills]
     gap, limit = sorted(gaps)[KILLS // 2], 2 * election
-    each = ", ".join(f"{host} {g:.2f}s" for (host, _), g in zip(kills, gaps, strict=True))
-    print(f"\nwrite gaps after SIGKILL of the leader: {each}")
+    elected = [elected_after(local_cluster, hosts, at) for _, at in kills]
+    each = ", ".join(f"{host} {g:.2f}s (leader elected after {e if e is None else round(e, 2)}s)"
+                     for (host, _), g, e in zip(kills, gaps, elected, strict=True))
+    print(f"\nwrite gaps after SIGKILL of the leader (writer's request timeout {KILL_REQUEST_TIMEOUT}s): {each}")
     record(f"etcd leader-loss write gap (SIGKILL, median of {KILLS})", gap, "election timeout", election,
            "<= 2x election timeout")
+    if None not in elected:
+        record(f"etcd leader elected after SIGKILL of the leader (journal, median of {KILLS})",
+               sorted(e or 0.0 for e in elected)[KILLS // 2], "election timeout", election)
     assert all(g > 0 for g in gaps) and gap <= limit, f"median write gap after SIGKILL of the leader: {gaps} > {limit}"
 
 
