@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from kcp_host import install, systemd
 from kcp_host.clouds import CLOUDS, Aws, CloudError, Gce, retry
-from kcp_host.contract import DELTA_UNIT, DELTA_UNIT_FILE, BootEnv, ClusterEnv, SlotEnv, load_env
+from kcp_host.contract import DELTA_UNIT, DELTA_UNIT_FILE, SLOT_FILES, BootEnv, ClusterEnv, SlotEnv, load_env
 from kcp_host.etcd import Etcdctl
 from kcp_host.files import write_atomic
 from kcp_host.lifecycle import await_healthy
@@ -50,6 +50,24 @@ def unpack(text: str, root: str = "/") -> list[Path]:
     for target, member, data in changed:
         write_atomic(target, data, member.mode & 0o7777, (member.uname, member.gname))
     return [target for target, _, _ in changed]
+
+
+def unpack_slot(text: str, root: str = "/") -> list[Path]:
+    """The slot's bundle unpacked, and what an earlier one placed that this one lacks removed (a unit stopped and
+    disabled first): a setting turned off on a cloud is off (`backup.deltaSeconds` drops the delta log's unit).
+    Returns the files it changed or removed."""
+    record = Path(root, SLOT_FILES.lstrip("/"))
+    placed = {str(target) for target, _, _ in read_bundle(text, root)}
+    before = set(record.read_text().splitlines()) if record.is_file() else set()
+    gone = [Path(path) for path in sorted(before - placed) if os.path.lexists(path)]
+    for path in gone:
+        if path.suffix in (".service", ".timer") and path.parent.name == "system":
+            systemd.act("disable", "--now", path.name)
+        path.unlink()
+        log(f"removed {path}: the slot's bundle no longer has it")
+    changed = unpack(text, root=root)
+    write_atomic(record, "".join(f"{path}\n" for path in sorted(placed)))
+    return changed + gone
 
 
 def in_place(target: Path, member: tarfile.TarInfo, data: bytes) -> bool:
@@ -165,7 +183,7 @@ def main(argv: list[str]) -> int:
         install.ensure_etcd_user()  # the member bundle's files belong to it
         mount_data_disk(retry("find the etcd data disk", 10, 6, lambda: cloud.data_disk(slot)))
     # The slot's files (an API server's units and kubelet config too, slot.env's releases) before anything starts.
-    retry(f"read and unpack the bundle {slot}", 30, 10, lambda: unpack(cloud.secret(slot)))
+    retry(f"read and unpack the bundle {slot}", 30, 10, lambda: unpack_slot(cloud.secret(slot)))
     releases = load_env(SlotEnv)
     install.etcd(list(releases.etcd_install))  # API servers too: their etcdctl takes the rollout lock
     sources = retry("set up this machine's addresses", 10, 6, lambda: cloud.network(slot))

@@ -32,6 +32,7 @@ DELTA_UNIT_FILE = f"/etc/systemd/system/{DELTA_UNIT}"
 HOST_IDENTITY = "/etc/kcp/host-identity"
 DATA_DIR = "/var/lib/etcd/data"
 REFRESH_APPLIED = "/var/lib/kcp/cloud-refresh.sha256"
+SLOT_FILES = "/var/lib/kcp/slot-bundle.files"
 STATIC_PODS_STARTED = "/run/kcp/static-pods-started"
 
 
@@ -327,6 +328,8 @@ HOST_PATHS: tuple[HostPath, ...] = (
              "`kcp-host cloud-boot` (docs/cloud-targets.md)"),
     HostPath(REFRESH_APPLIED, "0644", "clouds only: sha256 of the agent's and the slot's bundles that "
              "`cloud-refresh` applied last; the same bundles again change nothing"),
+    HostPath(SLOT_FILES, "0644", "clouds only: the files the slot's bundle placed, one per line; a file the next "
+             "bundle lacks is removed (a unit stopped and disabled first)"),
     HostPath(STATIC_PODS_STARTED, "0644", "sha256 of what the static pods started on (the kubelet's release on the "
              "clouds, its, containerd's and every /etc/kubernetes file): `cloud-refresh`, and on bare metal "
              "`static-pods-restart`, restart them on a change, one host at a time"),

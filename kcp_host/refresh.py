@@ -92,7 +92,7 @@ def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None
     pods = Path(STATIC_PODS_STARTED)
     if "apiserver" in env.roles and not pods.is_file():  # in /run: the first refresh since boot placed the files
         write_atomic(pods, kubelet_fingerprint(before.kubelet_install))
-    if cloudboot.unpack(files):
+    if cloudboot.unpack_slot(files):
         systemd.act("daemon-reload")
     after = load_env(SlotEnv)
     if install.version_of([str(install.BIN / "etcd"), "--version"], install.ETCD_VERSION) != after.etcd_install[1]:

@@ -359,7 +359,7 @@ def test_an_api_server_boot_places_its_files_before_kubelet_install_starts_the_u
     monkeypatch.setenv(BootEnv.OVERRIDE, str(env))
     monkeypatch.setenv(SlotEnv.OVERRIDE, str(releases))
     monkeypatch.setitem(cloudboot.CLOUDS, "gce", Cloud)
-    monkeypatch.setattr(cloudboot, "unpack", lambda text: steps.append(f"unpack {text}") or [])
+    monkeypatch.setattr(cloudboot, "unpack_slot", lambda text: steps.append(f"unpack {text}") or [])
     monkeypatch.setattr(install, "etcd", lambda argv: steps.append(f"etcd-install {' '.join(argv)}") or 0)
     monkeypatch.setattr(install, "kubelet", lambda argv: steps.append(f"kubelet-install {' '.join(argv)}") or 0)
     assert cli.main(["cloud-boot"]) == 0
@@ -472,8 +472,8 @@ class Refresh:
         monkeypatch.setenv(ClusterEnv.OVERRIDE, str(tmp_path / "cluster.env"))
         monkeypatch.setenv(SlotEnv.OVERRIDE, str(self.root / SlotEnv.PATH.lstrip("/")))
         self.publish()
-        for text in self.secrets.values():  # what boot placed and started on
-            unpack(text, str(self.root))
+        unpack(self.secrets["prod-host-programs"], str(self.root))  # what boot placed and started on
+        cloudboot.unpack_slot(self.secrets[self.slot], str(self.root))
         (tmp_path / "started").write_text(self.etcd_env())
         self._stand_ins(monkeypatch)
 
@@ -488,7 +488,8 @@ class Refresh:
             etcd_cert="crt", etcd_key="key", data_dir="data", started_config_file=str(self.tmp / "started")), "test")
 
     def publish(self, version: str = "3.5.33", election: str = "1000", kube: str = "v1",
-                members: tuple[str, ...] = ("prod-etcd-0=https://10.0.0.2:2380",)) -> None:
+                members: tuple[str, ...] = ("prod-etcd-0=https://10.0.0.2:2380",), extra: tuple[HostFile, ...] = (),
+                ) -> None:
         """A `pulumi up`: new bundles in the secret store (a member's with a cluster.env listing `members`)."""
         api, member = "apiserver" in self.roles, "etcd" in self.roles
         slot = SlotEnv(self.slot, ("release", version, "-"), kubelet_install=("1.36.4",) if api else (),
@@ -498,6 +499,7 @@ class Refresh:
                  HostFile("/etc/etcd/etcd.env", f"ETCD_ELECTION_TIMEOUT={election}\n")]
         if member:
             files.append(HostFile(ClusterEnv.PATH, self.cluster_env(members)))
+        files += extra
         self.secrets[self.slot] = bundle(files + ([HostFile("/etc/kubernetes/pki/apiserver.crt", kube)] if api else []))
 
     def rolling_restart(self, argv: list[str]) -> int:
@@ -536,6 +538,8 @@ class Refresh:
 
         monkeypatch.setitem(cloudboot.CLOUDS, "gce", Cloud)
         monkeypatch.setattr(cloudboot, "unpack", functools.partial(unpack, root=str(self.root)))
+        monkeypatch.setattr(cloudboot, "unpack_slot", functools.partial(cloudboot.unpack_slot, root=str(self.root)))
+        monkeypatch.setattr(cloudboot, "DELTA_UNIT_FILE", str(self.root / DELTA_UNIT_FILE.lstrip("/")))
         monkeypatch.setattr(refresh, "replacement_lock", lock)
         monkeypatch.setattr(refresh, "REFRESH_APPLIED", str(self.tmp / "applied"))
         monkeypatch.setattr(refresh, "STATIC_PODS_STARTED", str(self.tmp / "pods-started"))
@@ -612,6 +616,24 @@ def test_the_slots_bundle_is_read_again_once_the_lock_is_held(tmp_path: Path, mo
     assert machine.run() == 0
     assert machine.etcd_env() == "ETCD_ELECTION_TIMEOUT=1400\n"
     assert machine.run() == 0 and machine.steps == [], "the newest bundle is recorded as applied"
+
+
+def test_a_file_the_new_bundle_lacks_is_removed_and_its_unit_stopped_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """backup.deltaSeconds turned off on a cloud: the delta log's unit leaves the bundle, so it must leave the
+    machine, or the refresh would go on restarting the archiver. A file no bundle placed is not the refresh's."""
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    unit = HostFile(DELTA_UNIT_FILE, "[Service]\nExecStart=/bin/true\n")
+    machine.publish(extra=(unit,))
+    assert machine.run() == 0 and (machine.root / DELTA_UNIT_FILE.lstrip("/")).is_file()
+    assert f"systemctl restart --no-block {DELTA_UNIT}" in machine.steps
+    own = machine.root / "etc/etcd/an-operators-note"
+    own.write_text("mine\n")
+    machine.publish()
+    assert machine.run() == 0
+    assert not (machine.root / DELTA_UNIT_FILE.lstrip("/")).exists() and own.read_text() == "mine\n"
+    assert machine.steps[machine.steps.index(f"systemctl disable --now {DELTA_UNIT}") + 1] == "systemctl daemon-reload"
+    assert not [step for step in machine.steps if "restart --no-block" in step], machine.steps
 
 
 def test_a_new_etcd_release_is_installed_and_restarts_etcd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
