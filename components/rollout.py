@@ -14,6 +14,9 @@ from typing import Any
 
 from components.config import ClusterConfig
 from components.topology import Machine, fault_tolerance, plan, quorum
+from kcp_host.contract import BootEnv
+
+REFRESH_MINUTES = BootEnv.__dataclass_fields__["refresh_seconds"].default // 60
 
 # What etcd reads when it starts (its binary, etcd.env, its unit, its certificates): a change restarts every
 # member, one at a time. The value says why, where the key alone does not.
@@ -170,15 +173,18 @@ class Step:
 
 
 def rollout(change: MemberChange) -> list[Step]:
-    """Removals (old host order), then restarts (new host order), then additions; the voters follow each step."""
+    """Removals (old host order), then restarts (new host order), then additions; the voters follow each step. On the
+    clouds the members removed are already down: the up deleted their machines."""
     rejoining = change.rejoining
     leaving = {m.name for m in change.removed} | rejoining.keys()
     joining = {m.name for m in change.added} | rejoining.keys()
     voters, steps = len(change.before), []
+    dead = 0 if change.target == "baremetal" else len(leaving)  # the clouds' up deletes the machines first
     for name in [n for n in change.before if n in leaving]:
-        voters -= 1
+        voters, dead = voters - 1, max(0, dead - 1)
         why = f" (replaced: {rejoining[name]})" if name in rejoining else ""
-        steps.append(Step(f"remove {name}{why}", f"{voters} voters remain", fault_tolerance(voters)))
+        up = f", {voters - dead} up" if dead else ""
+        steps.append(Step(f"remove {name}{why}", f"{voters} voters remain{up}", voters - dead - quorum(voters)))
     reasons = "; ".join(change.restart_reasons)
     for name in [n for n in change.after if n not in joining]:
         if name in change.replaced:
@@ -213,9 +219,22 @@ def _order(cfg: ClusterConfig) -> str:
                 "healthy quorum), each restart waits until every voter is healthy again, and " + joins)
     local = " With etcd.disk local a recreated member starts empty and rejoins as a learner." \
         if cfg.etcd.disk == "local" else ""
-    return (order + joins + f" On {cfg.target} the program itself restarts no member: a member's group applies a new "
-            "configuration only when it recreates the machine (autohealing, or by hand), so recreate them in this "
-            f"order, each after every voter is healthy again.{local}")
+    return (f"On {cfg.target} the machines take these steps themselves, one at a time under a cluster-wide lock, each "
+            f"only while every voter is healthy: every {REFRESH_MINUTES} minutes each machine's `kcp-cloud-refresh` "
+            "fetches its new bundle; the first member to apply it removes the members the stack dropped, then each "
+            "member restarts if what etcd reads changed (in the order the machines get the lock, not host order); a "
+            f"new or rebuilt slot's machine joins as a learner as it boots and is promoted once caught up.{local}")
+
+
+def _cloud_window(change: MemberChange) -> list[str]:
+    """On the clouds the up deletes a dropped slot's machine before any refresh removes its member."""
+    if change.target == "baremetal" or not change.removed:
+        return []
+    voters, gone = len(change.before), len(change.removed)
+    return [f"**Until the first refresh** (up to about {REFRESH_MINUTES + REFRESH_MINUTES // 5 + 1} minutes after the "
+            f"up) the dropped slots' machines are gone but still voters: {voters - gone} of {voters} up, "
+            f"{_tolerates(voters - gone - quorum(voters))}. To shorten it, run `systemctl start "
+            "kcp-cloud-refresh.service` on a member right after the up."]
 
 
 def _closing(steps: list[Step], voters_after: int) -> str:
@@ -252,5 +271,5 @@ def rollout_steps(old: ClusterConfig, new: ClusterConfig) -> str:
         lines += [_order(new), ""]
         lines += [f"{i}. {s.action}: {s.state}, {_tolerates(s.tolerance)}" for i, s in enumerate(steps, 1)]
         lines += ["", _closing(steps, len(change.after))]
-    notes = _unrestarted(change)
+    notes = _cloud_window(change) + _unrestarted(change)
     return "\n".join([*lines, *([""] if notes else []), *notes])

@@ -116,12 +116,24 @@ def test_restarts_follow_the_stacks_host_order() -> None:
     assert [s.split(" ")[1] for s in steps] == ["h3", "h1", "h2"]
 
 
-def test_the_cloud_steps_come_from_the_slots_and_say_that_the_groups_apply_them_on_recreation() -> None:
+def test_the_cloud_steps_come_from_the_slots_and_say_that_the_machines_take_them_by_refresh() -> None:
     etcd = stack_raw("gce-five")["etcd"]
     section = rollout_steps(stack_cfg("gce-five"), stack_cfg("gce-five", etcd={**etcd, "electionMs": 1500}))
     assert _steps(section) == [f"restart prod5-etcd-{i} (etcd.electionMs {etcd.get('electionMs', 1000)} -> 1500): "
                                "4 of 5 voters up, tolerates 1 more failure" for i in range(5)]
-    assert "On gce the program itself restarts no member" in section
+    assert "On gce the machines take these steps themselves" in section and "kcp-cloud-refresh" in section
+    assert "recreate" not in section.replace("recreated member", ""), "no machine is recreated by hand"
+    assert "Until the first refresh" not in section, "no member is dropped"
+
+
+def test_a_cloud_shrink_counts_the_dropped_machines_down_until_their_members_are_removed() -> None:
+    """The up deletes slots 3 and 4 with their machines; a member's refresh removes their members afterwards."""
+    etcd = stack_raw("gce-five")["etcd"]
+    section = rollout_steps(stack_cfg("gce-five"), stack_cfg("gce-five", etcd={**etcd, "members": 3}))
+    assert _steps(section) == ["remove prod5-etcd-3: 4 voters remain, 3 up, tolerates 0 more failures",
+                               "remove prod5-etcd-4: 3 voters remain, tolerates 1 more failure"]
+    assert "Lowest fault tolerance during the rollout: 0 more failures (step 1)." in section
+    assert "still voters: 3 of 5 up, tolerates 0 more failures" in section
 
 
 @pytest.mark.parametrize(("sections", "unrestarted"), [
