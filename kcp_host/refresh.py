@@ -35,9 +35,7 @@ from kcp_host.etcd import Etcdctl
 from kcp_host.files import write_atomic
 from kcp_host.log import Abort, log
 from kcp_host.membership import replacement_lock
-from kcp_host.staticpods import await_readyz, kubelet_fingerprint, restart_static_pods
-
-READY_SECONDS = 300  # for healthy voters before a member goes, for /readyz after an API server restart
+from kcp_host.staticpods import READY_SECONDS, await_readyz, kubelet_fingerprint, restart_static_pods
 
 
 def read_secret(env: BootEnv, name: str) -> str:

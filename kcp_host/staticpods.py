@@ -21,7 +21,7 @@ from kcp_host.contract import STATIC_PODS_STARTED
 from kcp_host.files import write_atomic
 from kcp_host.log import Abort, log
 
-READY_SECONDS = 300  # for /readyz after an API server restart
+READY_SECONDS = 300  # for /readyz after an API server restart; cloud-refresh's for healthy voters too
 API_PORT = 6443
 # What the kubelet and its static pods read (components/render/kubernetes.py): a change restarts them.
 KUBELET_READS = ("/etc/kubernetes", "/etc/containerd", "/var/lib/kubelet/config.yaml",
