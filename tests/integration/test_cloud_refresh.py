@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from components.validation import load
 from kcp_host.contract import AGENT, BACKUP_SSH_KEY, BootEnv, SlotEnv, render_env
 from tests.figures import record
 from tests.integration.conftest import Deployment
-from tests.integration.test_self_healing import assert_acked_writes_present, assert_hashkv_equal, start_load
+from tests.integration.test_self_healing import Load, assert_acked_writes_present, assert_hashkv_equal, start_load
 
 pytestmark = pytest.mark.integration
 
@@ -108,16 +109,22 @@ def start_sampler(d: Deployment, log: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL)
 
 
-def test_a_new_bundle_reaches_every_member_one_at_a_time(local_cluster: Deployment) -> None:
-    d = local_cluster
-    new = copy.deepcopy(d.config)
-    new["etcd"]["electionMs"] = NEW_ELECTION_MS
-    for host in d.members:
-        install_stand_ins(d, host, member_bundle(d, new, host))
-    before = {h: etcd_environment(d, h) for h in d.members}
-    assert {setting for _, setting in before.values()} == {str(d.config["etcd"]["electionMs"])}, before
-    samples = d.workdir / "refresh-voters.jsonl"
-    sampler, load = start_sampler(d, samples), start_load(d, "cloud-refresh")
+@dataclass
+class Refreshed:
+    """What `kcp-host cloud-refresh` on every member at once, under writes and the voter sampler, left."""
+
+    journal: dict[str, str]  # each member's output
+    started: float
+    took: float  # seconds until the last member was done
+    samples: list[dict[str, Any]]  # the sampler's, from the start on
+    load: Load
+    acks: list[dict[str, Any]]
+
+
+def refresh_under_writes(d: Deployment, name: str) -> Refreshed:
+    """Every member refreshes at the same moment; each must succeed. Prints each member's output in finishing order."""
+    log = d.workdir / f"{name}-voters.jsonl"
+    sampler, load = start_sampler(d, log), start_load(d, name)
     try:
         started = time.time()
         results = refresh_everywhere(d)
@@ -130,24 +137,39 @@ def test_a_new_bundle_reaches_every_member_one_at_a_time(local_cluster: Deployme
     for host, (_, ended) in sorted(results.items(), key=lambda r: r[1][1]):
         print(f"\n== {host}, done after {ended - started:.1f} s:\n{journal[host].strip()}")
     assert all(p.returncode == 0 for p, _ in results.values()), journal
-    after = {h: etcd_environment(d, h) for h in d.members}
-    assert all(after[h] == (after[h][0], str(NEW_ELECTION_MS)) and after[h][0] != before[h][0]
-               for h in d.members), f"not every member restarted on the new configuration: {before} -> {after}"
-    seen = [json.loads(line) for line in samples.read_text().splitlines() if line.endswith("}")]
-    seen = [s for s in seen if s["t"] >= started]
-    down = max((s["voters"] - s["healthy"] for s in seen), default=None)
-    assert_acked_writes_present(d, d.members, load, acks)
-    assert_hashkv_equal(d, d.members)
-    took = max(end for _, end in results.values()) - started
-    figure = {"members": len(d.members), "seconds_to_all_members": round(took, 1), "most_down_at_once": down,
-              "samples": len(seen), "writes_acked": len(acks), "writes_lost": 0}
-    print(f"\nFIGURE (local test bed) cloud refresh, {json.dumps(figure)}")
-    record("cloud refresh: a new bundle on every member, refreshes started together", took,
-           "refresh interval (production)", 300, f"<= interval x members ({300 * len(d.members)} s)")
-    assert len(seen) > took * 5, f"the sampler took {len(seen)} samples in {took:.0f}s"
-    assert down is not None and down <= 1, f"{down} voters down at once"
+    samples = [json.loads(line) for line in log.read_text().splitlines() if line.endswith("}")]
+    return Refreshed(journal, started, max(end for _, end in results.values()) - started,
+                     [s for s in samples if s["t"] >= started], load, acks)
 
+
+def assert_a_second_refresh_does_nothing(d: Deployment) -> None:
     again = refresh_everywhere(d)
     assert all(p.returncode == 0 and b"nothing to do" in p.stdout for p, _ in again.values()), \
         {h: p.stdout.decode() + p.stderr.decode() for h, (p, _) in again.items()}
+
+
+def test_a_new_bundle_reaches_every_member_one_at_a_time(local_cluster: Deployment) -> None:
+    d = local_cluster
+    new = copy.deepcopy(d.config)
+    new["etcd"]["electionMs"] = NEW_ELECTION_MS
+    for host in d.members:
+        install_stand_ins(d, host, member_bundle(d, new, host))
+    before = {h: etcd_environment(d, h) for h in d.members}
+    assert {setting for _, setting in before.values()} == {str(d.config["etcd"]["electionMs"])}, before
+    run = refresh_under_writes(d, "cloud-refresh")
+    after = {h: etcd_environment(d, h) for h in d.members}
+    assert all(after[h] == (after[h][0], str(NEW_ELECTION_MS)) and after[h][0] != before[h][0]
+               for h in d.members), f"not every member restarted on the new configuration: {before} -> {after}"
+    down = max((s["voters"] - s["healthy"] for s in run.samples), default=None)
+    assert_acked_writes_present(d, d.members, run.load, run.acks)
+    assert_hashkv_equal(d, d.members)
+    figure = {"members": len(d.members), "seconds_to_all_members": round(run.took, 1), "most_down_at_once": down,
+              "samples": len(run.samples), "writes_acked": len(run.acks), "writes_lost": 0}
+    print(f"\nFIGURE (local test bed) cloud refresh, {json.dumps(figure)}")
+    record("cloud refresh: a new bundle on every member, refreshes started together", run.took,
+           "refresh interval (production)", 300, f"<= interval x members ({300 * len(d.members)} s)")
+    assert len(run.samples) > run.took * 5, f"the sampler took {len(run.samples)} samples in {run.took:.0f}s"
+    assert down is not None and down <= 1, f"{down} voters down at once"
+
+    assert_a_second_refresh_does_nothing(d)
     assert {h: etcd_environment(d, h) for h in d.members} == after, "a second run restarted etcd"

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +20,13 @@ import pytest
 from testbed.sandbox import Sandbox
 from tests.figures import record
 from tests.integration.conftest import Deployment, deployed
-from tests.integration.test_cloud_refresh import install_stand_ins, member_bundle, refresh_everywhere, start_sampler
-from tests.integration.test_self_healing import assert_acked_writes_present, assert_hashkv_equal, start_load
+from tests.integration.test_cloud_refresh import (
+    assert_a_second_refresh_does_nothing,
+    install_stand_ins,
+    member_bundle,
+    refresh_under_writes,
+)
+from tests.integration.test_self_healing import assert_acked_writes_present, assert_hashkv_equal
 
 pytestmark = pytest.mark.integration
 
@@ -62,39 +65,22 @@ def test_dropped_slots_leave_etcd_and_the_three_tolerate_a_failure_again(five: D
     d.members = STAYING
     for host in STAYING:
         install_stand_ins(d, host, member_bundle(d, three, host))
-    samples = d.workdir / "shrink-voters.jsonl"
-    sampler, load = start_sampler(d, samples), start_load(d, "cloud-shrink")
-    try:
-        started = time.time()
-        results = refresh_everywhere(d)
-        time.sleep(2)  # writes resume through the last restarted member too
-    finally:
-        sampler.send_signal(signal.SIGTERM)
-        sampler.wait(timeout=30)
-        acks = load.stop()
-    journal = {h: p.stderr.decode() + p.stdout.decode() for h, (p, _) in results.items()}
-    for host, (_, ended) in sorted(results.items(), key=lambda r: r[1][1]):
-        print(f"\n== {host}, done after {ended - started:.1f} s:\n{journal[host].strip()}")
-    assert all(p.returncode == 0 for p, _ in results.values()), journal
+    run = refresh_under_writes(d, "cloud-shrink")
     assert voters(d) == dict.fromkeys(STAYING, True), "the dropped slots' members are still listed"
-    assert sum("(removed " in text for text in journal.values()) == 1, "one member removes, the others find it done"
-    seen = [json.loads(line) for line in samples.read_text().splitlines() if line.endswith("}")]
-    seen = [s for s in seen if s["t"] >= started]
-    staying_down = max((len(set(s["down"]) - set(DROPPED)) for s in seen), default=None)
-    three_at = next((s["t"] for s in seen if s["voters"] == len(STAYING)), None)
-    assert_acked_writes_present(d, STAYING, load, acks)
+    assert sum("(removed " in text for text in run.journal.values()) == 1, \
+        "one member removes, the others find it done"
+    staying_down = max((len(set(s["down"]) - set(DROPPED)) for s in run.samples), default=None)
+    three_at = next((s["t"] for s in run.samples if s["voters"] == len(STAYING)), None)
+    assert_acked_writes_present(d, STAYING, run.load, run.acks)
     assert_hashkv_equal(d, STAYING)
-    assert seen[-1]["voters"] == seen[-1]["healthy"] == len(STAYING), seen[-1]
-    took = max(end for _, end in results.values()) - started
+    assert run.samples[-1]["voters"] == run.samples[-1]["healthy"] == len(STAYING), run.samples[-1]
     assert three_at is not None
-    figure = {"members": "5 -> 3", "seconds_to_three_voters": round(three_at - started, 1),
-              "seconds_to_all_refreshed": round(took, 1), "most_staying_down_at_once": staying_down,
-              "writes_acked": len(acks), "writes_lost": 0}
+    removed_after = three_at - run.started
+    figure = {"members": "5 -> 3", "seconds_to_three_voters": round(removed_after, 1),
+              "seconds_to_all_refreshed": round(run.took, 1), "most_staying_down_at_once": staying_down,
+              "writes_acked": len(run.acks), "writes_lost": 0}
     print(f"\nFIGURE (local test bed) cloud shrink, {json.dumps(figure)}")
-    record("cloud shrink 5 -> 3: dropped members removed after the refreshes started", three_at - started,
+    record("cloud shrink 5 -> 3: dropped members removed after the refreshes started", removed_after,
            "refresh interval (production)", 300, "within one refresh")
     assert staying_down is not None and staying_down <= 1, f"{staying_down} of the staying voters down at once"
-
-    again = refresh_everywhere(d)
-    assert all(p.returncode == 0 and b"nothing to do" in p.stdout for p, _ in again.values()), \
-        {h: p.stdout.decode() + p.stderr.decode() for h, (p, _) in again.items()}
+    assert_a_second_refresh_does_nothing(d)
