@@ -64,6 +64,8 @@ def remove(view: ClusterView, endpoints: list[str], leaving: Member) -> None:
 
 def follow(env: ClusterEnv, wanted: dict[str, str]) -> None:
     """Remove the members whose peer URL `wanted` (name -> peer URL) lacks, one at a time; unmark the wanted."""
+    if not wanted:
+        raise Abort(1, "no members given: nothing removed")
     view = ClusterView(env, Etcdctl.of(env))
     endpoints = [*view.endpoints(), env.client_url]
     if not view.fetch(endpoints):

@@ -76,8 +76,10 @@ def follow_membership(client: ClusterEnv, files: str) -> None:
     if not any(client.peer_url in m.peer_urls for m in listed):
         log("this machine is no member now: the members follow the stack's membership")
         return
-    wanted = parse_env_text(cluster_env.decode()).get(env_name(ClusterEnv, "members"), "")
-    reconcile.follow(client, reconcile.peers(wanted))
+    wanted = reconcile.peers(parse_env_text(cluster_env.decode()).get(env_name(ClusterEnv, "members"), ""))
+    if client.peer_url not in wanted.values():  # an empty or foreign list would remove every other member
+        raise ContractError(f"the slot's bundle does not list this member ({client.peer_url}): nothing removed")
+    reconcile.follow(client, wanted)
 
 
 def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None:

@@ -30,7 +30,7 @@ from typing import ClassVar
 import pytest
 
 from components.render.hostfiles import HostFile, bundle
-from kcp_host import cli, cloudboot, clouds, install, lifecycle, refresh, staticpods, systemd
+from kcp_host import cli, cloudboot, clouds, install, lifecycle, reconcile, refresh, staticpods, systemd
 from kcp_host.cloudboot import forward_rules, fstab_with_mount, unpack
 from kcp_host.clouds import Aws, CloudError, Gce, retry, source_routes
 from kcp_host.contract import AGENT, DELTA_UNIT, DELTA_UNIT_FILE, BootEnv, ClusterEnv, SlotEnv, render_env
@@ -589,6 +589,26 @@ def test_a_member_removes_the_members_its_new_bundle_drops_before_the_health_gat
     assert machine.run() == 0
     assert machine.steps[:3] == ["lock (waits 300s)", "follow membership: prod-etcd-0,prod-etcd-1,prod-etcd-2",
                                  "voters healthy"], machine.steps
+
+
+@pytest.mark.parametrize("members", [(), ("prod-etcd-1=https://10.0.0.3:2380",)], ids=["none", "not-this-one"])
+def test_a_bundle_that_does_not_list_this_member_removes_nobody(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, members: tuple[str, ...]) -> None:
+    """Every member the list lacks would be removed: a list without this member is refused before anything runs."""
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    machine.listed = [Member(i + 1, f"prod-etcd-{i}", (f"https://10.0.0.{i + 2}:2380",), (), False) for i in range(3)]
+    machine.publish(election="1200", members=members)
+    assert machine.run() != 0
+    assert machine.steps == ["lock (waits 300s)", "unlock"], machine.steps
+    assert not (tmp_path / "applied").exists()
+
+
+def test_reconcile_refuses_an_empty_member_list_before_it_asks_etcd() -> None:
+    env = ClusterEnv(cluster_name="prod", member_name="prod-etcd-0", peer_url="https://10.0.0.2:2380",
+                     client_url="https://10.0.0.2:2379", members=(), client_endpoints=(), etcd_ca="ca",
+                     etcd_cert="crt", etcd_key="key", data_dir="data", etcdctl="/nonexistent/etcdctl")
+    with pytest.raises(Abort, match="no members given: nothing removed"):
+        reconcile.follow(env, {})
 
 
 def test_a_machine_that_is_no_member_leaves_the_membership_to_the_members(
