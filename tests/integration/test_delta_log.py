@@ -166,6 +166,11 @@ def s3_chunks(env: dict[str, str], history: str) -> dict[str, list[str]]:
     return versions
 
 
+def archiver_journal(tmp_path: Path) -> str:
+    """What the two archivers of the S3 test logged so far."""
+    return "".join((tmp_path / f"archiver-{n}.log").read_text() for n in range(2))
+
+
 def test_the_delta_log_in_s3_keeps_every_write_and_restores_any_revision(
         local_cluster: Deployment, tmp_path: Path, s3: dict[str, str]) -> None:  # noqa: F811 (the imported fixture)
     """The archiver with an s3:// destination, as a cloud member runs it: two at once for a while (a leader change
@@ -183,7 +188,11 @@ def test_the_delta_log_in_s3_keeps_every_write_and_restores_any_revision(
     archivers = [subprocess.Popen(s3_agent(dep, s3, work, lead, "etcd-delta-archive"), stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True) for log in logs]
     try:
-        time.sleep(6)  # two archivers ship at once: the bucket takes one chunk per first revision
+        # Two archivers ship at once until the bucket refuses one of them a chunk (it takes one per first revision):
+        # a fixed wait of 6 s saw neither ship in one CI run on a slow day.
+        deadline = time.monotonic() + 60
+        while "refused" not in archiver_journal(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.5)
         kill_group(archivers[0])
         # The one left takes over (after a refusal: list and head the log, then an interval and an upload, about
         # 6 s here); the RPO is measured once it ships on its own, at a random point of its cycle.
@@ -201,7 +210,7 @@ def test_the_delta_log_in_s3_keeps_every_write_and_restores_any_revision(
         for archiver in archivers:
             kill_group(archiver)
             archiver.wait()
-    journal = "".join((tmp_path / f"archiver-{n}.log").read_text() for n in range(2))
+    journal = archiver_journal(tmp_path)
     print(f"\n{journal[-1500:]}")
     assert "refused" in journal, "the two archivers never met at one revision: the test did not test that"
     keys = s3_chunks(s3, history)
