@@ -211,12 +211,12 @@ def _tolerates(n: int) -> str:
 
 def _order(cfg: ClusterConfig) -> str:
     """Why the steps come in this order, and on the clouds who takes them."""
-    order = "Removals first, then restarts in host order, then additions, one member at a time: "
-    joins = "new members join last, as learners (no vote while they catch up) under a cluster-wide lock."
     if cfg.target == "baremetal":
-        return (order + "etcd's membership and the firewall follow the stack host by host before the configuration "
+        return ("Removals first, then restarts in host order, then additions, one member at a time: etcd's membership "
+                "and the firewall follow the stack host by host before the configuration "
                 "rolls (a member leaves from one that stays, leadership moved away first, only while the rest keep a "
-                "healthy quorum), each restart waits until every voter is healthy again, and " + joins)
+                "healthy quorum), each restart waits until every voter is healthy again, and new members join last, as "
+                "learners (no vote while they catch up) under a cluster-wide lock.")
     local = " With etcd.disk local a recreated member starts empty and rejoins as a learner." \
         if cfg.etcd.disk == "local" else ""
     return (f"On {cfg.target} the machines take these steps themselves, one at a time under a cluster-wide lock, each "
