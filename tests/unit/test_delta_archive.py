@@ -175,13 +175,27 @@ def test_a_chain_with_a_missing_chunk_is_refused(cluster: Cluster) -> None:
     assert b"the chain breaks" in proc.stderr, proc.stderr.decode()
 
 
+def newest_check(cluster: Cluster) -> dict[str, int] | None:
+    """The check the newest chunk carries, if any."""
+    newest = max(cluster.deltas.glob("*.delta"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+    return deltalog.decode(newest.read_bytes()).check
+
+
 def test_a_compaction_after_the_snapshot_still_replays_to_the_recorded_hashkv(cluster: Cluster) -> None:
     """The live hashkv covers the revisions after the live compaction point, which the snapshot does not know of:
     the replay compacts there before it compares."""
     with cluster.archiving() as archivers:
         cluster.put_all("/a/", 5, "1", archivers)
-        cluster.ctl("compact", str(cluster.revision() - 2))
+        compacted = cluster.revision() - 2
+        cluster.ctl("compact", str(compacted))
         cluster.put_all("/a/", 5, "2", archivers)  # the same keys again: the compaction dropped older revisions
+        # The archiver spends at most a tenth of its time on checks: on a busy machine the last chunk may carry
+        # none. Write on until the newest chunk carries one, taken after the compaction.
+        deadline = time.monotonic() + 30
+        while ((newest := newest_check(cluster)) or {}).get("revision", 0) <= compacted + 2:
+            assert time.monotonic() < deadline, f"no check recorded after the compaction: {newest}"
+            time.sleep(0.5)
+            cluster.put_all("/a/", 1, "3", archivers)
     proc, result = cluster.replay(sorted(cluster.deltas.glob("*.delta")))
     assert proc.returncode == 0, proc.stderr.decode()
     assert result["checked_revision"] == result["revision"] == cluster.revision(), result
