@@ -21,7 +21,16 @@ from urllib.parse import urlsplit
 
 from kcp_host import install, systemd
 from kcp_host.clouds import CLOUDS, Aws, CloudError, Gce, retry
-from kcp_host.contract import DELTA_UNIT, DELTA_UNIT_FILE, SLOT_FILES, BootEnv, ClusterEnv, SlotEnv, load_env
+from kcp_host.contract import (
+    DELTA_UNIT,
+    DELTA_UNIT_FILE,
+    MEMBERSHIP_TIMER_FILE,
+    SLOT_FILES,
+    BootEnv,
+    ClusterEnv,
+    SlotEnv,
+    load_env,
+)
 from kcp_host.etcd import Etcdctl
 from kcp_host.files import write_atomic
 from kcp_host.lifecycle import await_healthy
@@ -156,6 +165,12 @@ def start_delta_log(restart: bool) -> None:
         systemd.act("restart" if restart else "start", "--no-block", DELTA_UNIT)
 
 
+def start_membership_watch() -> None:
+    """Where the slot's bundle has it (a cloud etcd member's): the watch for members a shrink deleted."""
+    if Path(MEMBERSHIP_TIMER_FILE).is_file():
+        systemd.act("enable", "--now", Path(MEMBERSHIP_TIMER_FILE).name)
+
+
 def start_etcd(cloud: Gce | Aws, wait_seconds: int) -> None:
     """The marker object tells etcd-member-recovery that the cluster exists: a blank replacement never bootstraps."""
     cluster = load_env(ClusterEnv)
@@ -170,6 +185,7 @@ def start_etcd(cloud: Gce | Aws, wait_seconds: int) -> None:
     await_healthy(cluster, Etcdctl.of(cluster), wait_seconds)
     created = retry("write the cluster-formed marker", 10, 6, cloud.mark_formed)
     formed.touch()
+    start_membership_watch()
     log(f"etcd member healthy; the cluster marker {'written' if created else 'was there'}")
 
 

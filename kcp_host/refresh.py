@@ -12,6 +12,7 @@ others find a voter unhealthy before they touch anything, and the next run tries
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -31,7 +32,7 @@ from kcp_host.contract import (
     load_env,
     parse_env_text,
 )
-from kcp_host.etcd import Etcdctl
+from kcp_host.etcd import Etcdctl, Member
 from kcp_host.files import write_atomic
 from kcp_host.log import Abort, log
 from kcp_host.membership import replacement_lock
@@ -63,23 +64,63 @@ def etcd_client(env: BootEnv, slot: SlotEnv) -> ClusterEnv:
                       client_endpoints=slot.etcd_endpoints, etcd_ca=ca, etcd_cert=cert, etcd_key=key, data_dir="")
 
 
+def bundle_members(files: str) -> dict[str, str]:
+    """Name -> peer URL of the members the slot's bundle lists (its cluster.env)."""
+    cluster_env = next((data for target, _, data in cloudboot.read_bundle(files) if str(target) == ClusterEnv.PATH),
+                       None)
+    if cluster_env is None:
+        raise ContractError(f"the slot's bundle has no {ClusterEnv.PATH}")
+    return reconcile.peers(parse_env_text(cluster_env.decode()).get(env_name(ClusterEnv, "members"), ""))
+
+
 def follow_membership(client: ClusterEnv, files: str) -> None:
     """Members the slot's bundle no longer lists leave etcd, as `etcd-reconcile-members` makes them leave on bare
     metal: a cloud deletes a dropped slot's group, and nothing else would remove its member, which then counts as a
     dead voter (a 5 -> 3 shrink would leave 3 of 5 voters, tolerating no failure) and fails every health gate. Only
     a current member acts: a dropped slot's machine keeps its old bundle, which still lists every member."""
-    cluster_env = next((data for target, _, data in cloudboot.read_bundle(files) if str(target) == ClusterEnv.PATH),
-                       None)
-    if cluster_env is None:
-        raise ContractError(f"the slot's bundle has no {ClusterEnv.PATH}")
     listed = Etcdctl.of(client).members(list(client.client_endpoints)) or []
     if not any(client.peer_url in m.peer_urls for m in listed):
         log("this machine is no member now: the members follow the stack's membership")
         return
-    wanted = reconcile.peers(parse_env_text(cluster_env.decode()).get(env_name(ClusterEnv, "members"), ""))
+    wanted = bundle_members(files)
     if client.peer_url not in wanted.values():  # an empty or foreign list would remove every other member
         raise ContractError(f"the slot's bundle does not list this member ({client.peer_url}): nothing removed")
     reconcile.follow(client, wanted)
+
+
+def silent_voters(ctl: Etcdctl, listed: list[Member]) -> list[Member]:
+    """Voters whose client URL does not answer a health check (a voter that never started has none)."""
+    voters = [m for m in listed if not m.learner]
+    health = ctl.health([m.client_urls[0] for m in voters if m.client_urls])
+    return [m for m in voters if not (m.client_urls and health.get(m.client_urls[0]))]
+
+
+def watch_membership(env: BootEnv, slot: SlotEnv) -> int:
+    """`--membership`, every MEMBERSHIP_WATCH_SECONDS on a cloud member: when a voter is silent and the slot's bundle
+    dropped a listed member, the dropped leave now, under the lock, rather than at the next refresh. While every
+    voter answers it reads no secret and takes no lock; it applies nothing else (the refresh does)."""
+    client = load_env(ClusterEnv)
+    ctl = Etcdctl.of(client)
+    listed = ctl.members(list(client.client_endpoints)) or []
+    silent = silent_voters(ctl, listed)
+    if not silent:
+        return 0
+    wanted = set(bundle_members(read_secret(env, slot.name)).values())
+    dropped = [m.name or m.hex_id for m in listed if not set(m.peer_urls) & wanted]
+    names = ", ".join(m.name or m.hex_id for m in silent)
+    if not dropped:
+        print(f"silent voters: {names}; the slot's bundle lists every member: nothing to remove")
+        return 0
+    log(f"silent voters: {names}; the slot's bundle drops {', '.join(dropped)}: they leave now")
+    with rollout_lock(env, client):
+        follow_membership(client, read_secret(env, slot.name))  # the newest, as the refresh reads it
+    return 0
+
+
+def rollout_lock(env: BootEnv, client: ClusterEnv) -> contextlib.AbstractContextManager[None]:
+    """The lock member replacements take; a refresh waits in line for it until the next run."""
+    waits = dataclasses.replace(client, lock_wait_seconds=env.refresh_seconds)
+    return replacement_lock(waits, Etcdctl.of(client), list(client.client_endpoints))
 
 
 def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None:
@@ -102,6 +143,7 @@ def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None
     if "etcd" in env.roles:
         lifecycle.rolling_restart([])  # only if what etcd reads at start changed; waits until every voter is healthy
         cloudboot.start_delta_log(restart=True)
+        cloudboot.start_membership_watch()
     if "apiserver" in env.roles and pods.read_text() != (now := kubelet_fingerprint(after.kubelet_install)):
         install.kubelet(list(after.kubelet_install))
         restart_static_pods()
@@ -110,8 +152,13 @@ def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None
 
 
 def main(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="kcp-host cloud-refresh", description=__doc__.splitlines()[0]).parse_args(argv)
+    parser = argparse.ArgumentParser(prog="kcp-host cloud-refresh", description=__doc__.splitlines()[0])
+    parser.add_argument("--membership", action="store_true",
+                        help="only this: when a voter is silent, remove the members the slot's bundle drops")
+    args = parser.parse_args(argv)
     env, slot = load_env(BootEnv), load_env(SlotEnv)  # the slot boot unpacked: a machine keeps it for life
+    if args.membership:
+        return watch_membership(env, slot)
     programs, files = fetch(env, slot.name)
     applied = Path(REFRESH_APPLIED)
     if applied.is_file() and applied.read_text().strip() == digest(programs, files):
@@ -122,8 +169,7 @@ def main(argv: list[str]) -> int:
             log("a new agent build: it applies the slot's bundle")
             os.execv(AGENT, [AGENT, "cloud-refresh"])
         client = etcd_client(env, slot)
-        waits = dataclasses.replace(client, lock_wait_seconds=env.refresh_seconds)  # in line until the next run
-        with replacement_lock(waits, Etcdctl.of(client), list(client.client_endpoints)):
+        with rollout_lock(env, client):
             log("new bundles; holding the rollout lock")
             files = read_secret(env, slot.name)  # the newest: the wait for the lock may outlast a `pulumi up`
             if "etcd" in env.roles:

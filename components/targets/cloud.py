@@ -34,7 +34,15 @@ from components.pki import Endpoints
 from components.render import boot
 from components.render.agent import agent_files
 from components.render.etcd import CLIENT_PORT, METRICS_PORT
-from components.render.hostfiles import Cluster, Credentials, HostFile, apiserver_files, bundle, etcd_member_files
+from components.render.hostfiles import (
+    Cluster,
+    Credentials,
+    HostFile,
+    apiserver_files,
+    bundle,
+    etcd_member_files,
+    text_files,
+)
 from components.render.kubernetes import API_PORT, apiserver_flags
 from components.targets import Deployed, SharedAssets
 from components.topology import Machine, Topology
@@ -181,7 +189,7 @@ def slot_files(cfg: ClusterConfig, cluster: Cluster, slot: Slot, creds: Credenti
     files = [slot_env(cfg, cluster, slot)]
     if slot.has("etcd"):
         me = next(m for m in cluster.members if m.name == slot.name)
-        files += etcd_member_files(cluster, me, creds)
+        files += etcd_member_files(cluster, me, creds) + text_files(boot.membership_units())
     if slot.has("apiserver"):
         files += apiserver_files(cluster, creds)
     return files

@@ -29,7 +29,16 @@ from components.targets.aws import AwsTarget
 from components.targets.gce import GceTarget
 from components.validation import load
 from components.versions import ETCD_SHA256, kubelet_release_args
-from kcp_host.contract import AGENT, DELTA_UNIT_FILE, BackupEnv, BootEnv, SlotEnv, load_env, render_env
+from kcp_host.contract import (
+    AGENT,
+    DELTA_UNIT_FILE,
+    MEMBERSHIP_TIMER_FILE,
+    BackupEnv,
+    BootEnv,
+    SlotEnv,
+    load_env,
+    render_env,
+)
 from tests.integration.realtls import plain
 from tests.program import ROOT, stack_config
 
@@ -177,6 +186,16 @@ def test_slot_bundles_carry_the_releases_so_a_version_change_reaches_running_mac
             backup = load_env(BackupEnv, str(tmp_path / "backup.env"), environ={})
             assert backup.delta_seconds == cfg.backup.delta_seconds and backup.dest[:5] in ("gs://", "s3://"), backup
             assert f"ExecStart={AGENT} etcd-delta-archive\n" in files[DELTA_UNIT_FILE.lstrip("/")]
+        # members a shrink deletes leave etcd within a minute, not at the next refresh (an API server runs no etcd)
+        watch = {path.lstrip("/"): unit for path, unit in boot.membership_units().items()}
+        assert {f: files[f] for f in watch if f in files} == ({} if api else watch), name
+
+
+def test_the_membership_watch_runs_every_30_seconds_and_only_acts_on_a_silent_voter() -> None:
+    service, timer = boot.membership_units().values()
+    assert f"ExecStart={AGENT} cloud-refresh --membership\n" in service and "Type=oneshot\n" in service
+    assert "OnActiveSec=30\nOnUnitInactiveSec=30\n" in timer and "WantedBy=timers.target" in timer
+    assert list(boot.membership_units())[1] == MEMBERSHIP_TIMER_FILE, "the path the agent enables it by"
 
 
 def test_host_programs_are_the_agent_alone_in_pieces_that_each_fit_a_secret() -> None:

@@ -29,11 +29,21 @@ from typing import ClassVar
 
 import pytest
 
+from components.render.boot import membership_units
 from components.render.hostfiles import HostFile, bundle
 from kcp_host import cli, cloudboot, clouds, install, lifecycle, reconcile, refresh, staticpods, systemd
 from kcp_host.cloudboot import forward_rules, fstab_with_mount, unpack
 from kcp_host.clouds import Aws, CloudError, Gce, retry, source_routes
-from kcp_host.contract import AGENT, DELTA_UNIT, DELTA_UNIT_FILE, BootEnv, ClusterEnv, SlotEnv, render_env
+from kcp_host.contract import (
+    AGENT,
+    DELTA_UNIT,
+    DELTA_UNIT_FILE,
+    MEMBERSHIP_TIMER_FILE,
+    BootEnv,
+    ClusterEnv,
+    SlotEnv,
+    render_env,
+)
 from kcp_host.etcd import Member
 from kcp_host.log import Abort
 
@@ -462,6 +472,8 @@ class Refresh:
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, roles: tuple[str, ...]) -> None:
         self.tmp, self.root, self.roles = tmp_path, tmp_path / "root", roles
         self.steps: list[str] = []
+        self.reads: list[str] = []  # secrets read, in order
+        self.silent: set[str] = set()  # client URLs that fail the stand-in etcdctl's health check
         self.secrets = {"prod-host-programs": bundle([HostFile(AGENT, b"agent 1", 0o755)])}
         self.slot, self.learner, self.installed = ("prod-etcd-0" if "etcd" in roles else "prod-api"), False, "3.5.33"
         (tmp_path / "boot.env").write_text(render_env(BootEnv(**{**vars(ENV), "roles": roles}), "test"))
@@ -520,6 +532,7 @@ class Refresh:
                 pass
 
             def secret(self, name: str) -> str:
+                machine.reads.append(name)
                 return machine.secrets[name]
 
         @contextlib.contextmanager
@@ -540,6 +553,9 @@ class Refresh:
         monkeypatch.setattr(cloudboot, "unpack", functools.partial(unpack, root=str(self.root)))
         monkeypatch.setattr(cloudboot, "unpack_slot", functools.partial(cloudboot.unpack_slot, root=str(self.root)))
         monkeypatch.setattr(cloudboot, "DELTA_UNIT_FILE", str(self.root / DELTA_UNIT_FILE.lstrip("/")))
+        monkeypatch.setattr(cloudboot, "MEMBERSHIP_TIMER_FILE", str(self.root / MEMBERSHIP_TIMER_FILE.lstrip("/")))
+        monkeypatch.setattr(refresh.Etcdctl, "health", lambda ctl, endpoints: {
+            url: url not in self.silent for url in endpoints})
         monkeypatch.setattr(refresh, "replacement_lock", lock)
         monkeypatch.setattr(refresh, "REFRESH_APPLIED", str(self.tmp / "applied"))
         monkeypatch.setattr(refresh, "STATIC_PODS_STARTED", str(self.tmp / "pods-started"))
@@ -558,9 +574,10 @@ class Refresh:
         monkeypatch.setattr(refresh, "restart_static_pods", record("static pods restart"))
         monkeypatch.setattr(refresh, "await_readyz", record("readyz"))
 
-    def run(self) -> int:
+    def run(self, *args: str) -> int:
         self.steps.clear()
-        return cli.main(["cloud-refresh"])
+        self.reads.clear()
+        return cli.main(["cloud-refresh", *args])
 
 
 def test_refresh_applies_a_new_bundle_under_the_lock_and_a_second_run_changes_nothing(
@@ -760,3 +777,53 @@ def test_a_refresh_restarts_the_delta_log_archiver_where_the_bundle_has_it(tmp_p
     assert machine.run() == 0
     assert machine.steps[-4:] == ["etcd restart", f"systemctl enable {DELTA_UNIT}",
                                   f"systemctl restart --no-block {DELTA_UNIT}", "unlock"], machine.steps
+
+
+def five_listed(machine: Refresh) -> None:
+    machine.listed = [Member(i + 1, f"prod-etcd-{i}", (f"https://10.0.0.{i + 2}:2380",),
+                             (f"https://10.0.0.{i + 2}:2379",), False) for i in range(5)]
+
+
+def test_while_every_voter_answers_the_membership_watch_reads_no_secret_and_takes_no_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    five_listed(machine)
+    machine.publish(members=FIVE[:3])
+    assert machine.run("--membership") == 0
+    assert (machine.reads, machine.steps) == ([], [])
+
+
+def test_silent_voters_the_bundle_dropped_leave_at_once_and_nothing_else_is_applied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5 -> 3: the up deleted the dropped slots' machines; the watch removes their members under the lock within a
+    minute, and leaves the rest of the new bundle to the refresh."""
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    five_listed(machine)
+    machine.silent = {"https://10.0.0.5:2379", "https://10.0.0.6:2379"}
+    machine.publish(election="1200", members=FIVE[:3])
+    assert machine.run("--membership") == 0
+    assert machine.steps == ["lock (waits 300s)", "follow membership: prod-etcd-0,prod-etcd-1,prod-etcd-2",
+                             "unlock"], machine.steps
+    assert machine.reads == ["prod-etcd-0", "prod-etcd-0"], "the bundle read again under the lock"
+    assert machine.etcd_env() != "ETCD_ELECTION_TIMEOUT=1200\n" and not (tmp_path / "applied").exists()
+
+
+def test_a_silent_voter_the_bundle_still_lists_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member down for any other reason (its machine being healed) stays a member: no lock, nothing removed."""
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    five_listed(machine)
+    machine.silent = {"https://10.0.0.6:2379"}
+    machine.publish(members=FIVE)
+    assert machine.run("--membership") == 0
+    assert (machine.reads, machine.steps) == (["prod-etcd-0"], [])
+
+
+def test_a_refresh_starts_the_membership_watch_where_the_bundle_has_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running machines get the watch by refresh: the bundle places its units and the refresh enables the timer."""
+    machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    machine.publish(election="1200")
+    assert machine.run() == 0 and not [s for s in machine.steps if "membership" in s]
+    machine.publish(election="1200", extra=tuple(HostFile(path, unit) for path, unit in membership_units().items()))
+    assert machine.run() == 0
+    assert machine.steps[-2:] == ["systemctl enable --now kcp-cloud-membership.timer", "unlock"], machine.steps
