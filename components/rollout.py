@@ -14,7 +14,7 @@ from typing import Any
 
 from components.config import ClusterConfig
 from components.topology import Machine, fault_tolerance, plan, quorum
-from kcp_host.contract import BootEnv
+from kcp_host.contract import MEMBERSHIP_WATCH, MEMBERSHIP_WATCH_SECONDS, BootEnv
 
 REFRESH_MINUTES = BootEnv.__dataclass_fields__["refresh_seconds"].default // 60
 
@@ -221,20 +221,22 @@ def _order(cfg: ClusterConfig) -> str:
         if cfg.etcd.disk == "local" else ""
     return (f"On {cfg.target} the machines take these steps themselves, one at a time under a cluster-wide lock, each "
             f"only while every voter is healthy: every {REFRESH_MINUTES} minutes each machine's `kcp-cloud-refresh` "
-            "fetches its new bundle; the first member to apply it removes the members the stack dropped, then each "
-            "member restarts if what etcd reads changed (in the order the machines get the lock, not host order); a "
+            "fetches its new bundle and restarts if what etcd reads changed (in the order the machines get the lock, "
+            "not host order); members the stack dropped are removed first, as soon as their machines are gone; a "
             f"new or rebuilt slot's machine joins as a learner as it boots and is promoted once caught up.{local}")
 
 
 def _cloud_window(change: MemberChange) -> list[str]:
-    """On the clouds the up deletes a dropped slot's machine before any refresh removes its member."""
+    """On the clouds the up deletes a dropped slot's machine before any member removes its member."""
     if change.target == "baremetal" or not change.removed:
         return []
     voters, gone = len(change.before), len(change.removed)
-    return [f"**Until the first refresh** (up to about {REFRESH_MINUTES + REFRESH_MINUTES // 5 + 1} minutes after the "
-            f"up) the dropped slots' machines are gone but still voters: {voters - gone} of {voters} up, "
-            f"{_tolerates(voters - gone - quorum(voters))}. To shorten it, run `systemctl start "
-            "kcp-cloud-refresh.service` on a member right after the up."]
+    return [f"**Until the staying members remove them** the dropped slots' machines are gone but still voters: "
+            f"{voters - gone} of {voters} up, {_tolerates(voters - gone - quorum(voters))}. Each member's "
+            f"`{MEMBERSHIP_WATCH}.timer` looks every {MEMBERSHIP_WATCH_SECONDS} s for a silent voter its new bundle "
+            f"dropped, so this lasts about a minute; where no member has the watch yet (a member's first refresh "
+            f"since the release that added it installs it), until the first refresh, up to about "
+            f"{REFRESH_MINUTES + REFRESH_MINUTES // 5 + 1} minutes."]
 
 
 def _closing(steps: list[Step], voters_after: int) -> str:
