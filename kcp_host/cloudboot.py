@@ -14,6 +14,7 @@ import pwd
 import shutil
 import subprocess
 import tarfile
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -37,6 +38,7 @@ from kcp_host.lifecycle import await_healthy
 from kcp_host.log import Abort, log
 
 ETCD_MOUNT = "/var/lib/etcd"
+RESTART_SECONDS = 30  # how often boot starts again an etcd that stays stopped as no member
 
 
 def read_bundle(text: str, root: str = "/") -> list[tuple[Path, tarfile.TarInfo, bytes]]:
@@ -171,6 +173,24 @@ def start_membership_watch() -> None:
         systemd.act("enable", "--now", Path(MEMBERSHIP_TIMER_FILE).name)
 
 
+def await_member(cluster: ClusterEnv, wait_seconds: float) -> None:
+    """Until every member is healthy. A slot the stack dropped and then added again finds its old member marked
+    removed until a staying member's refresh clears the mark (its new bundle lists the slot again); meanwhile
+    etcd-member-recovery keeps etcd stopped as no member, so it is started again every RESTART_SECONDS rather than
+    left stopped until the group replaces the machine."""
+    ctl, deadline = Etcdctl.of(cluster), time.monotonic() + wait_seconds
+    while True:
+        try:
+            return await_healthy(cluster, ctl, max(min(RESTART_SECONDS, deadline - time.monotonic()), 1))
+        except Abort:
+            stopped = Path(cluster.not_a_member_file)
+            if time.monotonic() >= deadline:
+                raise
+            if stopped.is_file():
+                log(f"etcd stays stopped ({stopped.read_text().strip()}): starting it again")
+                systemd.act("start", "--no-block", cluster.etcd_unit)
+
+
 def start_etcd(cloud: Gce | Aws, wait_seconds: int) -> None:
     """The marker object tells etcd-member-recovery that the cluster exists: a blank replacement never bootstraps."""
     cluster = load_env(ClusterEnv)
@@ -182,7 +202,7 @@ def start_etcd(cloud: Gce | Aws, wait_seconds: int) -> None:
     systemd.act("start", "--no-block", cluster.etcd_unit)
     systemd.act("start", "etcd-backup.timer")
     start_delta_log(restart=False)
-    await_healthy(cluster, Etcdctl.of(cluster), wait_seconds)
+    await_member(cluster, wait_seconds)
     created = retry("write the cluster-formed marker", 10, 6, cloud.mark_formed)
     formed.touch()
     start_membership_watch()

@@ -376,6 +376,35 @@ def test_an_api_server_boot_places_its_files_before_kubelet_install_starts_the_u
     assert steps == ["unpack bundle prod-api", "etcd-install release 3.5.33 -", "kubelet-install 1.36.4"]
 
 
+@pytest.mark.parametrize(("marked_for", "restarts"), [(0, 0), (2, 2)], ids=["slow-start", "marked-removed"])
+def test_boot_starts_etcd_again_while_it_stays_stopped_as_no_member(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marked_for: int, restarts: int) -> None:
+    """A slot added again after a shrink: its old member's mark is cleared only by a staying member's refresh, and
+    until then etcd-member-recovery keeps etcd stopped; boot starts it again instead of waiting out its time."""
+    cluster = ClusterEnv(cluster_name="prod", member_name="prod-etcd-3", peer_url="https://10.0.0.5:2380",
+                         client_url="https://10.0.0.5:2379", members=(), client_endpoints=(), etcd_ca="ca",
+                         etcd_cert="crt", etcd_key="key", data_dir="data", state_dir=str(tmp_path))
+    stopped, steps, waits = Path(cluster.not_a_member_file), [], iter(range(5))
+
+    def await_healthy(env: ClusterEnv, ctl: object, timeout: float) -> None:
+        attempt = next(waits)
+        if attempt < marked_for:
+            stopped.write_text("the stack no longer lists prod-etcd-3 (marked removed by etcd-reconcile-members)\n")
+        elif attempt < 3:
+            stopped.unlink(missing_ok=True)  # started: etcd-member-recovery removes the file
+        if attempt != 3:
+            raise Abort(1, "etcd not healthy after 30s")
+
+    monkeypatch.setattr(cloudboot, "await_healthy", await_healthy)
+    monkeypatch.setattr(systemd, "act", lambda *args: steps.append(" ".join(args)))
+    cloudboot.await_member(cluster, 900)
+    assert steps == ["start --no-block etcd.service"] * restarts
+    stopped.write_text("marked removed\n")
+    with pytest.raises(Abort, match="etcd not healthy"):  # out of time: the boot fails as before, nothing started
+        cloudboot.await_member(cluster, 0)
+    assert steps == ["start --no-block etcd.service"] * restarts
+
+
 PINS = ["1.36.4", "a" * 64, "2.3.4", "b" * 64, "1.4.3", "c" * 64, "1.36.0", "d" * 64]
 
 
