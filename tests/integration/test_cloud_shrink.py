@@ -9,13 +9,19 @@ as their deletion kills them, and nothing else is done: the watch must notice th
 bundle and remove both within a minute. Then `kcp-host cloud-refresh` applies the rest of the bundle on h1-h3 at once.
 Pass: the member list holds the three, all healthy (a quorum of 2 of 3 again, not 3 of 5), never two of the three
 down at once, no acknowledged write lost, and a second refresh changes nothing.
+
+Then 3 -> 5 again: h4 and h5 boot as new machines in the same slots (empty data, no state; cloud-boot's own etcd
+steps run with a STAND-IN for the bucket's marker) and find their old members marked removed; one staying member's
+refresh of the five-member bundle clears the marks, and the boots, which kept starting etcd again, join as learners.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shlex
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,15 +30,18 @@ from typing import Any
 import pytest
 
 from components.render import boot
-from kcp_host.contract import MEMBERSHIP_TIMER_FILE, MEMBERSHIP_WATCH, MEMBERSHIP_WATCH_SECONDS
+from kcp_host.cloudboot import RESTART_SECONDS
+from kcp_host.contract import AGENT, MEMBERSHIP_TIMER_FILE, MEMBERSHIP_WATCH, MEMBERSHIP_WATCH_SECONDS
 from testbed.sandbox import Sandbox
 from tests.figures import record
 from tests.integration.conftest import Deployment, deployed
 from tests.integration.test_cloud_refresh import (
+    REFRESH,
     STAND_IN,
     assert_a_second_refresh_does_nothing,
     install_stand_ins,
     member_bundle,
+    refresh_everywhere,
     refresh_under_writes,
     start_sampler,
 )
@@ -138,4 +147,76 @@ def test_dropped_slots_leave_etcd_and_the_three_tolerate_a_failure_again(five: D
     assert_acked_writes_present(d, STAYING, run.load, run.acks)
     assert_hashkv_equal(d, STAYING)
     assert run.samples[-1]["voters"] == run.samples[-1]["healthy"] == len(STAYING), run.samples[-1]
+    assert_a_second_refresh_does_nothing(d)
+
+
+
+# cloud-boot's own steps for an etcd slot after its metadata, disk and network ones (kcp_host/cloudboot.py main):
+# unpack the slot's bundle (from stdin), then start_etcd, with a STAND-IN for the bucket's cluster-formed marker.
+BOOT_ETCD = f"""import sys
+sys.path.insert(0, "{AGENT}")
+from kcp_host import cloudboot
+class Bucket:  # STAND-IN for the cloud's marker object: the cluster has formed
+    def marker_exists(self): return True
+    def mark_formed(self): return False
+cloudboot.unpack_slot(sys.stdin.read())
+cloudboot.start_etcd(Bucket(), 600)
+"""
+NEW_MACHINE = (". /etc/etcd/cluster.env; systemctl disable --now etcd; "
+               'rm -rf "$KCP_DATA_DIR" /var/lib/kcp/* /etc/etcd/join.env /etc/etcd/cluster-formed')
+
+
+def boot_etcd(d: Deployment, host: str, slot_bundle: str) -> subprocess.Popen[bytes]:
+    d.sandbox.ssh(host, "install -m 0600 /dev/stdin /run/kcp-test-slot-bundle", input=slot_bundle.encode())
+    return subprocess.Popen([*d.sandbox.ssh_argv(host), f"python3 -c {shlex.quote(BOOT_ETCD)} "
+                             "</run/kcp-test-slot-bundle"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def test_slots_added_again_join_once_a_refresh_clears_their_old_marks(five: Deployment) -> None:
+    """3 -> 5 again, after the shrink above: the new machines in slots 3 and 4 find their old members marked removed
+    (same names, same addresses) and etcd-member-recovery keeps etcd stopped, until a staying member's refresh of
+    its new five-member bundle clears the marks; boot meanwhile starts etcd again, and they join as learners."""
+    d = five
+    assert set(voters(d)) == set(STAYING), "runs after the shrink"
+    bundles = {host: member_bundle(d, d.config, host) for host in [*STAYING, *DROPPED]}  # the five-member stack
+    for host in DROPPED:  # a new machine in the slot: an empty data disk and no state of the old member
+        d.sandbox.start_host(host)
+        d.sandbox.ssh(host, NEW_MACHINE, timeout=120)
+        install_stand_ins(d, host, bundles[host])
+    load = start_load(d, "cloud-grow")
+    try:
+        boots = {host: boot_etcd(d, host, bundles[host]) for host in DROPPED}
+        time.sleep(RESTART_SECONDS + 10)  # boot found etcd kept stopped, and started it again
+        kept = {host: d.sandbox.ssh(host, "cat /var/lib/kcp/not-a-member", check=False).stdout.decode()
+                for host in DROPPED}
+        assert all("marked removed" in text for text in kept.values()), kept
+        assert set(voters(d)) == set(STAYING)
+        install_stand_ins(d, "h1", bundles["h1"])  # one staying member's refresh, at its own tick
+        refreshed = time.time()
+        cleared = d.sandbox.ssh("h1", REFRESH, timeout=600, check=False)
+        assert cleared.returncode == 0, cleared.stdout.decode() + cleared.stderr.decode()
+        booted = {host: proc.communicate(timeout=600)[0].decode() for host, proc in boots.items()}
+        for host, text in booted.items():
+            print(f"\n== {host}, boot's etcd steps:\n{text.strip()}")
+        assert all(proc.returncode == 0 for proc in boots.values()), booted
+        assert all("starting it again" in text for text in booted.values()), booted
+        deadline = time.time() + 120
+        while voters(d) != dict.fromkeys([*STAYING, *DROPPED], True) and time.time() < deadline:
+            time.sleep(1)
+        five_at = time.time()
+    finally:
+        acks = load.stop()
+    assert voters(d) == dict.fromkeys([*STAYING, *DROPPED], True), "not five voters"
+    d.members = [*STAYING, *DROPPED]
+    assert_acked_writes_present(d, d.members, load, acks)
+    assert_hashkv_equal(d, d.members)
+    figure = {"members": "3 -> 5 (slots added again)", "seconds_from_refresh_to_five_voters":
+              round(five_at - refreshed, 1), "writes_acked": len(acks), "writes_lost": 0}
+    print(f"\nFIGURE (local test bed) cloud grow after a shrink, {json.dumps(figure)}")
+    for host in STAYING[1:]:
+        install_stand_ins(d, host, bundles[host])
+    rest = refresh_everywhere(d)
+    assert all(p.returncode == 0 for p, _ in rest.values()), {h: p.stdout.decode() + p.stderr.decode()
+                                                               for h, (p, _) in rest.items()}
     assert_a_second_refresh_does_nothing(d)
