@@ -91,7 +91,8 @@ def follow_membership(client: ClusterEnv, files: str) -> None:
 def silent_voters(ctl: Etcdctl, listed: list[Member]) -> list[Member]:
     """Voters whose client URL does not answer a health check (a voter that never started has none)."""
     voters = [m for m in listed if not m.learner]
-    health = ctl.health([m.client_urls[0] for m in voters if m.client_urls])
+    urls = [m.client_urls[0] for m in voters if m.client_urls]
+    health = ctl.health(urls) if urls else {}
     return [m for m in voters if not (m.client_urls and health.get(m.client_urls[0]))]
 
 
@@ -157,26 +158,28 @@ def main(argv: list[str]) -> int:
                         help="only this: when a voter is silent, remove the members the slot's bundle drops")
     args = parser.parse_args(argv)
     env, slot = load_env(BootEnv), load_env(SlotEnv)  # the slot boot unpacked: a machine keeps it for life
-    if args.membership:
-        return watch_membership(env, slot)
+    try:
+        return watch_membership(env, slot) if args.membership else refresh(env, slot)
+    except CloudError as error:  # a bundle that does not unpack
+        raise Abort(1, str(error)) from None
+
+
+def refresh(env: BootEnv, slot: SlotEnv) -> int:
     programs, files = fetch(env, slot.name)
     applied = Path(REFRESH_APPLIED)
     if applied.is_file() and applied.read_text().strip() == digest(programs, files):
         print("the bundles are the ones applied last: nothing to do")
         return 0
-    try:
-        if cloudboot.unpack(programs):  # the agent alone: replacing it restarts nothing
-            log("a new agent build: it applies the slot's bundle")
-            os.execv(AGENT, [AGENT, "cloud-refresh"])
-        client = etcd_client(env, slot)
-        with rollout_lock(env, client):
-            log("new bundles; holding the rollout lock")
-            files = read_secret(env, slot.name)  # the newest: the wait for the lock may outlast a `pulumi up`
-            if "etcd" in env.roles:
-                follow_membership(client, files)
-            apply(env, client, files, slot)
-            write_atomic(applied, digest(programs, files) + "\n")
-    except CloudError as error:  # a bundle that does not unpack
-        raise Abort(1, str(error)) from None
+    if cloudboot.unpack(programs):  # the agent alone: replacing it restarts nothing
+        log("a new agent build: it applies the slot's bundle")
+        os.execv(AGENT, [AGENT, "cloud-refresh"])
+    client = etcd_client(env, slot)
+    with rollout_lock(env, client):
+        log("new bundles; holding the rollout lock")
+        files = read_secret(env, slot.name)  # the newest: the wait for the lock may outlast a `pulumi up`
+        if "etcd" in env.roles:
+            follow_membership(client, files)
+        apply(env, client, files, slot)
+        write_atomic(applied, digest(programs, files) + "\n")
     log("applied the new bundles")
     return 0
