@@ -150,7 +150,6 @@ def test_dropped_slots_leave_etcd_and_the_three_tolerate_a_failure_again(five: D
     assert_a_second_refresh_does_nothing(d)
 
 
-
 # cloud-boot's own steps for an etcd slot after its metadata, disk and network ones (kcp_host/cloudboot.py main):
 # unpack the slot's bundle (from stdin), then start_etcd, with a STAND-IN for the bucket's cluster-formed marker.
 BOOT_ETCD = f"""import sys
