@@ -55,7 +55,7 @@ def await_voters_healthy(env: ClusterEnv, ctl: Etcdctl, timeout: float) -> int:
     healthy, so restarting one of them keeps a quorum. Returns how many voters there are."""
     def sick(view: ClusterView) -> list[str]:
         view.probe_health()
-        return [m.name or m.hex_id for m in view.members if not m.learner and not view.healthy.get(m.id)]
+        return [m.name or m.hex_id for m in view.silent_voters()]
 
     return _until(env, ctl, timeout, sick, "voters not healthy").count_voters()[0]
 

@@ -78,6 +78,10 @@ class ClusterView:
         with ThreadPoolExecutor(max_workers=max(1, len(self.members))) as pool:
             self.healthy = dict(zip((m.id for m in self.members), pool.map(probe, self.members), strict=True))
 
+    def silent_voters(self) -> list[Member]:
+        """Voters that did not answer the last `probe_health`."""
+        return [m for m in self.members if not m.learner and not self.healthy.get(m.id)]
+
     def count_voters(self, excluded: Iterable[int] = ()) -> tuple[int, int]:
         """(voters, healthy voters) among voters not excluded; learners never vote."""
         skip = set(excluded)

@@ -62,6 +62,11 @@ def remove(view: ClusterView, endpoints: list[str], leaving: Member) -> None:
         time.sleep(1)
 
 
+def leavers(members: list[Member], wanted: dict[str, str]) -> list[Member]:
+    """The members whose peer URLs `wanted` (name -> peer URL) lacks."""
+    return [m for m in members if not set(m.peer_urls) & set(wanted.values())]
+
+
 def follow(env: ClusterEnv, wanted: dict[str, str]) -> None:
     """Remove the members whose peer URL `wanted` (name -> peer URL) lacks, one at a time; unmark the wanted."""
     if not wanted:
@@ -74,7 +79,7 @@ def follow(env: ClusterEnv, wanted: dict[str, str]) -> None:
     endpoints = [*view.endpoints(), env.client_url]
     for name in wanted:
         view.ctl.run(endpoints, "del", REMOVED_PREFIX + name, check=False)
-    leaving = [m for m in view.members if not set(m.peer_urls) & set(wanted.values())]
+    leaving = leavers(view.members, wanted)
     for member in sorted(leaving, key=lambda m: not m.learner):
         try:
             remove(view, endpoints, member)

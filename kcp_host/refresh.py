@@ -32,10 +32,10 @@ from kcp_host.contract import (
     load_env,
     parse_env_text,
 )
-from kcp_host.etcd import Etcdctl, Member
+from kcp_host.etcd import Etcdctl
 from kcp_host.files import write_atomic
 from kcp_host.log import Abort, log
-from kcp_host.membership import replacement_lock
+from kcp_host.membership import ClusterView, replacement_lock
 from kcp_host.staticpods import READY_SECONDS, await_readyz, kubelet_fingerprint, restart_static_pods
 
 
@@ -88,31 +88,24 @@ def follow_membership(client: ClusterEnv, files: str) -> None:
     reconcile.follow(client, wanted)
 
 
-def silent_voters(ctl: Etcdctl, listed: list[Member]) -> list[Member]:
-    """Voters whose client URL does not answer a health check (a voter that never started has none)."""
-    voters = [m for m in listed if not m.learner]
-    urls = [m.client_urls[0] for m in voters if m.client_urls]
-    health = ctl.health(urls) if urls else {}
-    return [m for m in voters if not (m.client_urls and health.get(m.client_urls[0]))]
-
-
 def watch_membership(env: BootEnv, slot: SlotEnv) -> int:
     """`--membership`, every MEMBERSHIP_WATCH_SECONDS on a cloud member: when a voter is silent and the slot's bundle
     dropped a listed member, the dropped leave now, under the lock, rather than at the next refresh. While every
     voter answers it reads no secret and takes no lock; it applies nothing else (the refresh does)."""
     client = load_env(ClusterEnv)
-    ctl = Etcdctl.of(client)
-    listed = ctl.members(list(client.client_endpoints)) or []
-    silent = silent_voters(ctl, listed)
-    if not silent:
+    view = ClusterView(client, Etcdctl.of(client))
+    if not view.fetch(list(client.client_endpoints)):
         return 0
-    wanted = set(bundle_members(read_secret(env, slot.name)).values())
-    dropped = [m.name or m.hex_id for m in listed if not set(m.peer_urls) & wanted]
+    view.probe_health()
+    if not (silent := view.silent_voters()):
+        return 0
+    dropped = reconcile.leavers(view.members, bundle_members(read_secret(env, slot.name)))
     names = ", ".join(m.name or m.hex_id for m in silent)
     if not dropped:
         print(f"silent voters: {names}; the slot's bundle lists every member: nothing to remove")
         return 0
-    log(f"silent voters: {names}; the slot's bundle drops {', '.join(dropped)}: they leave now")
+    log(f"silent voters: {names}; the slot's bundle drops {', '.join(m.name or m.hex_id for m in dropped)}: "
+        "they leave now")
     with rollout_lock(env, client):
         follow_membership(client, read_secret(env, slot.name))  # the newest, as the refresh reads it
     return 0

@@ -50,8 +50,7 @@ class SpareState:
         """Rewrite the table from the health just probed, keeping earlier first sightings; healthy
         members drop out. Returns its lines."""
         earlier = self.first_sightings()
-        lines = [f"{m.hex_id} {earlier.get(m.hex_id, now)} {m.name or '-'}" for m in view.members
-                 if not m.learner and not view.healthy.get(m.id)]
+        lines = [f"{m.hex_id} {earlier.get(m.hex_id, now)} {m.name or '-'}" for m in view.silent_voters()]
         write_atomic(self.seen, "".join(f"{line}\n" for line in lines))
         return lines
 

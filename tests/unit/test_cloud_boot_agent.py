@@ -583,8 +583,8 @@ class Refresh:
         monkeypatch.setattr(cloudboot, "unpack_slot", functools.partial(cloudboot.unpack_slot, root=str(self.root)))
         monkeypatch.setattr(cloudboot, "DELTA_UNIT_FILE", str(self.root / DELTA_UNIT_FILE.lstrip("/")))
         monkeypatch.setattr(cloudboot, "MEMBERSHIP_TIMER_FILE", str(self.root / MEMBERSHIP_TIMER_FILE.lstrip("/")))
-        monkeypatch.setattr(refresh.Etcdctl, "health", lambda ctl, endpoints: {
-            url: url not in self.silent for url in endpoints})
+        monkeypatch.setattr(refresh.Etcdctl, "healthy",
+                            lambda ctl, endpoints, **timeouts: not set(endpoints) & self.silent)
         monkeypatch.setattr(refresh, "replacement_lock", lock)
         monkeypatch.setattr(refresh, "REFRESH_APPLIED", str(self.tmp / "applied"))
         monkeypatch.setattr(refresh, "STATIC_PODS_STARTED", str(self.tmp / "pods-started"))
