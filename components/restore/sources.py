@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
@@ -326,6 +326,23 @@ class ChunkFolder:
             yield data
 
 
+def reaching(names: Iterable[str], after: int) -> int:
+    """The first revision of the bucket chunk that may hold revision after + 1: the latest named one starting at or
+    before it (after + 1 itself where none does). A chain from `after` (deltalog.chain) starts there; the chunks that
+    start earlier are not read: as the archivers write them, they end before it."""
+    firsts = [int(match[1]) for name in names if (match := deltalog.BUCKET_CHUNK.fullmatch(name))]
+    return max((first for first in firsts if first <= after + 1), default=after + 1)
+
+
+def names_from(first: int) -> list[str]:
+    """Patterns (the AWS CLI's --include) matching the bucket chunk names of chunks starting at `first` or later: the
+    name itself, each name of its width that is larger at its first differing digit, and every longer name."""
+    digits = deltalog.bucket_chunk_name(first).removesuffix(".delta")
+    larger = [f"{digits[:at]}[{int(digit) + 1}-9]{'?' * (len(digits) - at - 1)}.delta"
+              for at, digit in enumerate(digits) if digit != "9"]
+    return [f"{digits}.delta", *larger, f"{'?' * (len(digits) + 1)}*.delta"]
+
+
 @dataclass
 class LocalFileWithDeltas(LocalFile):
     """A local snapshot and a local folder of the chunks after it (`--delta-dir`: e.g. a GCS bucket's
@@ -427,9 +444,10 @@ class S3Backups:
 
     def deltas(self, base: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunks of the delta log of the cluster `base` was taken of (`deltas/<its cluster ID>/`, each etcd
-        cluster's own: a restore makes a new one), downloaded into the scratch dir. A key with more than one version
-        is refused: the archivers create each key once, so a second version is an upload over a chunk. None for a
-        snapshot that records no cluster ID (taken before the delta log came to the clouds)."""
+        cluster's own: a restore makes a new one) that can carry it on, downloaded into the scratch dir: a log kept
+        for days holds thousands of chunks from before the snapshot, which no chain from it uses. A key with more
+        than one version is refused: the archivers create each key once, so a second version is an upload over a
+        chunk. None for a snapshot that records no cluster ID (taken before the delta log came to the clouds)."""
         history = base.get("cluster_id")
         if not (isinstance(history, str) and re.fullmatch(r"[0-9a-f]{16}", history)):
             return []
@@ -442,8 +460,11 @@ class S3Backups:
             self.scratch = Path(tempfile.mkdtemp(prefix="kcp-restore-download-"))
         self.chunks = ChunkFolder(self.scratch / "deltas")
         if counts:
+            start = reaching((key.removeprefix(folder) for key in counts), int(base["revision"]))
+            includes = [arg for pattern in names_from(start) for arg in ("--include", pattern)]
             proc = subprocess.run(["aws", "s3", "cp", "--recursive", "--only-show-errors", f"s3://{self.bucket}/{folder}",
-                                   str(self.chunks.path)], capture_output=True, text=True, timeout=3600, check=False)
+                                   str(self.chunks.path), "--exclude", "*", *includes],
+                                  capture_output=True, text=True, timeout=3600, check=False)
             if proc.returncode != 0:
                 raise RestoreError(f"cannot download the delta log s3://{self.bucket}/{folder}: {proc.stderr.strip()}")
         return self.chunks.deltas(refused)

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from components.restore import RestoreError
+from components.restore.deltas import chained
 from components.restore.sources import ChunkFolder, S3Backups
 from kcp_host import clouds, deltalog
 from kcp_host.contract import BackupEnv
@@ -93,6 +94,28 @@ def test_s3_restore_reads_the_log_of_the_snapshots_cluster_and_refuses_an_upload
     finally:
         source.close()
     assert source.scratch is None
+
+
+def test_s3_restore_downloads_only_the_chunks_a_chain_from_the_snapshot_can_use(locked_bucket: str,  # noqa: F811
+                                                                               tmp_path: Path) -> None:
+    """A log kept for days holds thousands of chunks from before the newest snapshot: the restore leaves them."""
+    bucket = Bucket(BackupEnv(dest=f"s3://{locked_bucket}/local", cert="c", key="k", work_dir=str(tmp_path)))
+    for first in range(1, 30, 5):
+        bucket.delta(chunk(first, first + 4), first, first + 4, HISTORY)
+    for revision, starts in ((12, [11, 16, 21, 26]), (10, [11, 16, 21, 26]), (9, [6, 11, 16, 21, 26]),
+                             (0, [1, 6, 11, 16, 21, 26]), (30, [26]),
+                             (40, [26])):  # 26 may hold 41: only its header says where it ends
+        source = S3Backups(f"s3://{locked_bucket}/local")
+        try:
+            listed = source.deltas({"cluster_id": HISTORY, "revision": revision})
+            assert [c["first"] for c in listed] == starts, f"from revision {revision}"
+            assert sorted(p.name for p in source.chunks.path.iterdir()) == [c["name"] for c in listed]
+            assert "refused" not in str(listed)
+            if revision == 12:
+                links = chained({"name": "s", "revision": 12}, listed, None)
+                assert [(link["first"], link["last"]) for link in links] == [(11, 15), (16, 20), (21, 25), (26, 30)]
+        finally:
+            source.close()
 
 
 def test_a_chunk_folder_takes_a_chunks_range_from_its_header_and_refuses_a_misnamed_one(tmp_path: Path) -> None:
