@@ -8,6 +8,7 @@ and the JSON API's listing (the `gcloud` CLI does not run on this machine).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import subprocess
 import threading
@@ -21,7 +22,7 @@ import pytest
 
 from components.restore import RestoreError
 from components.restore.deltas import chained
-from components.restore.sources import ChunkFolder, S3Backups
+from components.restore.sources import ChunkFolder, S3Backups, names_from, reaching
 from kcp_host import clouds, deltalog
 from kcp_host.contract import BackupEnv
 from kcp_host.destinations import Bucket, DeltaRefused, UploadError
@@ -116,6 +117,17 @@ def test_s3_restore_downloads_only_the_chunks_a_chain_from_the_snapshot_can_use(
                 assert [(link["first"], link["last"]) for link in links] == [(11, 15), (16, 20), (21, 25), (26, 30)]
         finally:
             source.close()
+
+
+@pytest.mark.parametrize("first", [0, 1, 9, 10, 12345, 10**16 - 1, 10**16, 10**18 + 7])
+def test_the_download_patterns_match_exactly_the_chunk_names_from_a_revision_on(first: int) -> None:
+    """Names are 16 digits, more past revision 10**16 - 1; the AWS CLI matches --include patterns with fnmatch."""
+    patterns = names_from(first)
+    for revision in {*range(0, 120), first - 1, first, first + 1, 10**16 - 1, 10**16, 10**17 + 3, 10**19 - 1}:
+        name = deltalog.bucket_chunk_name(revision)
+        assert any(fnmatch.fnmatchcase(name, p) for p in patterns) == (revision >= first), (first, name)
+    assert reaching(["0000000000000006.delta", "0000000000000011.delta", "notes.delta"], 10) == 11
+    assert reaching(["0000000000000011.delta"], 3) == 4, "none starts at or before 4: from 4 on"
 
 
 def test_a_chunk_folder_takes_a_chunks_range_from_its_header_and_refuses_a_misnamed_one(tmp_path: Path) -> None:
