@@ -31,7 +31,7 @@ from typing import IO, Any
 
 from components.restore import RestoreError
 from components.restore.members import Host
-from components.restore.sources import DeltaLog, Fetch
+from components.restore.sources import DeltaLog, Fetch, utc_time
 from components.restore.ssh import Ssh, widen_pipe
 from components.restore.stream import CHUNK, SnapshotStream, fan_out
 from kcp_host import deltalog
@@ -76,11 +76,7 @@ def iso(epoch: float) -> str:
 
 def taken(meta: dict[str, Any]) -> datetime | None:
     """A snapshot's `taken_at` (UTC when it names no zone), None when it has none that parses."""
-    try:
-        when = datetime.fromisoformat(str(meta.get("taken_at")))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return utc_time(meta.get("taken_at"))
 
 
 def fits(meta: dict[str, Any], until: Until) -> bool:

@@ -19,6 +19,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -326,12 +327,31 @@ class ChunkFolder:
             yield data
 
 
-def reaching(names: Iterable[str], after: int) -> int:
-    """The first revision of the bucket chunk that may hold revision after + 1: the latest named one starting at or
-    before it (after + 1 itself where none does). A chain from `after` (deltalog.chain) starts there; the chunks that
-    start earlier are not read: as the archivers write them, they end before it."""
-    firsts = [int(match[1]) for name in names if (match := deltalog.BUCKET_CHUNK.fullmatch(name))]
-    return max((first for first in firsts if first <= after + 1), default=after + 1)
+UPLOAD_SKEW = timedelta(minutes=15)  # SigV4 refuses a request signed by a clock further off than this
+
+
+def utc_time(stamp: object) -> datetime | None:
+    """An ISO 8601 time (a snapshot's taken_at, S3's LastModified), UTC where it names no zone; None if absent or
+    unreadable."""
+    try:
+        when = datetime.fromisoformat(str(stamp)) if stamp else None
+    except ValueError:
+        return None
+    return when if when is None or when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def chunks_to_read(listed: Iterable[tuple[str, datetime | None]], after: int, taken: datetime | None) -> list[str]:
+    """--include patterns for the bucket chunks (name, arrival) a restore from the snapshot at revision `after`
+    reads: the last one named at or before after + 1 (it may hold that revision; the chain from `after` starts
+    there, deltalog.chain) and every later one. Chunks named earlier end before it as the archivers write them;
+    those that arrived after the snapshot was taken are read all the same: a forged one there overlaps the chain's
+    first chunk, which the chain refuses, as when the whole log was read. The whole log when `taken` is unknown."""
+    if taken is None:
+        return ["*"]
+    chunks = [(name, when, int(match[1])) for name, when in listed if (match := deltalog.BUCKET_CHUNK.fullmatch(name))]
+    start = max((first for _, _, first in chunks if first <= after + 1), default=after + 1)
+    late = [name for name, when, first in chunks if first < start and (when is None or when >= taken - UPLOAD_SKEW)]
+    return [*names_from(start), *late]
 
 
 def names_from(first: int) -> list[str]:
@@ -460,8 +480,9 @@ class S3Backups:
             self.scratch = Path(tempfile.mkdtemp(prefix="kcp-restore-download-"))
         self.chunks = ChunkFolder(self.scratch / "deltas")
         if counts:
-            start = reaching((key.removeprefix(folder) for key in counts), int(base["revision"]))
-            includes = [arg for pattern in names_from(start) for arg in ("--include", pattern)]
+            listed = [(v["Key"].removeprefix(folder), utc_time(v["LastModified"])) for v in versions]
+            patterns = chunks_to_read(listed, int(base["revision"]), utc_time(base.get("taken_at")))
+            includes = [arg for pattern in patterns for arg in ("--include", pattern)]
             proc = subprocess.run(["aws", "s3", "cp", "--recursive", "--only-show-errors", f"s3://{self.bucket}/{folder}",
                                    str(self.chunks.path), "--exclude", "*", *includes],
                                   capture_output=True, text=True, timeout=3600, check=False)

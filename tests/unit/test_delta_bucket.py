@@ -13,6 +13,7 @@ import json
 import subprocess
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,7 +23,7 @@ import pytest
 
 from components.restore import RestoreError
 from components.restore.deltas import chained
-from components.restore.sources import ChunkFolder, S3Backups, names_from, reaching
+from components.restore.sources import ChunkFolder, S3Backups, chunks_to_read, names_from
 from kcp_host import clouds, deltalog
 from kcp_host.contract import BackupEnv
 from kcp_host.destinations import Bucket, DeltaRefused, UploadError
@@ -99,24 +100,43 @@ def test_s3_restore_reads_the_log_of_the_snapshots_cluster_and_refuses_an_upload
 
 def test_s3_restore_downloads_only_the_chunks_a_chain_from_the_snapshot_can_use(locked_bucket: str,  # noqa: F811
                                                                                tmp_path: Path) -> None:
-    """A log kept for days holds thousands of chunks from before the newest snapshot: the restore leaves them."""
+    """A log kept for days holds thousands of chunks from before the newest snapshot: the restore leaves them, and
+    still refuses a forged chunk that arrived after the snapshot and overlaps the chain's first one."""
     bucket = Bucket(BackupEnv(dest=f"s3://{locked_bucket}/local", cert="c", key="k", work_dir=str(tmp_path)))
     for first in range(1, 30, 5):
         bucket.delta(chunk(first, first + 4), first, first + 4, HISTORY)
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()  # every chunk arrived long before this snapshot
     for revision, starts in ((12, [11, 16, 21, 26]), (10, [11, 16, 21, 26]), (9, [6, 11, 16, 21, 26]),
                              (0, [1, 6, 11, 16, 21, 26]), (30, [26]),
                              (40, [26])):  # 26 may hold 41: only its header says where it ends
-        source = S3Backups(f"s3://{locked_bucket}/local")
-        try:
-            listed = source.deltas({"cluster_id": HISTORY, "revision": revision})
-            assert [c["first"] for c in listed] == starts, f"from revision {revision}"
-            assert sorted(p.name for p in source.chunks.path.iterdir()) == [c["name"] for c in listed]
-            assert "refused" not in str(listed)
-            if revision == 12:
-                links = chained({"name": "s", "revision": 12}, listed, None)
-                assert [(link["first"], link["last"]) for link in links] == [(11, 15), (16, 20), (21, 25), (26, 30)]
-        finally:
-            source.close()
+        listed = downloaded({"cluster_id": HISTORY, "revision": revision, "taken_at": later}, locked_bucket)
+        assert [c["first"] for c in listed] == starts, f"from revision {revision}"
+        assert "refused" not in str(listed)
+        if revision == 12:
+            links = chained({"name": "s", "revision": 12}, listed, None)
+            assert [(link["first"], link["last"]) for link in links] == [(11, 15), (16, 20), (21, 25), (26, 30)]
+    # Named inside the chunk that holds revision 13, and ending where it does: alone, it would pass for it.
+    (tmp_path / "forged").write_bytes(chunk(12, 15))
+    subprocess.run(["aws", "s3api", "put-object", "--bucket", locked_bucket, "--key",
+                    f"local/deltas/{HISTORY}/{deltalog.bucket_chunk_name(12)}", "--body", str(tmp_path / "forged"),
+                    "--checksum-algorithm", "CRC32"], capture_output=True, check=True)
+    base = {"name": "s", "cluster_id": HISTORY, "revision": 12, "taken_at": datetime.now(UTC).isoformat()}
+    listed = downloaded(base, locked_bucket)
+    assert [c["first"] for c in listed] == [1, 6, 11, 12, 16, 21, 26], "arrived since the snapshot: read"
+    with pytest.raises(RestoreError, match=r"overlap: chunk 12\.\.15"):
+        chained(base, listed, None)
+    assert [c["first"] for c in downloaded({**base, "taken_at": None}, locked_bucket)] == [1, 6, 11, 12, 16, 21, 26]
+
+
+def downloaded(base: dict[str, Any], bucket: str) -> list[dict[str, Any]]:
+    """What S3Backups.deltas lists for `base`, checked to be exactly what it downloaded."""
+    source = S3Backups(f"s3://{bucket}/local")
+    try:
+        listed = source.deltas(base)
+        assert sorted(p.name for p in source.chunks.path.iterdir()) == [c["name"] for c in listed]
+        return listed
+    finally:
+        source.close()
 
 
 @pytest.mark.parametrize("first", [0, 1, 9, 10, 12345, 10**16 - 1, 10**16, 10**18 + 7])
@@ -126,8 +146,20 @@ def test_the_download_patterns_match_exactly_the_chunk_names_from_a_revision_on(
     for revision in {*range(0, 120), first - 1, first, first + 1, 10**16 - 1, 10**16, 10**17 + 3, 10**19 - 1}:
         name = deltalog.bucket_chunk_name(revision)
         assert any(fnmatch.fnmatchcase(name, p) for p in patterns) == (revision >= first), (first, name)
-    assert reaching(["0000000000000006.delta", "0000000000000011.delta", "notes.delta"], 10) == 11
-    assert reaching(["0000000000000011.delta"], 3) == 4, "none starts at or before 4: from 4 on"
+
+
+def test_a_restore_reads_the_chunk_holding_its_next_revision_on_and_every_one_that_arrived_since_the_snapshot() -> None:
+    taken = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
+    listed = [(deltalog.bucket_chunk_name(first), taken + timedelta(minutes=minutes)) for first, minutes in
+              ((1, -300), (6, -60), (11, -14), (16, 5), (21, 10))] + [("notes.delta", taken)]
+    assert chunks_to_read(listed, 17, taken) == [*names_from(16), "0000000000000011.delta"], \
+        "11 arrived within the clocks' skew of the snapshot: read; 1 and 6 arrived long before: not"
+    assert chunks_to_read(listed, 12, taken + timedelta(hours=1)) == names_from(11)
+    assert chunks_to_read(listed, 3, taken + timedelta(hours=1)) == names_from(1)
+    assert chunks_to_read(listed[2:], 3, taken) == names_from(4), "none starts at or before 4: from 4 on"
+    assert chunks_to_read([(deltalog.bucket_chunk_name(6), None), listed[2]], 12, taken) == \
+        [*names_from(11), "0000000000000006.delta"], "no arrival time: read"
+    assert chunks_to_read(listed, 17, None) == ["*"], "no time the snapshot was taken: the whole log"
 
 
 def test_a_chunk_folder_takes_a_chunks_range_from_its_header_and_refuses_a_misnamed_one(tmp_path: Path) -> None:
