@@ -72,6 +72,14 @@ class Watch:
         self.proc.wait()
 
 
+def revisions_of(seen_at: float, response: dict[str, Any]) -> list[deltalog.Revision]:
+    """One watch response's events, a Revision per mod_revision, in order."""
+    by_revision: dict[int, list[dict[str, Any]]] = {}
+    for event in response.get("Events") or ():
+        by_revision.setdefault(int(event["kv"]["mod_revision"]), []).append(event)
+    return [deltalog.Revision(rev, seen_at, deltalog.ops_of(events)) for rev, events in sorted(by_revision.items())]
+
+
 def compaction_target(seen: Iterable[tuple[float, int]], now: float, archived: int, snapshots: Iterable[int]) -> int:
     """The revision current 5 minutes ago (`seen`: (time, revision) samples), but never past both the archived
     revision and the newest kept snapshot's: a restore needs the revisions after one of them. 0: nothing yet."""
@@ -186,19 +194,16 @@ class Archiver:
             close_at = time.monotonic() + self.backup.delta_seconds
             while True:
                 try:
-                    item = watch.responses.get(timeout=max(0.0, close_at - time.monotonic()))
+                    items = [watch.responses.get(timeout=max(0.0, close_at - time.monotonic()))]
                 except queue.Empty:
-                    item = (0.0, {})
-                if item is None:
-                    error = watch.error()
-                    raise Resync(f"the watch ended: {error}", start if "compacted" in error else 0)
-                seen_at, response = item
-                if response:
-                    by_revision: dict[int, list[dict[str, Any]]] = {}
-                    for event in response.get("Events") or ():
-                        by_revision.setdefault(int(event["kv"]["mod_revision"]), []).append(event)
-                    rows += [deltalog.Revision(rev, seen_at, deltalog.ops_of(events))
-                             for rev, events in sorted(by_revision.items())]
+                    items = []
+                if time.monotonic() >= close_at:  # what the watch delivered meanwhile (an upload) joins this chunk
+                    items += [watch.responses.get_nowait() for _ in range(watch.responses.qsize())]
+                for item in items:
+                    if item is None:
+                        error = watch.error()
+                        raise Resync(f"the watch ended: {error}", start if "compacted" in error else 0)
+                    rows += revisions_of(*item)
                 if time.monotonic() < close_at:
                     continue
                 leading, revision_now = self.local_status()
@@ -212,7 +217,7 @@ class Archiver:
                     return
                 self.compact(revision_now)
                 # On the interval's beat, not from the end of the upload: a write waits at most one interval plus
-                # one upload (an upload longer than the interval is followed by the next chunk at once).
+                # one upload (an upload longer than the interval is followed at once by a chunk of all seen during it).
                 close_at = max(close_at + self.backup.delta_seconds, time.monotonic())
         finally:
             watch.stop()

@@ -25,6 +25,8 @@ from kcp_host import deltalog
 from kcp_host.archive import COMPACT_EVERY_SECONDS, compaction_target
 from tests.unit.test_backup_agent import ROOT, EtcdHost, running_etcd
 
+SLOW_UPLOAD_SECONDS = 3
+
 
 def stop(archiver: subprocess.Popen[bytes]) -> None:
     """With its etcdctl watch, as systemd stops the unit's whole cgroup."""
@@ -228,6 +230,27 @@ def test_two_archivers_at_once_still_leave_one_chain_with_no_gap_and_no_overlap(
     assert deltalog.chain(ranges, after=meta["revision"], until=target)
     proc, result = cluster.replay(sorted(cluster.deltas.glob("*.delta")))
     assert proc.returncode == 0 and result["revision"] == target, proc.stderr.decode()
+
+
+def test_uploads_slower_than_the_interval_make_larger_chunks_not_a_backlog(cluster: Cluster) -> None:
+    """Each upload takes 3 s, the interval is 1 s: the chunk after an upload carries every revision seen during it.
+    (Each chunk used to carry one revision once an upload outlasted the interval, and the archive fell behind the
+    writes for as long as they went on.)"""
+    ssh = cluster.host.root / "bin" / "ssh"
+    ssh.rename(ssh.with_name("ssh-fast"))
+    ssh.write_text(f"#!/bin/sh\nsleep {SLOW_UPLOAD_SECONDS}\nexec {ssh.with_name('ssh-fast')} \"$@\"\n")
+    ssh.chmod(0o755)
+    with cluster.archiving() as archivers:
+        started = time.monotonic()
+        while time.monotonic() - started < 4 * SLOW_UPLOAD_SECONDS:  # writes all along
+            cluster.ctl("put", "/steady", str(time.monotonic()))
+        last, written = cluster.revision(), time.monotonic()
+        cluster.wait_archived(last, archivers)
+        behind = time.monotonic() - written
+    sizes = [len(deltalog.decode(c.read_bytes()).revisions) for c in sorted(cluster.deltas.glob("*.delta"))]
+    print(f"chunks of {sizes} revisions; the last write archived {behind:.1f} s after it")
+    assert behind <= 2 * (1 + SLOW_UPLOAD_SECONDS) + 2, f"archived {behind:.1f} s after the last write; chunks {sizes}"
+    assert len(sizes) <= 4 + 3, f"{len(sizes)} chunks for {4 * SLOW_UPLOAD_SECONDS} s of writes: {sizes}"
 
 
 @pytest.mark.parametrize(("seen", "archived", "snapshots", "expected"), [
