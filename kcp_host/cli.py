@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "etcd-install": ("install:etcd", "install a pinned etcd release, or the distribution's"),
     "kubelet-install": ("install:kubelet", "install containerd, runc, crictl and the kubelet, pinned"),
     "static-pods-restart": ("staticpods:main", "bare metal: restart the API server's static pods after a change"),
+    "restart-agent-services": ("systemd:restart_agent_services", "after a new build: restart what runs the old one"),
     "cloud-boot": ("cloudboot:main", "the boot path of GCE and AWS machines"),
     "cloud-refresh": ("refresh:main", "the refresh timer's job: apply changed bundles, one machine at a time"),
 }

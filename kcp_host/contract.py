@@ -29,6 +29,9 @@ BACKUP_SSH_KEY = f"{ETCD_DIR}/backup-ssh/id_ed25519"
 BACKUP_SSH_KNOWN_HOSTS = f"{ETCD_DIR}/backup-ssh/known_hosts"
 DELTA_UNIT = "etcd-delta-archive.service"  # the delta log's archiver, where backup.deltaSeconds renders it
 DELTA_UNIT_FILE = f"/etc/systemd/system/{DELTA_UNIT}"
+METRICS_HTTP_UNIT = "kcp-metrics-http.service"  # serves the metrics file on every etcd host
+# The agent's long-running services: each keeps the build it started with, so a new build restarts those that run.
+AGENT_SERVICES = (DELTA_UNIT, METRICS_HTTP_UNIT)
 MEMBERSHIP_WATCH = "kcp-cloud-membership"  # a cloud member's watch for voters a shrink deleted: .service, .timer
 MEMBERSHIP_TIMER_FILE = f"/etc/systemd/system/{MEMBERSHIP_WATCH}.timer"
 MEMBERSHIP_WATCH_SECONDS = 30

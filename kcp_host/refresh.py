@@ -163,8 +163,9 @@ def refresh(env: BootEnv, slot: SlotEnv) -> int:
     if applied.is_file() and applied.read_text().strip() == digest(programs, files):
         print("the bundles are the ones applied last: nothing to do")
         return 0
-    if cloudboot.unpack(programs):  # the agent alone: replacing it restarts nothing
-        log("a new agent build: it applies the slot's bundle")
+    if cloudboot.unpack(programs):
+        log("a new agent build: it restarts the agent's services that run and applies the slot's bundle")
+        systemd.restart_agent_services([])
         os.execv(AGENT, [AGENT, "cloud-refresh"])
     client = etcd_client(env, slot)
     with rollout_lock(env, client):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 
-from kcp_host.log import Abort
+from kcp_host.contract import AGENT_SERVICES
+from kcp_host.log import Abort, log
 
 
 def systemctl(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -32,3 +34,15 @@ def act(*args: str) -> None:
     proc = systemctl(*args)
     if proc.returncode != 0:
         raise Abort(1, f"systemctl {' '.join(args)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
+
+
+def restart_agent_services(argv: list[str]) -> int:
+    """After a new agent build: a long-running service keeps running the build it started with until it restarts.
+    One that is not running starts on the new build anyway; etcd never runs the agent for long and is not touched."""
+    argparse.ArgumentParser(prog="kcp-host restart-agent-services", description=restart_agent_services.__doc__
+                            ).parse_args(argv)
+    for unit in AGENT_SERVICES:
+        if is_active(unit):
+            act("restart", unit)
+            log(f"restarted {unit}: it runs this build now")
+    return 0

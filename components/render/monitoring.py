@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from components.render.etcd import METRICS_PORT, Member
-from kcp_host.contract import AGENT, ClusterEnv
+from kcp_host.contract import AGENT, METRICS_HTTP_UNIT, ClusterEnv
 
 UNIT_DIR = "/etc/systemd/system"
 SERVICE = f"{UNIT_DIR}/kcp-metrics.service"
 TIMER = f"{UNIT_DIR}/kcp-metrics.timer"
-HTTP_SERVICE = f"{UNIT_DIR}/kcp-metrics-http.service"
+HTTP_SERVICE = f"{UNIT_DIR}/{METRICS_HTTP_UNIT}"
 # Clouds start only etcd-backup.timer at boot (kcp-host cloud-boot): it pulls the metrics units in.
 BACKUP_TIMER_DROP_IN = f"{UNIT_DIR}/etcd-backup.timer.d/20-kcp-metrics.conf"
-UNITS = ("kcp-metrics.timer", "kcp-metrics-http.service")
+UNITS = ("kcp-metrics.timer", METRICS_HTTP_UNIT)
 AGENT_PORT: int = ClusterEnv.metrics_port  # the contract's default
 COLLECT_EVERY_SECONDS = 30
 RULES = Path(__file__).resolve().parents[2] / "monitoring" / "alerts.yml"

@@ -134,11 +134,12 @@ class BareMetalTarget:
                              depends_on=depends_on, address=address)
 
     def _install_agent(self, host: Machine | str, address: str) -> remote.Command:
-        """The host agent, shipped like any host file: a new build updates it in place."""
+        """The host agent, shipped like any host file: a new build updates it in place and restarts the agent's
+        services that run (the delta archiver, the metrics server; never etcd)."""
         name = host.name if isinstance(host, Machine) else host
         identity = HostFile(HOST_IDENTITY, self._identity(name) + "\n")
         return self._files(host, "agent", pulumi.Output.from_input([*agent_files(), identity]),
-                           f"{ENSURE_PYTHON} && {AGENT} --help >/dev/null", address=address, secret=False)
+                           f"{ENSURE_PYTHON} && {AGENT} restart-agent-services", address=address, secret=False)
 
     def _firewall_peers(self) -> FirewallPeers:
         t = self._topology

@@ -32,6 +32,7 @@ import pytest
 
 from components.render import agent
 from components.topology import quorum
+from kcp_host.contract import AGENT_SERVICES, DELTA_UNIT, METRICS_HTTP_UNIT
 from testbed.sandbox import Sandbox
 from tests.integration.conftest import LOCAL_STACK, local_stack_for, sandbox_identity
 from tests.integration.realtls import RealTlsMocks, plain
@@ -81,8 +82,8 @@ class Cluster:
             paths[2].chmod(0o600)
         return paths  # type: ignore[return-value]
 
-    def etcd_pids(self, hosts: list[str]) -> dict[str, str]:
-        return {h: self.sandbox.ssh(h, "systemctl show -p MainPID --value etcd").stdout.decode().strip()
+    def main_pids(self, hosts: list[str], unit: str = "etcd") -> dict[str, str]:
+        return {h: self.sandbox.ssh(h, f"systemctl show -p MainPID --value {unit}").stdout.decode().strip()
                 for h in hosts}
 
 
@@ -245,25 +246,28 @@ def test_i_an_up_with_no_change_runs_nothing(cluster: Cluster) -> None:
 
 
 def test_d_a_new_backup_interval_restarts_no_member(cluster: Cluster) -> None:
-    pids = cluster.etcd_pids(cluster.members)
+    pids = cluster.main_pids(cluster.members)
     update, _, _ = apply(cluster, "backup-interval", lambda cfg: cfg["backup"].update(intervalMinutes=30))
     assert updated(update) == {f"local-{h}-etcd-config" for h in (*cluster.members, "spare1")}, update.preview()
-    assert cluster.etcd_pids(cluster.members) == pids, "a backup setting restarted etcd"
+    assert cluster.main_pids(cluster.members) == pids, "a backup setting restarted etcd"
     timer = cluster.sandbox.ssh("h1", "systemctl cat etcd-backup.timer").stdout.decode()
     assert "OnCalendar=*-*-* *:00/30:00" in timer
 
 
 def test_c_a_new_election_timeout_restarts_members_one_at_a_time(cluster: Cluster) -> None:
-    pids = cluster.etcd_pids(cluster.members)
+    pids = cluster.main_pids(cluster.members)
     apply(cluster, "election-timeout", lambda cfg: cfg["etcd"].update(electionMs=1200))
-    after = cluster.etcd_pids(cluster.members)
+    after = cluster.main_pids(cluster.members)
     assert all(after[h] != pids[h] for h in cluster.members), f"not every member restarted: {pids} -> {after}"
     env = cluster.sandbox.ssh("h2", "cat /proc/$(systemctl show -p MainPID --value etcd)/environ | tr '\\0' '\\n'")
     assert b"ETCD_ELECTION_TIMEOUT=1200" in env.stdout
 
 
 def test_a_a_new_build_updates_every_host_in_place(cluster: Cluster) -> None:
-    pids = cluster.etcd_pids(cluster.members)
+    pids = cluster.main_pids(cluster.members)
+    runs_on = {DELTA_UNIT: cluster.members, METRICS_HTTP_UNIT: [*cluster.members, "spare1"]}
+    services = {unit: cluster.main_pids(runs_on[unit], unit) for unit in AGENT_SERVICES}
+    assert not [pid for by_host in services.values() for pid in by_host.values() if pid == "0"], services
     before = cluster.sandbox.ssh("h1", f"sha256sum {AGENT}").stdout.split()[0]
     sources = agent.agent_sources()
     new_build = {**sources, "kcp_host/__init__.py": sources["kcp_host/__init__.py"] + "# build 2\n"}
@@ -275,7 +279,10 @@ def test_a_a_new_build_updates_every_host_in_place(cluster: Cluster) -> None:
     for host in hosts:
         now = cluster.sandbox.ssh(host, f"sha256sum {AGENT} && {AGENT} --help >/dev/null").stdout.split()[0]
         assert now != before, f"{host} still runs the old build"
-    assert cluster.etcd_pids(cluster.members) == pids, "a new build restarted etcd"
+    assert cluster.main_pids(cluster.members) == pids, "a new build restarted etcd"
+    for unit, running in services.items():  # each kept the old build until it restarted
+        now = cluster.main_pids(runs_on[unit], unit)
+        assert all(now[h] not in ("0", running[h]) for h in running), f"{unit} not restarted: {running} -> {now}"
     backup = cluster.sandbox.ssh("h1", f"{AGENT} etcd-backup --any-member", check=False, timeout=300)
     assert backup.returncode == 0, f"backups stopped working after the new build: {backup.stderr.decode()[-500:]}"
 
@@ -416,7 +423,7 @@ def _why(c: Cluster, hosts: list[str]) -> str:
 
 
 def test_e_three_to_five_members_join_one_at_a_time(cluster: Cluster) -> None:
-    pids = cluster.etcd_pids(cluster.members)
+    pids = cluster.main_pids(cluster.members)
 
     def grow(cfg: dict[str, Any]) -> None:
         cfg["baremetal"]["hosts"] += [_host("h4", "rack-a", cluster), _host("h5", "rack-b", cluster)]
@@ -424,7 +431,7 @@ def test_e_three_to_five_members_join_one_at_a_time(cluster: Cluster) -> None:
 
     apply(cluster, "grow-to-5", grow)
     assert _voters(cluster) == ["h1", "h2", "h3", "h4", "h5"], _why(cluster, ["h4", "h5", "h1", "spare1"])
-    assert {h: p for h, p in cluster.etcd_pids(["h1", "h2", "h3"]).items()} == pids, "growing restarted a member"
+    assert {h: p for h, p in cluster.main_pids(["h1", "h2", "h3"]).items()} == pids, "growing restarted a member"
 
 
 def test_e_five_to_three_members_leave_one_at_a_time(cluster: Cluster) -> None:
@@ -453,7 +460,7 @@ def test_g_adopting_a_spares_takeover_restarts_no_healthy_member(cluster: Cluste
         sandbox.ssh("spare1", "systemctl start etcd-spare-watch.service", check=False, timeout=600)
         time.sleep(3)
     cluster.program = forget(cluster.program, "h3")  # a dead host runs no delete step: `pulumi state delete` it
-    pids = cluster.etcd_pids(["h1", "h2", "spare1"])
+    pids = cluster.main_pids(["h1", "h2", "spare1"])
 
     def adopt(cfg: dict[str, Any]) -> None:
         cfg["baremetal"]["hosts"] = [h for h in cfg["baremetal"]["hosts"] if h["name"] != "h3"]
@@ -462,7 +469,7 @@ def test_g_adopting_a_spares_takeover_restarts_no_healthy_member(cluster: Cluste
 
     apply(cluster, "adopt-takeover", adopt)
     assert _voters(cluster) == ["h1", "h2", "spare1"]
-    assert cluster.etcd_pids(["h1", "h2", "spare1"]) == pids, "adopting the takeover restarted a healthy member"
+    assert cluster.main_pids(["h1", "h2", "spare1"]) == pids, "adopting the takeover restarted a healthy member"
 
 
 def test_f_a_dead_host_replaced_by_a_new_one_at_a_new_address(cluster: Cluster) -> None:

@@ -725,12 +725,16 @@ def test_a_failed_refresh_records_nothing_and_the_next_run_tries_again(tmp_path:
     assert machine.steps == ["lock (waits 300s)", "voters healthy", "unlock"]
 
 
-def test_a_new_agent_build_is_unpacked_and_applies_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_new_agent_build_is_unpacked_restarts_the_services_on_the_old_one_and_applies_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     machine = Refresh(tmp_path, monkeypatch, ("etcd",))
+    monkeypatch.setattr(systemd, "is_active", lambda unit: unit == DELTA_UNIT)  # the metrics server is not running
     machine.secrets["prod-host-programs"] = bundle([HostFile(AGENT, b"agent 2", 0o755)])
     with pytest.raises(SystemExit, match=f"exec {AGENT} cloud-refresh"):
         machine.run()
-    assert (machine.root / AGENT.lstrip("/")).read_bytes() == b"agent 2" and machine.steps == []
+    assert (machine.root / AGENT.lstrip("/")).read_bytes() == b"agent 2"
+    assert machine.steps == [f"systemctl restart {DELTA_UNIT}"]
+    assert machine.run() == 0 and f"systemctl restart {DELTA_UNIT}" not in machine.steps, "the same build again"
 
 
 def test_an_api_server_restarts_its_static_pods_only_when_their_files_change(tmp_path: Path,

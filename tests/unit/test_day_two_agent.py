@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from components.render import etcd, loadbalancer
-from kcp_host.contract import ClusterEnv
+from kcp_host.contract import DELTA_UNIT, METRICS_HTTP_UNIT, ClusterEnv
 from kcp_host.lifecycle import config_fingerprint
 from tests.unit.hostscript_harness import ROOT, Host, started
 
@@ -75,3 +75,19 @@ def test_waiting_for_health_holds_until_every_named_member_votes(tmp_path: Path)
                                            started("4", "spare1"))
     unhealthy = voter.run("etcd-wait-healthy", "1", "--voters=h1,h2,h3,spare1")
     assert unhealthy.returncode == 1 and "etcd not healthy after" in unhealthy.stderr, unhealthy.stderr
+
+
+def test_a_new_build_restarts_the_agents_services_that_run_and_nothing_else(tmp_path: Path) -> None:
+    """The archiver runs, the metrics server is stopped (or absent: the backup host, a first `up`)."""
+    calls = tmp_path / "calls"
+    (tmp_path / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                                        f'case "$*" in "is-active --quiet {DELTA_UNIT}"|restart*) exit 0 ;; esac\n'
+                                        'exit 3\n')
+    (tmp_path / "systemctl").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "kcp_host", "restart-agent-services"],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().splitlines() == [f"is-active --quiet {DELTA_UNIT}", f"restart {DELTA_UNIT}",
+                                              f"is-active --quiet {METRICS_HTTP_UNIT}"]
+    assert f"restarted {DELTA_UNIT}" in proc.stderr + proc.stdout
