@@ -494,9 +494,9 @@ def test_restore_from_s3_picks_the_newest_or_the_named_version(local_cluster: De
 
 SCALE_PREFIX = "/registry/"
 # Five pairs of runs, product and baseline back to back, in turns which goes first; the ratio is the median pair's.
-# The machine's speed drifts within a test (later runs tend to be faster here); the two runs of a pair see the same
-# moment. Comparing each side's best run instead failed twice (1.26 at 100 MB, 1.103 at 1 GB) on the baseline's
-# last run alone, 11-14 % faster than the fastest of its other four; the median pair's ratio was 1.07 in both.
+# The machine's speed changes within a test; the two runs of a pair see nearly the same moment. Comparing each
+# side's best run instead failed twice (1.26 at 100 MB, 1.103 at 1 GB) on one baseline run alone, 11-14 % faster than
+# the fastest of its other four; the median pair's ratio was 1.07 in both.
 RUNS = 5
 AGENT_PEAK_MIB = 64  # a member's restore session, whatever the snapshot's size: it never holds the file
 SCALES = [pytest.param(100 << 20, 1.25, id="100MB"), pytest.param(1 << 30, 1.10, id="1GB"),
