@@ -42,8 +42,13 @@ class Gateway(http.client.HTTPConnection):
         self.socket_path = socket_path
 
     def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(self.socket_path))
+        """Through the socket's folder, opened: a socket path has at most 107 bytes, the folder's path may not."""
+        folder = os.open(self.socket_path.parent, os.O_PATH | os.O_DIRECTORY)
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(f"/proc/self/fd/{folder}/{self.socket_path.name}")
+        finally:
+            os.close(folder)
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         self.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})

@@ -108,13 +108,20 @@ class Cluster:
         return proc, json.loads(last.removeprefix("result ")) if last.startswith("result ") else {}
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    (tmp_path / "etcd").mkdir()
-    with running_etcd(tmp_path / "etcd", 20) as client:
-        cluster = Cluster(tmp_path, client)
+@contextlib.contextmanager
+def backed_up_cluster(root: Path) -> Iterator[Cluster]:
+    """A live etcd under `root`, with one snapshot on its backup host."""
+    (root / "etcd").mkdir()
+    with running_etcd(root / "etcd", 20) as client:
+        cluster = Cluster(root, client)
         done = cluster.host.run("etcd-backup")
         assert done.returncode == 0, done.stderr.decode()
+        yield cluster
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with backed_up_cluster(tmp_path) as cluster:
         yield cluster
 
 
@@ -153,6 +160,20 @@ def test_the_replay_of_the_archived_chain_is_exactly_the_live_store(cluster: Clu
                               capture_output=True, check=False)
     if replayed.returncode == 0:  # etcdctl 3.4 reads a file; newer ones send this to etcdutl
         assert json.loads(replayed.stdout)["revision"] == target
+
+
+def test_a_replay_in_a_folder_deeper_than_a_socket_path_allows(tmp_path: Path) -> None:
+    """The throwaway etcd's socket is reached through its opened folder: a work folder whose path alone is longer
+    than the 107 bytes a unix socket's path may have still replays."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    with backed_up_cluster(deep) as cluster:
+        with cluster.archiving() as archivers:
+            cluster.put_all("/deep/", 5, "v", archivers)
+        assert len(str(cluster.host.root / "restore" / "verify.12345678" / "kcpverify:0")) > 107
+        proc, result = cluster.replay(sorted(cluster.deltas.glob("*.delta")))
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert result["revision"] == cluster.revision(), result
 
 
 def test_a_replay_until_a_revision_stops_exactly_there(cluster: Cluster) -> None:
