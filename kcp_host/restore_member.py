@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from kcp_host import systemd
 from kcp_host.contract import ClusterEnv, load_env
 from kcp_host.etcd import Etcdctl, EtcdError, command_env, last_line, size_timeout, snapshot_tool
-from kcp_host.files import chown_tree, flocked, utc_stamp, write_atomic
+from kcp_host.files import chown_tree, flocked, utc_stamp, widen_pipe, write_atomic
 from kcp_host.log import Abort, log, set_program
 from kcp_host.verify import hash_at, key_count
 
@@ -81,6 +81,7 @@ def receive(source: BufferedReader, stage: Path, name: str, size: int) -> Path:
     """Kept only after "ok": the operator hashed the stream once for all; SSH's MAC covers each member's copy."""
     part = stage / f"{name}.db.part"
     buffer = memoryview(bytearray(CHUNK))  # one buffer for every chunk: faster than the `dd bs=1M` it replaced
+    widen_pipe(source)
     stored = 0
     try:
         with part.open("wb") as out:

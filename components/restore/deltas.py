@@ -32,10 +32,11 @@ from typing import IO, Any
 from components.restore import RestoreError
 from components.restore.members import Host
 from components.restore.sources import DeltaLog, Fetch, utc_time
-from components.restore.ssh import Ssh, widen_pipe
+from components.restore.ssh import Ssh
 from components.restore.stream import CHUNK, SnapshotStream, fan_out
 from kcp_host import deltalog
 from kcp_host.contract import AGENT
+from kcp_host.files import widen_pipe
 
 Until = int | datetime  # --until: a revision, or a time (aware, UTC)
 Chosen = tuple[dict[str, Any], list[dict[str, Any]]]  # the base snapshot's metadata, the delta log's chunks

@@ -20,8 +20,8 @@ from typing import IO, Any
 from components.restore import RestoreError, deltas, members
 from components.restore.plan import Plan
 from components.restore.sources import DeltaLog
-from components.restore.ssh import widen_pipe
 from components.restore.stream import SnapshotStream, fan_out, header
+from kcp_host.files import widen_pipe
 
 Sessions = dict[str, members.Session]  # member name -> its `restore` session
 

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
 from components.restore import RestoreError
-from components.restore.ssh import Ssh, widen_pipe
+from components.restore.ssh import Ssh
 from kcp_host import deltalog
+from kcp_host.files import widen_pipe
 
 CHUNKS_PER_READ = 200  # chunk files per `cat` on the backup host: one round trip each, a bounded command line
 

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shlex
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 # The snapshot crosses SSH once per member, so the cipher's cost counts. AES-GCM runs on the
 # CPU's AES instructions; the others stay as fallbacks for servers without it.
 CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
            "aes128-ctr,aes192-ctr,aes256-ctr")
-PIPE_SIZE = 1 << 20  # pipe buffer to and from each ssh: fewer wake-ups than the 64 KiB default
 KNOWN_HOSTS = "known_hosts"  # in the control folder: the stack's pinned host keys
 
 
@@ -98,9 +96,3 @@ class Ssh:
                 os.unlink(os.path.join(self._control_dir, KNOWN_HOSTS))
             os.rmdir(self._control_dir)
             self._control_dir = None
-
-
-def widen_pipe(pipe: IO[bytes]) -> None:
-    """Raise a pipe's buffer (Linux); elsewhere, or when refused, the default is fine."""
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)

@@ -10,6 +10,7 @@ wire protocol are checked together.
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import io
 import json
@@ -39,6 +40,7 @@ from components.restore.stream import CHUNK, QUEUE_DEPTH, SnapshotStream, fan_ou
 from components.stack_file import PROJECT, project_config
 from kcp_host.contract import BackupEnv, ClusterEnv, render_env
 from kcp_host.destinations import Bucket
+from kcp_host.files import PIPE_BYTES
 from tests.conftest import ALL_STACKS
 from tests.program import ROOT
 
@@ -544,6 +546,8 @@ def test_a_snapshot_the_operator_accepted_is_staged_and_restored_beside_the_live
     session, answer = prepared(member, meta, SNAPSHOT)
     words = answer.split()
     assert words[:2] == ["prepared", str(len(SNAPSHOT))] and len(words) == 6, answer
+    assert session.proc.stdin and fcntl.fcntl(session.proc.stdin, fcntl.F_GETPIPE_SZ) == PIPE_BYTES, \
+        "the member widened the pipe the snapshot came through"
     assert 0 < int(words[4]) < 64 * 1024, "the member's peak memory (KiB) stays far below the file's size"
     assert (member / "restored-input").read_bytes() == SNAPSHOT, "etcdutl restored the bytes sent"
     assert not list((member / "stage").glob("*.db*")), "the staged copy is deleted once restored"
