@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kcp_host import deltalog
+from kcp_host import deltalog, files
 from kcp_host.files import flocked, one_line, read_json, sha256_of, update_json, utc_iso, write_atomic, write_json
 from kcp_host.log import Abort
 
@@ -111,6 +111,7 @@ class Store:
     def upload(self, source: BinaryIO, limit: int, what: str) -> Iterator[Path]:
         """stdin in a private file under .incoming, complete, within `limit` and on disk (fsynced) when yielded: the
         caller links it in where it belongs (a link never replaces a file); it is gone after the block."""
+        files.widen_pipe(source)
         with tempfile.NamedTemporaryFile(prefix=".partial.", dir=self.incoming) as out:
             size = 0
             while size <= limit and (chunk := source.read(min(1 << 20, limit + 1 - size))):
