@@ -140,7 +140,7 @@ def test_every_filed_pair_gets_a_receipt_of_what_this_host_saw(receiver: Receive
 
 
 def test_a_snapshot_arrives_through_a_pipe_the_receiver_widened(receiver: Receiver) -> None:
-    """sshd hands the upload over a 64 KiB pipe; widened, the same reader took 1 GiB about 12 % sooner."""
+    """sshd hands the upload over a 64 KiB pipe; widened, a reader like this one took 1 GiB about 12 % sooner."""
     name = f"{CLUSTER}-20260101T000000Z"
     proc = subprocess.Popen([sys.executable, "-m", "kcp_host", *receiver.args], stdin=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT),
