@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,11 @@ import yaml
 from components.restore import RestoreError
 from components.restore.members import agent_command
 from components.restore.plan import Plan, build_plan, parser
-from components.restore.sources import BackupFolder, S3Backups, pick_backup
+from components.restore.sources import BackupFolder, pick_backup
 from components.restore.ssh import Ssh
 from components.restore.stream import CHUNK, QUEUE_DEPTH, SnapshotStream, fan_out, header
 from components.stack_file import PROJECT, project_config
-from kcp_host.contract import BackupEnv, ClusterEnv, render_env
-from kcp_host.destinations import Bucket
+from kcp_host.contract import ClusterEnv, render_env
 from kcp_host.files import PIPE_BYTES
 from tests.conftest import ALL_STACKS
 from tests.program import ROOT
@@ -159,75 +157,6 @@ def test_a_pair_filed_before_receipts_existed_counts_from_its_arrival_on_the_bac
     folder = BackupFolder(LocalShell("root", None), "backup-host", str(root))
     assert folder.pick(None)["name"] == "local-20260101T000000Z"
     assert folder.pick(planted)["name"] == planted, "still there for an operator who names it"
-
-
-@pytest.fixture
-def locked_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """moto's S3 (a local stand-in, in this process, on loopback) with a bucket as the stack declares it: versioned,
-    Object Lock in governance mode with a default retention; this venv's AWS CLI pointed at it."""
-    why = "needs moto and the AWS CLI of requirements-dev.txt; runs once scripts/install-deps has installed them"
-    server_module = pytest.importorskip("moto.server", reason=why)
-    if not (Path(sys.executable).parent / "aws").exists():
-        pytest.skip(reason=why)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                       "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}.items():
-        monkeypatch.setenv(key, value)
-    try:
-        bucket = "kcp-unit-etcd-backups"
-        lock = {"ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}}}
-        for args in (["create-bucket", "--object-lock-enabled-for-bucket"],
-                     ["put-object-lock-configuration", "--object-lock-configuration", json.dumps(lock)]):
-            subprocess.run(["aws", "s3api", *args, "--bucket", bucket], capture_output=True, check=True)
-        yield bucket
-    finally:
-        # moto keeps its buckets in this process, not in the server: the next test starts from none.
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
-        server.stop()
-
-
-def test_restore_from_s3_goes_by_arrival_and_keeps_the_first_upload_of_a_name(locked_bucket: str,
-                                                                                tmp_path: Path) -> None:
-    """Through etcd-backup's own uploads: the lock keeps a version an upload went over, the listing passes over
-    the later upload of a name, and a locked version downloads like any other."""
-    backup = BackupEnv(dest=f"s3://{locked_bucket}/local", cert="c", key="k", work_dir=str(tmp_path))
-
-    def store(name: str, data: bytes) -> None:
-        meta = {"name": name, "taken_at": "2026-01-01T00:00:00Z", "revision": 7, "keys": 3, "hashkv": 9,
-                "sha256": hashlib.sha256(data).hexdigest(), "verified": True}
-        (tmp_path / f"{name}.db").write_bytes(data)
-        (tmp_path / f"{name}.json").write_text(json.dumps(meta))
-        Bucket(backup).store(tmp_path / f"{name}.db", tmp_path / f"{name}.json", meta)
-        time.sleep(1.1)  # LastModified has a resolution of one second
-
-    first, second = "local-20260101T000000Z", "local-20250101T000000Z"  # the later arrival has the older name
-    store(first, b"first")
-    store(second, b"second")
-    store(first, b"forged over the first")  # a holder of the etcd role: same name, same key, newest of all
-
-    def restored(wanted: str | None) -> tuple[str, bytes]:
-        source = S3Backups(f"s3://{locked_bucket}/local")
-        try:
-            meta = source.pick(wanted)
-            return meta["name"], Path(meta["local_file"]).read_bytes()
-        finally:
-            source.close()
-
-    assert restored(None) == (second, b"second")
-    assert restored(first) == (first, b"first"), "the first upload of the name, which the lock kept"
-    versions = json.loads(subprocess.run(
-        ["aws", "s3api", "list-object-versions", "--bucket", locked_bucket, "--prefix", f"local/snapshots/{first}.db"],
-        capture_output=True, text=True, check=True).stdout)["Versions"]
-    assert len(versions) == 2
-    for version in versions:
-        deleted = subprocess.run(["aws", "s3api", "delete-object", "--bucket", locked_bucket, "--key", version["Key"],
-                                  "--version-id", version["VersionId"]], capture_output=True, text=True, check=False)
-        assert deleted.returncode != 0 and "AccessDenied" in deleted.stderr, deleted
 
 
 # -- what the members are told ----------------------------------------------------------------

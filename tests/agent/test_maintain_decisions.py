@@ -13,7 +13,7 @@ import pytest
 
 from kcp_host.contract import BackupEnv, render_env
 from kcp_host.maintain import MIB, Node, defrag_order, quota_bytes
-from tests.unit.hostscript_harness import CLIENT, Host, started
+from tests.agent.hostscript_harness import CLIENT, Host, started
 
 # Answers from files in FAKE_DIR (`status_<url>.json`, `defragged_<url>.json` after a defrag, `alarms`,
 # `down`: members that answer nothing) and logs every call to FAKE_DIR/calls. Bash, not Python: it runs

@@ -1,7 +1,7 @@
 """The delta log in a bucket: the archiver's side (`Bucket.delta`, `Bucket.delta_next` in kcp_host/destinations.py)
 and the restore's (`S3Backups.deltas`, `ChunkFolder` in components/restore/sources.py).
 
-S3 through this venv's AWS CLI against moto's S3 (test_restore_operator.py's `locked_bucket`: versioned, Object
+S3 through this venv's AWS CLI against moto's S3 (the `locked_bucket` of this suite's conftest.py: versioned, Object
 Lock); GCS through a stand-in `gcloud` on PATH for the upload and a loopback HTTP server for the metadata server
 and the JSON API's listing (the `gcloud` CLI does not run on this machine).
 """
@@ -27,7 +27,6 @@ from components.restore.sources import ChunkFolder, S3Backups, chunks_to_read, n
 from kcp_host import clouds, deltalog
 from kcp_host.contract import BackupEnv
 from kcp_host.destinations import Bucket, DeltaRefused, UploadError
-from tests.unit.test_restore_operator import locked_bucket  # noqa: F401 (a fixture)
 
 HISTORY = "00112233aabbccdd"
 
@@ -43,7 +42,7 @@ def stored_snapshot(work: Path, revision: int, cluster_id: str) -> None:
     (work / "local-20261201T000000Z.json").write_text(json.dumps({"revision": revision, "cluster_id": cluster_id}))
 
 
-def test_s3_takes_one_chunk_per_first_revision_and_says_where_the_chain_goes_on(locked_bucket: str,  # noqa: F811
+def test_s3_takes_one_chunk_per_first_revision_and_says_where_the_chain_goes_on(locked_bucket: str,
                                                                               tmp_path: Path) -> None:
     bucket = Bucket(BackupEnv(dest=f"s3://{locked_bucket}/local", cert="c", key="k", work_dir=str(tmp_path)))
     assert bucket.delta_next(HISTORY) == (None, []), "no chain, no snapshot stored here"
@@ -63,7 +62,7 @@ def test_s3_takes_one_chunk_per_first_revision_and_says_where_the_chain_goes_on(
     assert not list(tmp_path.glob(".delta-*")), "the upload's temporary file is gone"
 
 
-def test_s3_a_chunk_without_its_last_revision_is_no_answer(locked_bucket: str, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_a_chunk_without_its_last_revision_is_no_answer(locked_bucket: str, tmp_path: Path) -> None:
     (tmp_path / "c").write_bytes(chunk(11, 15))
     subprocess.run(["aws", "s3api", "put-object", "--bucket", locked_bucket, "--key",
                     f"local/deltas/{HISTORY}/{deltalog.bucket_chunk_name(11)}", "--body", str(tmp_path / "c"),
@@ -74,7 +73,7 @@ def test_s3_a_chunk_without_its_last_revision_is_no_answer(locked_bucket: str, t
 
 
 def test_s3_restore_reads_the_log_of_the_snapshots_cluster_and_refuses_an_upload_over_a_chunk(
-        locked_bucket: str, tmp_path: Path) -> None:  # noqa: F811
+        locked_bucket: str, tmp_path: Path) -> None:
     bucket = Bucket(BackupEnv(dest=f"s3://{locked_bucket}/local", cert="c", key="k", work_dir=str(tmp_path)))
     for first, last in ((11, 15), (16, 20)):
         bucket.delta(chunk(first, last), first, last, HISTORY)
@@ -98,7 +97,7 @@ def test_s3_restore_reads_the_log_of_the_snapshots_cluster_and_refuses_an_upload
     assert source.scratch is None
 
 
-def test_s3_restore_downloads_only_the_chunks_a_chain_from_the_snapshot_can_use(locked_bucket: str,  # noqa: F811
+def test_s3_restore_downloads_only_the_chunks_a_chain_from_the_snapshot_can_use(locked_bucket: str,
                                                                                tmp_path: Path) -> None:
     """A log kept for days holds thousands of chunks from before the newest snapshot: the restore leaves them, and
     still refuses a forged chunk that arrived after the snapshot and overlaps the chain's first one."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from components.render import etcd, loadbalancer
 from kcp_host.contract import DELTA_UNIT, METRICS_HTTP_UNIT, ClusterEnv
 from kcp_host.lifecycle import config_fingerprint
-from tests.unit.hostscript_harness import ROOT, Host, started
+from tests.agent.hostscript_harness import ROOT, Host, started
 
 SETTINGS = etcd.EtcdSettings("t", 100, 1000, "t-etcd")
 MEMBERS = (etcd.Member("h1", "10.0.0.11"), etcd.Member("h2", "10.0.0.12"), etcd.Member("h3", "10.0.0.13"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.hostscript_harness import PEER, Host, never_started, started, unstarted_learner
+from tests.agent.hostscript_harness import PEER, Host, never_started, started, unstarted_learner
 
 
 def recovery(host: Host, version: str = "3.5.16") -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ import pytest
 
 from kcp_host import deltalog
 from kcp_host.archive import COMPACT_EVERY_SECONDS, compaction_target
-from tests.unit.test_backup_agent import ROOT, EtcdHost, running_etcd
+from tests.agent.test_backup_agent import ROOT, EtcdHost, running_etcd
 
 SLOW_UPLOAD_SECONDS = 3
 

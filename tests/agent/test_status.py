@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from components.stack_file import project_config, read_stack
 from kcp_host import metrics
 from kcp_host.contract import BackupEnv, ClusterEnv, render_env
-from tests.unit.hostscript_harness import CLIENT, PEER, started, unstarted_learner
+from tests.agent.hostscript_harness import CLIENT, PEER, started, unstarted_learner
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "stacks" / "Pulumi.local.yaml"

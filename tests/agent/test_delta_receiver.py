@@ -20,7 +20,7 @@ import pytest
 from kcp_host import deltalog, destinations
 from kcp_host.contract import BackupEnv
 from kcp_host.destinations import DeltaRefused, UploadError
-from tests.unit.test_backup_agent import (
+from tests.agent.test_backup_agent import (
     CLUSTER,
     FAKE_SSH,
     ROOT,

@@ -1,7 +1,7 @@
 """kcp-host etcd-spare-watch before it takes the replacement lock: when a spare waits,
 when it refuses, and that it changes membership only under the lock.
 
-Runs the real agent against the stand-in etcdctl of tests/unit/hostscript_harness.py,
+Runs the real agent against the stand-in etcdctl of tests/agent/hostscript_harness.py,
 which cannot take a lock: a spare that decides to take over ends with "could not take the
 replacement lock" and must not have touched membership before that.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.hostscript_harness import Host, started
+from tests.agent.hostscript_harness import Host, started
 
 MEMBERS = (started("a1", "h1"), started("a2", "h2"), started("a3", "h3"))
 
