@@ -145,13 +145,14 @@ def test_spares_watch_but_do_not_start_etcd(declared) -> None:
     assert "local-spare1-spare-watch" in names and "local-spare1-etcd-start" not in names
 
 
-def test_a_second_run_declares_identical_commands_so_pulumi_up_changes_nothing(throwaway_ssh_key) -> None:
-    """Bundles are reproducible (fixed tar timestamps, sorted files): same config, same bytes, no diff."""
+def test_a_second_run_declares_identical_commands_so_pulumi_up_changes_nothing(declared, throwaway_ssh_key) -> None:
+    """Bundles are reproducible (fixed tar timestamps, sorted files): same config, same bytes, no diff. The first run
+    is the session's (`declared`), the second a run of its own."""
     from tests.conftest import stack_for_tests
     from tests.program import ROOT, run_program
 
     cfg = stack_for_tests(ROOT / "stacks" / "Pulumi.local.yaml", throwaway_ssh_key)
-    first, second = run_program(cfg, stack="local"), run_program(cfg, stack="local")
+    first, second = declared("local"), run_program(cfg, stack="local")
     before = {r.name: r.inputs for r in first.of_type(COMMAND)}
     after = {r.name: r.inputs for r in second.of_type(COMMAND)}
     assert before.keys() == after.keys()

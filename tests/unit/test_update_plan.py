@@ -47,9 +47,20 @@ def same_agent(monkeypatch: pytest.MonkeyPatch, agent_build: bytes) -> None:
     monkeypatch.setattr(agent, "agent_zipapp", lambda: agent_build)
 
 
-@pytest.fixture
-def before(local) -> Program:
-    return run_program(local, stack="local")
+@pytest.fixture(scope="module")
+def before(local: dict[str, Any], agent_build: bytes) -> Program:
+    """The first `up` of the shipped stack, shared by the tests below: none of them changes a `Program`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(agent, "agent_zipapp", lambda: agent_build)
+        return run_program(local, stack="local")
+
+
+@pytest.fixture(scope="module")
+def rotated(before: Program, local: dict[str, Any], agent_build: bytes) -> UpdatePlan:
+    """The second `up` after `pki.rotation` is bumped."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(agent, "agent_zipapp", lambda: agent_build)
+        return second_up(before, changed(local, pki__rotation=1))
 
 
 def changed(config: dict[str, Any], **edits: Any) -> dict[str, Any]:
@@ -103,8 +114,8 @@ def test_backup_interval_updates_only_the_etcd_config_commands_one_member_at_a_t
         assert earlier in plan.waits_for(later), f"{later} must wait for {earlier}"
 
 
-def test_pki_rotation_reissues_every_leaf_and_updates_the_bundles_never_the_cas(before, local) -> None:
-    plan = second_up(before, changed(local, pki__rotation=1))
+def test_pki_rotation_reissues_every_leaf_and_updates_the_bundles_never_the_cas(before, rotated) -> None:
+    plan = rotated
     leaves = {s.name for s in before.of_type(CERT)}
     expected = {n for leaf in leaves for n in (leaf, f"{leaf}-csr", f"{leaf}-key")}
     assert set(plan.named("replace")) == expected, plan.preview()
@@ -119,10 +130,10 @@ def test_pki_rotation_reissues_every_leaf_and_updates_the_bundles_never_the_cas(
     assert all(a.command is None for chain in plan.deletes for _, a in chain), "tls deletes reach no host"
 
 
-def test_new_api_server_files_restart_one_api_server_after_the_other(before, local) -> None:
+def test_new_api_server_files_restart_one_api_server_after_the_other(rotated) -> None:
     """New leaf certificates reach every API server in one `pulumi up`: the engine runs the updates in the order their
     dependencies give, so each host's static pods restart only after the one before it is ready again."""
-    plan = second_up(before, changed(local, pki__rotation=1))
+    plan = rotated
     hosts = [f"local-{h}-apiserver-config" for h in ("h1", "h2", "h3")]
     updates = [a for r in plan.registrations for a in r.actions if r.name in hosts]
     assert [a.name for a in updates] == hosts and all("static-pods-restart" in (a.command or "") for a in updates)
