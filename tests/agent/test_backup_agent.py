@@ -30,6 +30,7 @@ import pytest
 from kcp_host.contract import BackupEnv, ClusterEnv, render_env
 from kcp_host.destinations import Bucket, object_metadata
 from kcp_host.files import PIPE_BYTES
+from tests.retention import expected_kept
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = "local"
@@ -296,17 +297,6 @@ def test_a_snapshot_whose_metadata_never_came_is_dropped_after_a_day(receiver: R
     assert not list((receiver.root / ".incoming").iterdir())
 
 
-def expected_kept(arrivals: dict[str, float]) -> set[str]:
-    """docs/backups.md: the newest RECENT by arrival, plus the first to arrive on each of the newest DAILY UTC days
-    (of arrival); names choose nothing."""
-    newest_first = sorted(arrivals, key=lambda n: arrivals[n], reverse=True)
-    first_of_day: dict[str, str] = {}
-    for name in reversed(newest_first):
-        first_of_day.setdefault(time.strftime("%Y%m%d", time.gmtime(arrivals[name])), name)
-    days = sorted(first_of_day, reverse=True)[:DAILY]
-    return set(newest_first[:RECENT]) | {first_of_day[d] for d in days}
-
-
 def history(receiver: Receiver, days: range, hours: tuple[int, ...] = (1, 2, 3)) -> dict[str, float]:
     """Real snapshots, `hours` o'clock on each of `days` (days ago, oldest first), as if they had arrived then;
     their names run backwards against time, so an order by name would be the wrong one. Then one today."""
@@ -325,7 +315,7 @@ def history(receiver: Receiver, days: range, hours: tuple[int, ...] = (1, 2, 3))
 def test_retention_keeps_the_newest_arrivals_and_the_first_arrival_of_each_newest_day(receiver: Receiver) -> None:
     arrivals = history(receiver, range(6, 0, -1))
     kept = receiver.kept()
-    assert kept == expected_kept(arrivals)
+    assert kept == expected_kept(arrivals, RECENT, DAILY)
     # the 4 newest (today's, then day -1: 03:00, 02:00, 01:00), and the first of today, day -1 and day -2
     by_time = sorted(arrivals, key=lambda n: arrivals[n])
     assert kept == {*by_time[-4:], by_time[-4 - 3]}, "day -2's first (01:00) as well"
@@ -349,7 +339,7 @@ def test_a_pair_filed_before_receipts_existed_arrived_when_its_metadata_was_writ
     (receiver.root / f"{old}.json").write_bytes(meta)
     os.utime(receiver.root / f"{old}.json", (days_ago(10, 1), days_ago(10, 1)))
     arrivals = history(receiver, range(3, 0, -1))
-    assert receiver.kept() == expected_kept({**arrivals, old: days_ago(10, 1)})
+    assert receiver.kept() == expected_kept({**arrivals, old: days_ago(10, 1)}, RECENT, DAILY)
     assert old not in receiver.kept(), "the oldest arrival, and its day is no longer among the newest"
 
 
@@ -383,7 +373,7 @@ def test_snapshots_planted_for_the_year_9999_are_refused_and_the_history_stays(r
             result = receiver(f"put {name}{part}", payload)
             assert result.returncode == 1 and b"ahead of the backup host's clock" in result.stderr, result.stderr
     assert receiver.everything() == before and receiver.status() == status, "nothing stored, nothing pruned"
-    assert receiver.kept() == expected_kept(arrivals)
+    assert receiver.kept() == expected_kept(arrivals, RECENT, DAILY)
 
 
 def test_a_flood_of_uploads_leaves_the_first_real_snapshot_of_each_day(receiver: Receiver) -> None:
@@ -398,7 +388,7 @@ def test_a_flood_of_uploads_leaves_the_first_real_snapshot_of_each_day(receiver:
         assert receiver.send(name).returncode == 0
         arrivals[name] = receiver.receipt(name)["arrived"]
     kept = receiver.kept()
-    assert kept == expected_kept(arrivals) and firsts <= kept, (sorted(kept), sorted(firsts))
+    assert kept == expected_kept(arrivals, RECENT, DAILY) and firsts <= kept, (sorted(kept), sorted(firsts))
     assert len(firsts) == DAILY, "today's first and the first of the two days before"
 
 

@@ -32,6 +32,7 @@ from testbed.network import gateway_address
 from tests.figures import record
 from tests.integration.conftest import Deployment
 from tests.program import ROOT
+from tests.retention import expected_kept
 
 pytestmark = pytest.mark.integration
 VENV_BIN = Path(sys.executable).parent
@@ -259,17 +260,6 @@ def fake_pair(name: str, verified: bool = True) -> tuple[bytes, bytes]:
     meta = (f'{{\n  "name": "{name}",\n  "sha256": "{hashlib.sha256(db).hexdigest()}",\n  '
             f'"verified": {"true" if verified else "false"},\n  "verify_error": "",\n  "format": 1\n}}\n')
     return db, meta.encode()
-
-
-def expected_kept(arrivals: dict[str, float], recent: int, daily: int) -> set[str]:
-    """docs/backups.md: the newest `recent` by arrival (the receiver's clock), plus the first to arrive on each
-    of the newest `daily` UTC days of arrival. Names choose nothing."""
-    newest_first = sorted(arrivals, key=lambda n: arrivals[n], reverse=True)
-    first_of_day: dict[str, str] = {}
-    for n in reversed(newest_first):
-        first_of_day.setdefault(time.strftime("%Y%m%d", time.gmtime(arrivals[n])), n)
-    days = sorted(first_of_day, reverse=True)[:daily]
-    return set(newest_first[:recent]) | {first_of_day[d] for d in days}
 
 
 def receipts(dep: Deployment) -> dict[str, float]:
