@@ -43,5 +43,3 @@ def locked_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         # moto keeps its buckets in this process, not in the server: the next test starts from none.
         urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
         server.stop()
-
-

@@ -51,5 +51,3 @@ def test_restore_from_s3_goes_by_arrival_and_keeps_the_first_upload_of_a_name(lo
         deleted = subprocess.run(["aws", "s3api", "delete-object", "--bucket", locked_bucket, "--key", version["Key"],
                                   "--version-id", version["VersionId"]], capture_output=True, text=True, check=False)
         assert deleted.returncode != 0 and "AccessDenied" in deleted.stderr, deleted
-
-
