@@ -11,7 +11,7 @@ import itertools
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +41,24 @@ def agent_build() -> bytes:
     return agent.agent_zipapp()
 
 
-@pytest.fixture(autouse=True)
-def same_agent(monkeypatch: pytest.MonkeyPatch, agent_build: bytes) -> None:
-    """Both `up`s ship one agent build: kcp_host/ may change under a running test suite."""
-    monkeypatch.setattr(agent, "agent_zipapp", lambda: agent_build)
+@pytest.fixture(scope="module", autouse=True)
+def same_agent(agent_build: bytes) -> Iterator[None]:
+    """Every `up` of this module ships one agent build: kcp_host/ may change under a running test suite."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(agent, "agent_zipapp", lambda: agent_build)
+        yield
 
 
 @pytest.fixture(scope="module")
-def before(local: dict[str, Any], agent_build: bytes) -> Program:
+def before(local: dict[str, Any]) -> Program:
     """The first `up` of the shipped stack, shared by the tests below: none of them changes a `Program`."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(agent, "agent_zipapp", lambda: agent_build)
-        return run_program(local, stack="local")
+    return run_program(local, stack="local")
 
 
 @pytest.fixture(scope="module")
-def rotated(before: Program, local: dict[str, Any], agent_build: bytes) -> UpdatePlan:
+def rotated(before: Program, local: dict[str, Any]) -> UpdatePlan:
     """The second `up` after `pki.rotation` is bumped."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(agent, "agent_zipapp", lambda: agent_build)
-        return second_up(before, changed(local, pki__rotation=1))
+    return second_up(before, changed(local, pki__rotation=1))
 
 
 def changed(config: dict[str, Any], **edits: Any) -> dict[str, Any]:
