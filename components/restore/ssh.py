@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
            "aes128-ctr,aes192-ctr,aes256-ctr")
 KNOWN_HOSTS = "known_hosts"  # in the control folder: the stack's pinned host keys
+SOCKET_REMOVAL_SECONDS = 2.0  # how long close() waits for an ended master to remove its socket
 
 
 @dataclass
@@ -89,8 +91,15 @@ class Ssh:
         """End the multiplexing masters this run started; their folder goes with the last of them."""
         if self._control_dir is None:
             return
+        sockets = len(os.listdir(self._control_dir)) - 1
         for address in addresses:
-            subprocess.run([*self.argv(address, user), "-O", "exit"], capture_output=True, timeout=10, check=False)
+            ended = subprocess.run([*self.argv(address, user), "-O", "exit"], capture_output=True, timeout=10,
+                                   check=False).returncode == 0
+            sockets -= ended
+        # A master removes its socket just after it answers "exit"; the folder can only go once they are gone.
+        deadline = time.monotonic() + SOCKET_REMOVAL_SECONDS
+        while len(os.listdir(self._control_dir)) - 1 > sockets and time.monotonic() < deadline:
+            time.sleep(0.02)
         with contextlib.suppress(OSError):  # more than known_hosts left: another master still runs
             if os.listdir(self._control_dir) == [KNOWN_HOSTS]:
                 os.unlink(os.path.join(self._control_dir, KNOWN_HOSTS))

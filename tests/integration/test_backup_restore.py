@@ -464,6 +464,8 @@ def test_s3_destination_adds_one_locked_object_per_snapshot(local_cluster: Deplo
 def test_restore_from_s3_picks_the_newest_or_the_named_version(local_cluster: Deployment, s3: dict[str, str]) -> None:
     dep = local_cluster
     first, second = state["s3"]
+    scratch = Path(tempfile.gettempdir())
+    earlier = set(scratch.glob("kcp-restore-*"))
     for wanted, meta in ((None, second), (first["name"], first)):
         lose_every_members_data(dep)
         extra = ("--snapshot", wanted) if wanted else ()
@@ -474,7 +476,8 @@ def test_restore_from_s3_picks_the_newest_or_the_named_version(local_cluster: De
             (meta["name"], meta["revision"], meta["keys"]), report
         second_key = dep.etcdctl(dep.members[1], "get", "/s3/second", "--print-value-only").stdout.strip()
         assert second_key == (b"2" if meta is second else b""), f"restored {meta['name']}: /s3/second={second_key!r}"
-        assert not list(Path(tempfile.gettempdir()).glob("kcp-restore-download-*")), "downloaded snapshot left behind"
+        left = set(scratch.glob("kcp-restore-*")) - earlier
+        assert not left, f"the restore left its downloaded snapshot or ssh control folder behind: {sorted(left)}"
 
 
 # --- the restore at scale, against the same work done by hand ---------------------------------------
