@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,15 +34,22 @@ class Ssh:
     options: Sequence[str] = ()
     host_keys: Mapping[str, str] = field(default_factory=dict)
     _control_dir: str | None = field(default=None, init=False, repr=False)
+    _control_dir_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def control_dir(self) -> str:
-        """A private folder for the multiplexing sockets, made on first use and removed by close()."""
-        if self._control_dir is None:
-            self._control_dir = tempfile.mkdtemp(prefix="kcp-restore-")
-            with open(os.path.join(self._control_dir, KNOWN_HOSTS), "w", encoding="utf-8") as known:
-                known.writelines(f"{address} {key}\n" for address, key in self.host_keys.items())
-        return self._control_dir
+        """A private folder for the multiplexing sockets, made on first use and removed by close().
+
+        The tools reach their hosts from several threads at once; the lock makes them share one folder
+        (each used to be able to make its own, and the one overwritten was never removed).
+        """
+        with self._control_dir_lock:
+            if self._control_dir is None:
+                folder = tempfile.mkdtemp(prefix="kcp-restore-")
+                with open(os.path.join(folder, KNOWN_HOSTS), "w", encoding="utf-8") as known:
+                    known.writelines(f"{address} {key}\n" for address, key in self.host_keys.items())
+                self._control_dir = folder
+            return self._control_dir
 
     def _host_key_options(self, address: str) -> list[str]:
         """Strict: a pinned host by its key and type only (as pulumi-command checks it), else the operator's file."""

@@ -15,10 +15,12 @@ Run beside other test beds with KCP_TEST_SANDBOX=name:subnet (e.g. `mo:10.250.43
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -267,8 +269,14 @@ def test_a_killed_member_fires_member_down_and_it_resolves_once_back(
 
 
 def status(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(ROOT / "scripts" / "status"), str(deployment.stack_file), *args], capture_output=True,
+    """scripts/status on the stack; it asks every host at once and must leave no ssh control folder behind."""
+    scratch = Path(tempfile.gettempdir())
+    earlier = set(scratch.glob("kcp-restore-*"))
+    proc = subprocess.run([str(ROOT / "scripts" / "status"), str(deployment.stack_file), *args], capture_output=True,
                           text=True, timeout=300, check=False)
+    left = set(scratch.glob("kcp-restore-*")) - earlier
+    assert not left, f"{shlex.join(['scripts/status', *args])} left its ssh control folders behind: {sorted(left)}"
+    return proc
 
 
 def test_status_shows_members_backups_and_certificates(monitored: Deployment) -> None:
