@@ -16,12 +16,13 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, Any, ClassVar, Protocol, runtime_checkable
 
 from components.restore import RestoreError
 from components.restore.ssh import Ssh
@@ -341,17 +342,24 @@ def utc_time(stamp: object) -> datetime | None:
     return when if when is None or when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def chunks_to_read(listed: Iterable[tuple[str, datetime | None]], after: int, taken: datetime | None) -> list[str]:
-    """--include patterns for the bucket chunks (name, arrival) a restore from the snapshot at revision `after`
-    reads: the last one named at or before after + 1 (it may hold that revision; the chain from `after` starts
-    there, deltalog.chain) and every later one. Chunks named earlier end before it as the archivers write them;
-    those that arrived after the snapshot was taken are read all the same: a forged one there overlaps the chain's
-    first chunk, which the chain refuses, as when the whole log was read. The whole log when `taken` is unknown."""
-    if taken is None:
-        return ["*"]
+def chunk_selection(listed: Iterable[tuple[str, datetime | None]], after: int,
+                    taken: datetime) -> tuple[int, list[str]]:
+    """Which of the bucket chunks (name, arrival) a restore from the snapshot at revision `after` reads: every chunk
+    from the returned first revision on (the last one named at or before after + 1: it may hold that revision; the
+    chain from `after` starts there, deltalog.chain), and the returned names before it. Chunks named earlier end
+    before it as the archivers write them; those that arrived after the snapshot was taken are read all the same: a
+    forged one there overlaps the chain's first chunk, which the chain refuses, as when the whole log was read."""
     chunks = [(name, when, int(match[1])) for name, when in listed if (match := deltalog.BUCKET_CHUNK.fullmatch(name))]
     start = max((first for _, _, first in chunks if first <= after + 1), default=after + 1)
     late = [name for name, when, first in chunks if first < start and (when is None or when >= taken - UPLOAD_SKEW)]
+    return start, late
+
+
+def chunks_to_read(listed: Iterable[tuple[str, datetime | None]], after: int, taken: datetime | None) -> list[str]:
+    """--include patterns (the AWS CLI's) for chunk_selection's chunks; the whole log when `taken` is unknown."""
+    if taken is None:
+        return ["*"]
+    start, late = chunk_selection(listed, after, taken)
     return [*names_from(start), *late]
 
 
@@ -384,19 +392,23 @@ class LocalFileWithDeltas(LocalFile):
         return False
 
 
-class S3Backups:
-    """Snapshots in an S3 backupLocation, read with the operator's own `aws` CLI and credentials.
+class BucketBackups(ABC):
+    """Snapshots in a bucket backupLocation, read with the operator's own cloud CLI and credentials.
 
     The layout is docs/backups.md's: one object per snapshot, `<prefix>/snapshots/<name>.db`, carrying the
-    snapshot's metadata (name, revision, sha256, ...) as object metadata, in a bucket whose Object Lock keeps
-    every version for its retention. Versions are read newest LastModified (S3's clock) first and only until
-    the wanted one is found; the chosen version is downloaded into a private scratch dir before anything else.
+    snapshot's metadata (name, revision, sha256, ...) as object metadata, under a retention lock that keeps it for
+    its period; the delta log of each etcd cluster under `<prefix>/deltas/<cluster ID>/`. Snapshots are read by the
+    store's own arrival time, newest first, and the chosen one is downloaded into a private scratch dir before
+    anything else. Subclasses say how their CLI lists and downloads.
     """
 
+    SCHEME: ClassVar[str]
+    CLI: ClassVar[str]
+
     def __init__(self, url: str) -> None:
-        bucket, _, prefix = url.removeprefix("s3://").partition("/")
-        if not url.startswith("s3://") or not bucket:
-            raise RestoreError(f"--bucket {url}: expected s3://BUCKET/PREFIX (the stack's backupLocation)")
+        bucket, _, prefix = url.removeprefix(self.SCHEME).partition("/")
+        if not url.startswith(self.SCHEME) or not bucket:
+            raise RestoreError(f"--bucket {url}: expected {self.SCHEME}BUCKET/PREFIX (the stack's backupLocation)")
         self.url, self.bucket, self.prefix = url, bucket, prefix.strip("/")
         self.scratch: Path | None = None
         self.chunks = ChunkFolder(Path())  # the delta log once `deltas` downloaded it
@@ -404,45 +416,56 @@ class S3Backups:
     def where(self) -> str:
         return self.url
 
-    def aws(self, *args: str) -> Any:
-        """One `aws s3api` call; its JSON answer."""
-        try:
-            proc = subprocess.run(["aws", "s3api", *args, "--bucket", self.bucket, "--output", "json"],
-                                  capture_output=True, text=True, timeout=600, check=False)
-        except FileNotFoundError:
-            raise RestoreError("--bucket s3://... needs the AWS CLI (`aws`) on this machine") from None
-        if proc.returncode != 0:
-            raise RestoreError(f"aws s3api {args[0]} on {self.url} failed: {proc.stderr.strip()}")
-        return json.loads(proc.stdout or "{}")
+    def folder(self, name: str) -> str:
+        """A folder's key prefix in the bucket (`snapshots/`, `deltas/<cluster ID>/`)."""
+        return f"{self.prefix}/{name}/".lstrip("/")
 
+    def cli(self, argv: list[str], what: str, stdin: str | None = None, timeout: int = 600) -> str:
+        """One call of the cloud's CLI; its stdout. RestoreError, naming `what`, when it fails or is missing."""
+        try:
+            proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+        except FileNotFoundError:
+            raise RestoreError(f"--bucket {self.SCHEME}... needs the {self.CLI} CLI on this machine") from None
+        if proc.returncode != 0:
+            raise RestoreError(f"{what} on {self.url} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def scratch_dir(self) -> Path:
+        if not self.scratch:
+            self.scratch = Path(tempfile.mkdtemp(prefix="kcp-restore-download-"))
+        return self.scratch
+
+    def snapshot(self, key: str, tags: dict[str, str], size: int, arrived: object) -> dict[str, Any]:
+        """A snapshot object as the restore sees it: its metadata from the object's, `refused` where that lacks a
+        number or names another snapshot than its key."""
+        entry = {"name": key.removeprefix(self.folder("snapshots")).removesuffix(".db"),
+                 "taken_at": tags.get("taken-at"), "sha256": tags.get("sha256"),
+                 "verified": tags.get("verified") == "true", "cluster_id": tags.get("cluster-id"), "file_bytes": size,
+                 "arrived": arrived, "_key": key}
+        try:
+            entry |= {field: int(tags[field]) for field in ("revision", "keys", "hashkv")}
+        except (KeyError, ValueError):
+            entry["refused"] = "its object metadata lacks revision, keys or hashkv"
+        if tags.get("name") != entry["name"]:
+            entry["refused"] = f"its object metadata names {tags.get('name')!r}"
+        return entry
+
+    @abstractmethod
     def listing(self) -> Iterator[dict[str, Any]]:
-        """Metadata of each snapshot version, newest first, read one by one. A key's first version is the snapshot;
-        a later one is an upload over it (the lock kept the first), and a version whose metadata names another
-        snapshot than its key is not one either: both are listed as refused."""
-        folder = f"{self.prefix}/snapshots/".lstrip("/")
-        found = [v for v in self.aws("list-object-versions", "--prefix", folder).get("Versions", [])
-                 if v["Key"].endswith(".db")]
-        first: dict[str, dict[str, Any]] = {}
-        for v in found:  # the oldest version of each key; on a tie the later listed (S3 lists newest first)
-            if v["Key"] not in first or v["LastModified"] <= first[v["Key"]]["LastModified"]:
-                first[v["Key"]] = v
-        for version in sorted(found, key=lambda v: v["LastModified"], reverse=True):
-            head = self.aws("head-object", "--key", version["Key"], "--version-id", version["VersionId"])
-            tags = head.get("Metadata", {})
-            entry = {"name": version["Key"].removeprefix(folder).removesuffix(".db"), "taken_at": tags.get("taken-at"),
-                     "sha256": tags.get("sha256"), "verified": tags.get("verified") == "true",
-                     "cluster_id": tags.get("cluster-id"),
-                     "file_bytes": int(head["ContentLength"]), "arrived": version["LastModified"],
-                     "_key": version["Key"], "_version": version["VersionId"]}
-            try:
-                entry |= {field: int(tags[field]) for field in ("revision", "keys", "hashkv")}
-            except (KeyError, ValueError):
-                entry["refused"] = "its object metadata lacks revision, keys or hashkv"
-            if version is not first[version["Key"]]:
-                entry["refused"] = "an upload over an earlier snapshot of the same name"
-            elif tags.get("name") != entry["name"]:
-                entry["refused"] = f"its object metadata names {tags.get('name')!r}"
-            yield entry
+        """Each snapshot's entry (`snapshot`), newest arrival first."""
+
+    @abstractmethod
+    def download(self, meta: dict[str, Any], target: Path) -> None:
+        """The very object `listing` listed as `meta`, into `target`."""
+
+    @abstractmethod
+    def chunk_listing(self, folder: str) -> tuple[list[tuple[str, datetime | None]], dict[str, str]]:
+        """The delta log's chunk names in `folder` with their arrival, and the names refused, with why."""
+
+    @abstractmethod
+    def download_chunks(self, folder: str, listed: list[tuple[str, datetime | None]], after: int,
+                        taken: datetime | None) -> None:
+        """The chunks of `listed` that a chain from revision `after` may use (chunk_selection), into self.chunks."""
 
     def pick(self, wanted: str | None, keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         """The newest verified snapshot (among those `keep` accepts), or the named one (pick_backup's rules),
@@ -455,9 +478,8 @@ class S3Backups:
             if not meta.get("refused") and (meta["name"] == wanted or (wanted is None and meta["verified"])):
                 break
         meta = pick_backup(seen, wanted)
-        self.scratch = Path(tempfile.mkdtemp(prefix="kcp-restore-download-"))
-        meta["local_file"] = self.scratch / "snapshot.db"  # not the name: the uploader chose it
-        self.aws("get-object", "--key", meta["_key"], "--version-id", meta["_version"], str(meta["local_file"]))
+        meta["local_file"] = self.scratch_dir() / "snapshot.db"  # not the name: the uploader chose it
+        self.download(meta, meta["local_file"])
         return meta
 
     def open(self, meta: dict[str, Any]) -> Fetch:
@@ -466,29 +488,16 @@ class S3Backups:
     def deltas(self, base: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunks of the delta log of the cluster `base` was taken of (`deltas/<its cluster ID>/`, each etcd
         cluster's own: a restore makes a new one) that can carry it on, downloaded into the scratch dir: a log kept
-        for days holds thousands of chunks from before the snapshot, which no chain from it uses. A key with more
-        than one version is refused: the archivers create each key once, so a second version is an upload over a
-        chunk. None for a snapshot that records no cluster ID (taken before the delta log came to the clouds)."""
+        for days holds thousands of chunks from before the snapshot, which no chain from it uses. None for a
+        snapshot that records no cluster ID (taken before the delta log came to the clouds)."""
         history = base.get("cluster_id")
         if not (isinstance(history, str) and re.fullmatch(r"[0-9a-f]{16}", history)):
             return []
-        folder = f"{self.prefix}/deltas/{history}/".lstrip("/")
-        versions = self.aws("list-object-versions", "--prefix", folder).get("Versions", [])
-        counts = Counter(v["Key"] for v in versions)
-        refused = {key.removeprefix(folder): "more than one version: an upload over a chunk" for key, n in
-                   counts.items() if n > 1}
-        if not self.scratch:
-            self.scratch = Path(tempfile.mkdtemp(prefix="kcp-restore-download-"))
-        self.chunks = ChunkFolder(self.scratch / "deltas")
-        if counts:
-            listed = [(v["Key"].removeprefix(folder), utc_time(v["LastModified"])) for v in versions]
-            patterns = chunks_to_read(listed, int(base["revision"]), utc_time(base.get("taken_at")))
-            includes = [arg for pattern in patterns for arg in ("--include", pattern)]
-            proc = subprocess.run(["aws", "s3", "cp", "--recursive", "--only-show-errors", f"s3://{self.bucket}/{folder}",
-                                   str(self.chunks.path), "--exclude", "*", *includes],
-                                  capture_output=True, text=True, timeout=3600, check=False)
-            if proc.returncode != 0:
-                raise RestoreError(f"cannot download the delta log s3://{self.bucket}/{folder}: {proc.stderr.strip()}")
+        folder = self.folder(f"deltas/{history}")
+        listed, refused = self.chunk_listing(folder)
+        self.chunks = ChunkFolder(self.scratch_dir() / "deltas")
+        if listed:
+            self.download_chunks(folder, listed, int(base["revision"]), utc_time(base.get("taken_at")))
         return self.chunks.deltas(refused)
 
     def fetch_deltas(self, chunks: Sequence[dict[str, Any]]) -> Generator[bytes, None, None]:
@@ -503,3 +512,52 @@ class S3Backups:
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
+
+
+class S3Backups(BucketBackups):
+    """An S3 bucket with Object Lock, through the `aws` CLI: the lock keeps every version for its retention, so a
+    key's first version is the snapshot; a later one is an upload over it (the lock kept the first). Versions are
+    read newest LastModified (S3's clock) first, each one's metadata only until the wanted one is found."""
+
+    SCHEME, CLI = "s3://", "AWS (`aws`)"
+
+    def aws(self, *args: str) -> Any:
+        """One `aws s3api` call; its JSON answer."""
+        return json.loads(self.cli(["aws", "s3api", *args, "--bucket", self.bucket, "--output", "json"],
+                                   f"aws s3api {args[0]}") or "{}")
+
+    def listing(self) -> Iterator[dict[str, Any]]:
+        """A version whose metadata names another snapshot than its key, and a later version of a key, are listed
+        as refused."""
+        found = [v for v in self.aws("list-object-versions", "--prefix", self.folder("snapshots")).get("Versions", [])
+                 if v["Key"].endswith(".db")]
+        first: dict[str, dict[str, Any]] = {}
+        for v in found:  # the oldest version of each key; on a tie the later listed (S3 lists newest first)
+            if v["Key"] not in first or v["LastModified"] <= first[v["Key"]]["LastModified"]:
+                first[v["Key"]] = v
+        for version in sorted(found, key=lambda v: v["LastModified"], reverse=True):
+            head = self.aws("head-object", "--key", version["Key"], "--version-id", version["VersionId"])
+            entry = self.snapshot(version["Key"], head.get("Metadata", {}), int(head["ContentLength"]),
+                                  version["LastModified"])
+            entry["_version"] = version["VersionId"]
+            if version is not first[version["Key"]]:
+                entry["refused"] = "an upload over an earlier snapshot of the same name"
+            yield entry
+
+    def download(self, meta: dict[str, Any], target: Path) -> None:
+        self.aws("get-object", "--key", meta["_key"], "--version-id", meta["_version"], str(target))
+
+    def chunk_listing(self, folder: str) -> tuple[list[tuple[str, datetime | None]], dict[str, str]]:
+        """A key with more than one version is refused: the archivers create each key once, so a second version is
+        an upload over a chunk."""
+        versions = self.aws("list-object-versions", "--prefix", folder).get("Versions", [])
+        counts = Counter(v["Key"] for v in versions)
+        refused = {key.removeprefix(folder): "more than one version: an upload over a chunk" for key, n in
+                   counts.items() if n > 1}
+        return [(v["Key"].removeprefix(folder), utc_time(v["LastModified"])) for v in versions], refused
+
+    def download_chunks(self, folder: str, listed: list[tuple[str, datetime | None]], after: int,
+                        taken: datetime | None) -> None:
+        includes = [arg for pattern in chunks_to_read(listed, after, taken) for arg in ("--include", pattern)]
+        self.cli(["aws", "s3", "cp", "--recursive", "--only-show-errors", f"s3://{self.bucket}/{folder}",
+                  str(self.chunks.path), "--exclude", "*", *includes], "downloading the delta log", timeout=3600)
