@@ -12,7 +12,15 @@ from components.config import BackupHost, BareMetal, ClusterConfig
 from components.restore import RestoreError
 from components.restore.deltas import Replayed, until_argument
 from components.restore.members import Host
-from components.restore.sources import BackupFolder, DeltaLog, LocalFile, LocalFileWithDeltas, S3Backups, Source
+from components.restore.sources import (
+    BackupFolder,
+    DeltaLog,
+    GcsBackups,
+    LocalFile,
+    LocalFileWithDeltas,
+    S3Backups,
+    Source,
+)
 from components.restore.ssh import Ssh
 from components.stack_file import StackFileError, read_stack
 
@@ -71,7 +79,7 @@ def source_of(args: argparse.Namespace, cfg: ClusterConfig | None, ssh: Ssh) -> 
         raise RestoreError("--delta-dir goes with --snapshot-file (the backup host's folder and --bucket hold "
                            "their own delta log)")
     if args.bucket:
-        return S3Backups(args.bucket)
+        return GcsBackups(args.bucket) if args.bucket.startswith(GcsBackups.SCHEME) else S3Backups(args.bucket)
     if args.snapshot_file:
         if args.delta_dir:
             return LocalFileWithDeltas(args.snapshot_file, args.metadata, args.delta_dir)
@@ -137,8 +145,9 @@ def parser(description: str | None) -> argparse.ArgumentParser:
                    "delta log (default: the newest archived revision)")
     p.add_argument("--no-deltas", action="store_true",
                    help="restore the snapshot alone, without replaying the delta log after it")
-    p.add_argument("--bucket", help="restore from this S3 backupLocation (s3://BUCKET/PREFIX, `pulumi stack output "
-                   "backupLocation`) with the operator's aws CLI and credentials")
+    p.add_argument("--bucket", help="restore from this bucket backupLocation (s3://BUCKET/PREFIX or "
+                   "gs://BUCKET/PREFIX, `pulumi stack output backupLocation`) with the operator's aws or gcloud CLI "
+                   "and credentials")
     p.add_argument("--snapshot-file", type=Path, help="restore this local file (e.g. downloaded from a bucket)")
     p.add_argument("--metadata", type=Path, help="the snapshot's .json, needed with --snapshot-file")
     p.add_argument("--delta-dir", type=Path, help="with --snapshot-file: a folder of the delta log's chunks after it "

@@ -1,4 +1,4 @@
-"""Where a restore's snapshot comes from: the backup host, an S3 bucket, or a local file.
+"""Where a restore's snapshot comes from: the backup host, an S3 or GCS bucket, or a local file.
 
 Each source lists what it holds as the metadata written beside every snapshot (name, revision,
 keys, hashkv, sha256, verified, ...) plus `file_bytes`, picks one by `pick_backup`'s rules, and
@@ -363,6 +363,15 @@ def chunks_to_read(listed: Iterable[tuple[str, datetime | None]], after: int, ta
     return [*names_from(start), *late]
 
 
+def chunk_names(listed: Sequence[tuple[str, datetime | None]], after: int, taken: datetime | None) -> list[str]:
+    """The names of chunk_selection's chunks among `listed`; every chunk when `taken` is unknown."""
+    if taken is None:
+        return [name for name, _ in listed if deltalog.BUCKET_CHUNK.fullmatch(name)]
+    start, late = chunk_selection(listed, after, taken)
+    return [name for name, _ in listed if (match := deltalog.BUCKET_CHUNK.fullmatch(name))
+            and (int(match[1]) >= start or name in late)]
+
+
 def names_from(first: int) -> list[str]:
     """Patterns (the AWS CLI's --include) matching the bucket chunk names of chunks starting at `first` or later: the
     name itself, each name of its width that is larger at its first differing digit, and every longer name."""
@@ -561,3 +570,43 @@ class S3Backups(BucketBackups):
         includes = [arg for pattern in chunks_to_read(listed, after, taken) for arg in ("--include", pattern)]
         self.cli(["aws", "s3", "cp", "--recursive", "--only-show-errors", f"s3://{self.bucket}/{folder}",
                   str(self.chunks.path), "--exclude", "*", *includes], "downloading the delta log", timeout=3600)
+
+
+class GcsBackups(BucketBackups):
+    """A GCS bucket under a retention policy, through `gcloud storage`: GCS lists each object's metadata with its
+    name, and a bucket with a retention policy keeps one generation of a name, which cannot be replaced or
+    deleted before the period ends. The download names the generation listed: one replaced since is not read."""
+
+    SCHEME, CLI = "gs://", "Google Cloud (`gcloud`)"
+
+    def objects(self, pattern: str) -> list[dict[str, Any]]:
+        """The objects matching `pattern` in the bucket, as the JSON API describes them (`--raw`)."""
+        found = json.loads(self.cli(["gcloud", "storage", "objects", "list", f"gs://{self.bucket}/{pattern}",
+                                     "--format=json", "--raw"], "gcloud storage objects list") or "[]")
+        return [item for item in found if isinstance(item, dict)]
+
+    def listing(self) -> Iterator[dict[str, Any]]:
+        entries = []
+        for item in self.objects(f"{self.folder('snapshots')}*.db"):
+            created = utc_time(item.get("timeCreated"))
+            entry = self.snapshot(item["name"], item.get("metadata") or {}, int(item["size"]),
+                                  created.timestamp() if created else None)
+            entries.append({**entry, "_generation": str(item["generation"])})
+        yield from sorted(entries, key=lambda e: e["arrived"] or 0, reverse=True)
+
+    def download(self, meta: dict[str, Any], target: Path) -> None:
+        self.cli(["gcloud", "storage", "cp", "--quiet", f"gs://{self.bucket}/{meta['_key']}#{meta['_generation']}",
+                  str(target)], "gcloud storage cp")
+
+    def chunk_listing(self, folder: str) -> tuple[list[tuple[str, datetime | None]], dict[str, str]]:
+        """Nothing is refused for its history: the retention policy lets no chunk be replaced while it is kept."""
+        return [(str(item["name"]).removeprefix(folder), utc_time(item.get("timeCreated")))
+                for item in self.objects(f"{folder}*.delta")], {}
+
+    def download_chunks(self, folder: str, listed: list[tuple[str, datetime | None]], after: int,
+                        taken: datetime | None) -> None:
+        """One `gcloud storage cp -I` for all of them, their names on its stdin."""
+        names = chunk_names(listed, after, taken)
+        self.chunks.path.mkdir(parents=True, exist_ok=True)
+        self.cli(["gcloud", "storage", "cp", "--quiet", "-I", str(self.chunks.path)], "downloading the delta log",
+                 stdin="".join(f"gs://{self.bucket}/{folder}{name}\n" for name in names), timeout=3600)

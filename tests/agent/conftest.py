@@ -1,5 +1,5 @@
 """The agent suite: the host agent run as a program, against stand-ins (etcdctl, systemctl, the clouds) and against
-real etcd, openssl and moto's S3 on loopback. No root: the integration tests run it on hosts."""
+real etcd, openssl, moto's S3 and a GCS emulator on loopback. No root: the integration tests run it on hosts."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.gcs import ENDPOINT, emulated_gcs
 
 
 @pytest.fixture
@@ -43,3 +45,13 @@ def locked_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         # moto keeps its buckets in this process, not in the server: the next test starts from none.
         urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
         server.stop()
+
+
+@pytest.fixture
+def gcs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """tests/gcs.py's emulated GCS with an empty bucket, and this machine's own `gcloud` pointed at it (no
+    credentials, a configuration of its own); yields the emulator's address for `tests.gcs.upload`."""
+    with emulated_gcs(tmp_path / "gcloud") as settings:
+        for key, value in settings.items():
+            monkeypatch.setenv(key, value)
+        yield settings[ENDPOINT]

@@ -1,9 +1,11 @@
 """The delta log in a bucket: the archiver's side (`Bucket.delta`, `Bucket.delta_next` in kcp_host/destinations.py)
-and the restore's (`S3Backups.deltas`, `ChunkFolder` in components/restore/sources.py).
+and the restore's (`S3Backups.deltas`, `ChunkFolder` in components/restore/sources.py; GCS's in
+test_restore_from_gcs.py).
 
 S3 through this venv's AWS CLI against moto's S3 (the `locked_bucket` of this suite's conftest.py: versioned, Object
 Lock); GCS through a stand-in `gcloud` on PATH for the upload and a loopback HTTP server for the metadata server
-and the JSON API's listing (the `gcloud` CLI does not run on this machine).
+and the JSON API's listing (this machine's `gcloud` reaches no GCS, and tests/gcs.py's emulator does not take its
+uploads).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 
 from components.restore import RestoreError
 from components.restore.deltas import chained
-from components.restore.sources import ChunkFolder, S3Backups, chunks_to_read, names_from
+from components.restore.sources import ChunkFolder, S3Backups, chunk_names, chunks_to_read, names_from
 from kcp_host import clouds, deltalog
 from kcp_host.contract import BackupEnv
 from kcp_host.destinations import Bucket, DeltaRefused, UploadError
@@ -159,6 +161,21 @@ def test_a_restore_reads_the_chunk_holding_its_next_revision_on_and_every_one_th
     assert chunks_to_read([(deltalog.bucket_chunk_name(6), None), listed[2]], 12, taken) == \
         [*names_from(11), "0000000000000006.delta"], "no arrival time: read"
     assert chunks_to_read(listed, 17, None) == ["*"], "no time the snapshot was taken: the whole log"
+
+
+def test_gcs_downloads_by_name_the_chunks_s3_downloads_by_pattern() -> None:
+    """GcsBackups names each chunk it reads (chunk_names), S3Backups has the AWS CLI match patterns: the same set."""
+    taken = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
+    listed = [(deltalog.bucket_chunk_name(first), taken + timedelta(minutes=minutes)) for first, minutes in
+              ((1, -300), (6, -60), (11, -14), (16, 5), (21, 10), (10**16 + 3, 20))] + [("notes.delta", taken)]
+    for after in (0, 3, 12, 17, 25, 10**16 + 9):
+        for when in (taken, taken + timedelta(hours=1), None):
+            patterns = chunks_to_read(listed, after, when)
+            by_pattern = [name for name, _ in listed if deltalog.BUCKET_CHUNK.fullmatch(name)
+                          and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+            assert chunk_names(listed, after, when) == by_pattern, (after, when)
+    assert chunk_names(listed, 17, taken) == ["0000000000000011.delta", "0000000000000016.delta",
+                                              "0000000000000021.delta", "10000000000000003.delta"]
 
 
 def test_a_chunk_folder_takes_a_chunks_range_from_its_header_and_refuses_a_misnamed_one(tmp_path: Path) -> None:

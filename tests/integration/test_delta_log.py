@@ -4,7 +4,8 @@ archived revisions. No acknowledged write older than `backup.deltaSeconds + 2 s`
 
 The tests run in file order and build on each other: the loss and restore, then a point-in-time restore to a
 revision of that history, then a chain with a chunk missing. Last, the delta log in S3 (moto's stand-in): the
-agent's archiver run against a bucket as a cloud member runs it, and restores from the bucket.
+agent's archiver run against a bucket as a cloud member runs it, and restores from the bucket, and from the same
+snapshot and log copied into GCS (tests/gcs.py's stand-in, read through this machine's `gcloud`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import pytest
 
 from kcp_host import deltalog
 from tests.figures import record
+from tests.gcs import BUCKET as GCS_BUCKET
+from tests.gcs import ENDPOINT as GCS_ENDPOINT
+from tests.gcs import emulated_gcs, upload
 from tests.integration.conftest import Deployment
 from tests.integration.test_backup_restore import (
     BUCKET,
@@ -240,7 +244,7 @@ def test_the_delta_log_in_s3_keeps_every_write_and_restores_any_revision(
     restored_exactly_at(dep, acks, acks[len(acks) // 2]["revision"], writer.prefix,
                         "--bucket", f"s3://{BUCKET}/local", env=s3)
 
-    # As an operator restores from GCS (docs/backups.md): the snapshot and its cluster's log downloaded, then replayed.
+    # From files the operator downloaded (--snapshot-file, --delta-dir): the snapshot and its cluster's log.
     download = tmp_path / "download"
     download.mkdir()
     for suffix in (".db", ".json"):
@@ -252,6 +256,17 @@ def test_the_delta_log_in_s3_keeps_every_write_and_restores_any_revision(
     restored_exactly_at(dep, acks, acks[len(acks) // 3]["revision"], writer.prefix, "--snapshot-file",
                         str(download / "s.db"), "--metadata", str(download / "s.json"), "--delta-dir",
                         str(download / history), env=s3)
+
+    # From GCS, through this machine's `gcloud` against tests/gcs.py's emulator: the same snapshot and log, with the
+    # object metadata etcd-backup and the archiver give them there as in S3 (both write object_metadata's).
+    with emulated_gcs(tmp_path / "gcloud") as gcs:
+        for key in (f"local/snapshots/{snapshot['name']}.db", *sorted(keys)):
+            upload(gcs[GCS_ENDPOINT], key, s3_object(s3, key), s3api(s3, "head-object", "--key", key)["Metadata"])
+        from_gcs = restored_exactly_at(dep, acks, acks[2 * len(acks) // 3]["revision"], writer.prefix,
+                                       "--bucket", f"gs://{GCS_BUCKET}/local", env={**s3, **gcs})
+    print(f"GCS (emulator): restored at revision {from_gcs['revision']} from {from_gcs['deltas']['chunks']} chunks "
+          f"onto {from_gcs['base_snapshot']}; RTO {from_gcs['rto_seconds']:.2f} s")
+    assert from_gcs["base_snapshot"] == snapshot["name"] and from_gcs["deltas"]["chunks"] >= 1, from_gcs
 
     # A chunk that starts inside another one (its name is new, so the bucket takes it): the restore refuses the chain.
     chunk = next(c for k in sorted(keys) if len((c := deltalog.decode(s3_object(s3, k))).revisions) > 1)
