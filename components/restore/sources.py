@@ -574,8 +574,10 @@ class S3Backups(BucketBackups):
 
 class GcsBackups(BucketBackups):
     """A GCS bucket under a retention policy, through `gcloud storage`: GCS lists each object's metadata with its
-    name, and a bucket with a retention policy keeps one generation of a name, which cannot be replaced or
-    deleted before the period ends. The download names the generation listed: one replaced since is not read."""
+    name, and the policy lets no one replace or delete an object before its period ends. The listing has every
+    generation of a name (`objects list` includes noncurrent ones, which only a versioned bucket keeps): as on
+    S3, the first is the snapshot or chunk and a later one an upload over it. The download names the generation
+    listed: one replaced since is not read."""
 
     SCHEME, CLI = "gs://", "Google Cloud (`gcloud`)"
 
@@ -586,11 +588,15 @@ class GcsBackups(BucketBackups):
         return [item for item in found if isinstance(item, dict)]
 
     def listing(self) -> Iterator[dict[str, Any]]:
-        entries = []
-        for item in self.objects(f"{self.folder('snapshots')}*.db"):
+        entries, seen = [], set()
+        snapshots = self.objects(f"{self.folder('snapshots')}*.db")
+        for item in sorted(snapshots, key=lambda item: int(item["generation"])):  # a name's first generation first
             created = utc_time(item.get("timeCreated"))
             entry = self.snapshot(item["name"], item.get("metadata") or {}, int(item["size"]),
                                   created.timestamp() if created else None)
+            if item["name"] in seen:
+                entry["refused"] = "an upload over an earlier snapshot of the same name"
+            seen.add(item["name"])
             entries.append({**entry, "_generation": str(item["generation"])})
         yield from sorted(entries, key=lambda e: e["arrived"] or 0, reverse=True)
 
@@ -599,9 +605,10 @@ class GcsBackups(BucketBackups):
                   str(target)], "gcloud storage cp")
 
     def chunk_listing(self, folder: str) -> tuple[list[tuple[str, datetime | None]], dict[str, str]]:
-        """Nothing is refused for its history: the retention policy lets no chunk be replaced while it is kept."""
-        return [(str(item["name"]).removeprefix(folder), utc_time(item.get("timeCreated")))
-                for item in self.objects(f"{folder}*.delta")], {}
+        listed = [(str(item["name"]).removeprefix(folder), utc_time(item.get("timeCreated")))
+                  for item in self.objects(f"{folder}*.delta")]
+        counts = Counter(name for name, _ in listed)
+        return listed, {name: "more than one generation: an upload over a chunk" for name, n in counts.items() if n > 1}
 
     def download_chunks(self, folder: str, listed: list[tuple[str, datetime | None]], after: int,
                         taken: datetime | None) -> None:

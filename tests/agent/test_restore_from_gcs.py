@@ -4,6 +4,7 @@ objects carry the metadata etcd-backup's uploads give them (kcp_host.destination
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import time
 from datetime import UTC, datetime, timedelta
@@ -45,6 +46,8 @@ def restored(wanted: str | None) -> tuple[str, bytes]:
 
 
 def test_restore_from_gcs_goes_by_arrival_and_refuses_metadata_that_names_another_snapshot(gcs: str) -> None:
+    with pytest.raises(RestoreError, match="no verified snapshot found"):
+        restored(None)
     first, second = "local-20260101T000000Z", "local-20250101T000000Z"  # the later arrival has the older name
     store(gcs, first, b"first")
     store(gcs, second, b"second")
@@ -90,7 +93,8 @@ def downloaded(base: dict[str, Any]) -> list[dict[str, Any]]:
     source = GcsBackups(URL)
     try:
         listed = source.deltas(base)
-        assert sorted(p.name for p in source.chunks.path.iterdir()) == [c["name"] for c in listed]
+        folder = source.chunks.path
+        assert (sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []) == [c["name"] for c in listed]
         assert [deltalog.decode(data).first for data in source.fetch_deltas(listed)] == [c["first"] for c in listed]
         return listed
     finally:
@@ -115,3 +119,25 @@ def test_gcs_restore_downloads_only_the_chunks_a_chain_from_the_snapshot_can_use
     with pytest.raises(RestoreError, match=r"overlap: chunk 12\.\.15"):
         chained(base, listed, None)
     assert GcsBackups(URL).deltas({"revision": 10}) == [], "a snapshot that records no cluster ID has no log"
+    assert downloaded({"cluster_id": "0123456789abcdef", "revision": 10, "taken_at": later}) == [], "an empty log"
+
+
+def test_in_a_versioned_gcs_bucket_a_later_generation_of_a_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gcloud storage objects list` lists noncurrent generations too, which only a versioned bucket keeps (the
+    stack's is not: its retention policy excludes versioning); there the first generation is the one, as on S3."""
+    name = "local-20260101T000000Z"
+    tags = custom_metadata(object_metadata({"name": name, "revision": 7, "keys": 3, "hashkv": 9, "verified": True}))
+    chunk_name = f"local/deltas/{HISTORY}/{deltalog.bucket_chunk_name(11)}"
+    listed = [{"name": f"local/snapshots/{name}.db", "generation": "20", "size": "6", "metadata": tags,
+               "timeCreated": "2026-01-02T00:00:00.000Z"},
+              {"name": f"local/snapshots/{name}.db", "generation": "10", "size": "5", "metadata": tags,
+               "timeCreated": "2026-01-01T00:00:00.000Z"},
+              {"name": chunk_name, "generation": "30", "timeCreated": "2026-01-03T00:00:00.000Z"},
+              {"name": chunk_name, "generation": "40", "timeCreated": "2026-01-04T00:00:00.000Z"}]
+    source = GcsBackups(URL)
+    monkeypatch.setattr(source, "objects", lambda pattern: [o for o in listed if fnmatch.fnmatch(o["name"], pattern)])
+    newest, first = source.listing()
+    assert (newest["_generation"], newest["refused"]) == ("20", "an upload over an earlier snapshot of the same name")
+    assert (first["_generation"], first["file_bytes"], first.get("refused")) == ("10", 5, None)
+    _, refused = source.chunk_listing(f"local/deltas/{HISTORY}/")
+    assert refused == {"0000000000000011.delta": "more than one generation: an upload over a chunk"}
