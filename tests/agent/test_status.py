@@ -1,5 +1,6 @@
 """`kcp-host metrics` (the facts, the Prometheus file, its server, recorded drills) against a stand-in etcdctl and
-systemctl, and `scripts/status` (the report, the takeover's adoption edit, the clouds' bucket status) from facts."""
+systemctl, and `scripts/status` (the report, the takeover's adoption edit, the clouds' bucket status) from facts
+and, for GCS, through this machine's `gcloud` against tests/gcs.py's emulator."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from components.stack_file import project_config, read_stack
 from kcp_host import metrics
 from kcp_host.contract import BackupEnv, ClusterEnv, render_env
 from tests.agent.hostscript_harness import CLIENT, PEER, started, unstarted_learner
+from tests.gcs import BUCKET as GCS_BUCKET
+from tests.gcs import upload
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "stacks" / "Pulumi.local.yaml"
@@ -463,6 +466,22 @@ def test_the_clouds_status_comes_from_the_outputs_and_the_newest_status_object(t
     assert [m["endpoint"] for m in report["members"]] == gathered["outputs"]["etcdClientEndpoints"]
     assert "not reachable from this machine" in status.render_text(report)
     assert "--prefix prod/backups/status/" in (tmp_path / "aws-calls").read_text()
+
+
+def test_on_gce_the_status_is_the_newest_status_object_read_through_gcloud(gcs: str, tmp_path: Path) -> None:
+    """This machine's `gcloud storage ls` and `cat` against tests/gcs.py's emulator: the newest of the status
+    objects each backup run adds (docs/backups.md), by name (`<UTC stamp>-<host>.json`)."""
+    for name, last in (("20270115T070000Z-a", "prod-20270115T070000Z"), ("20270115T073000Z-b", "prod-20270115T073000Z"),
+                       ("20270115T063000Z-c", "prod-20270115T063000Z")):
+        upload(gcs, f"prod/backups/status/{name}.json", json.dumps({"last_snapshot": last}).encode(), {})
+    upload(gcs, "prod/backups/snapshots/prod-20270115T080000Z.json", b"{}", {})  # not a status object
+    (tmp_path / "outputs.json").write_text(json.dumps({"backupLocation": f"gs://{GCS_BUCKET}/prod/backups"}))
+    args = type("Args", (), {"outputs": tmp_path / "outputs.json", "stack": "gce-example"})()
+    destination = status.gather_cloud(read_stack(ROOT / "stacks" / "Pulumi.gce-example.yaml"), args)["destination"]
+    assert destination["object"] == f"gs://{GCS_BUCKET}/prod/backups/status/20270115T073000Z-b.json", destination
+    assert destination["last_snapshot"] == "prod-20270115T073000Z"
+    (tmp_path / "outputs.json").write_text(json.dumps({"backupLocation": f"gs://{GCS_BUCKET}/other"}))
+    assert "error" in status.gather_cloud(read_stack(ROOT / "stacks" / "Pulumi.gce-example.yaml"), args)["destination"]
 
 
 def test_a_stack_that_does_not_validate_exits_2(tmp_path: Path) -> None:
