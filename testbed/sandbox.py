@@ -619,6 +619,10 @@ class Sandbox:
         except FileNotFoundError:
             return "(no console log)"
 
+    def running(self) -> list[str]:
+        """Hosts of this sandbox's name whose recorded systemd-nspawn still runs (booted by anyone, any time)."""
+        return [host for host in self._load_state() if self._nspawn(host) is not None]
+
     def status(self) -> list[dict[str, object]]:
         """Each known host with its nspawn pid and whether ssh answers."""
         rows: list[dict[str, object]] = []

@@ -6,11 +6,13 @@ the test bed must run with the standard library only, on CI and by hand.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,3 +111,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             break
         time.sleep(interval)
     return predicate()
+
+
+@contextlib.contextmanager
+def held_alone(path: Path) -> Iterator[None]:
+    """Hold the lock file at path for the block; another holder makes this wait, saying which pid it waits for.
+
+    The pid is written into the file only as information: the kernel releases the flock when its holder dies,
+    so a crashed holder never leaves it taken.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            log(f"waiting for pid {lock.read().strip() or '?'}, which holds {path}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield

@@ -27,7 +27,9 @@ from typing import Any
 import pytest
 import yaml
 
+from testbed.image import STATE_ROOT
 from testbed.sandbox import Sandbox
+from testbed.system import held_alone
 from tests.integration.realtls import RealTlsMocks, plain
 from tests.integration.replay import Replay
 from tests.program import ROOT, Program, run_program, stack_config
@@ -48,6 +50,32 @@ def _require_testbed() -> None:
 def sandbox_identity() -> tuple[str, str]:
     name, _, subnet = os.environ.get("KCP_TEST_SANDBOX", "kcp:10.250.0").partition(":")
     return name, subnet
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_integration_run_at_a_time(pytestconfig: pytest.Config) -> Iterator[None]:
+    """Two runs of these tests on one machine (a CI job beside a developer's) boot test hosts of the same names:
+    the second would deploy onto the first one's hosts and tear them down under it (ci31). It waits instead."""
+    if os.geteuid() != 0:  # no test bed without root: every test here skips and says why
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+            held.enter_context(held_alone(STATE_ROOT / "integration-tests.lock"))  # says whom it waits for, live
+        yield
+
+
+@contextlib.contextmanager
+def fresh_sandbox(hosts: Mapping[str, str]) -> Iterator[Sandbox]:
+    """`hosts` booted for one module and torn down after it. Hosts of that sandbox name that already run
+    (`scripts/sandbox up`, or a test run killed before its teardown) are refused, never adopted with what they hold."""
+    name, subnet = sandbox_identity()
+    sandbox = Sandbox(name=name, subnet=subnet, hosts=hosts)
+    if running := sandbox.running():
+        raise RuntimeError(f"sandbox {name} already runs {', '.join(running)}: take it down (scripts/sandbox down "
+                           f"--name {name}) or run the tests beside it (KCP_TEST_SANDBOX=NAME:10.250.N)")
+    with sandbox:
+        yield sandbox
 
 
 def local_stack_for(subnet: str, key_path: Path) -> dict[str, Any]:
@@ -134,15 +162,14 @@ def deployed(workdir_prefix: str, configure: Callable[[dict[str, Any], Sandbox],
     real certificates, its commands replayed onto them; everything torn down afterwards, also on failure.
     `extra_hosts` (name: last address byte) boot too, for `configure` to place in the stack config it may change."""
     _require_testbed()
-    name, subnet = sandbox_identity()
+    _, subnet = sandbox_identity()
     cfg0 = stack_config(LOCAL_STACK)
     hosts = {h["name"]: h["address"].replace("10.250.0.", f"{subnet}.")
              for h in [*cfg0["baremetal"]["hosts"], *cfg0["baremetal"]["spares"]]}
     hosts["backup"] = cfg0["baremetal"]["backupHost"]["address"].replace("10.250.0.", f"{subnet}.")
     hosts["outsider"] = f"{subnet}.30"  # in no role: what the firewall must keep out
     hosts |= {host: f"{subnet}.{byte}" for host, byte in (extra_hosts or {}).items()}
-    with Sandbox(name=name, subnet=subnet, hosts=hosts) as sandbox, \
-            tempfile.TemporaryDirectory(prefix=workdir_prefix) as tmp:
+    with fresh_sandbox(hosts) as sandbox, tempfile.TemporaryDirectory(prefix=workdir_prefix) as tmp:
         cfg = local_stack_for(subnet, sandbox.ssh_key_path)
         if configure is not None:
             configure(cfg, sandbox)

@@ -34,7 +34,7 @@ from components.render import agent
 from components.topology import quorum
 from kcp_host.contract import AGENT_SERVICES, DELTA_UNIT, METRICS_HTTP_UNIT
 from testbed.sandbox import Sandbox
-from tests.integration.conftest import LOCAL_STACK, local_stack_for, sandbox_identity
+from tests.integration.conftest import LOCAL_STACK, fresh_sandbox, local_stack_for, sandbox_identity
 from tests.integration.realtls import RealTlsMocks, plain
 from tests.integration.replay import Replay, UpdateRun
 from tests.integration.update_plan import UpdatePlan, plan_update, rerun_program
@@ -92,14 +92,14 @@ def cluster() -> Iterator[Cluster]:
     from tests.integration.conftest import _require_testbed
 
     _require_testbed()
-    name, subnet = sandbox_identity()
+    _, subnet = sandbox_identity()
     base = stack_config(LOCAL_STACK)
     hosts = {h["name"]: h["address"].replace("10.250.0.", f"{subnet}.")
              for h in [*base["baremetal"]["hosts"], *base["baremetal"]["spares"]]}
     hosts |= {h: f"{subnet}.{byte}" for h, byte in EXTRA.items()}
     hosts["backup"] = base["baremetal"]["backupHost"]["address"].replace("10.250.0.", f"{subnet}.")
     build = pytest.MonkeyPatch()
-    with Sandbox(name=name, subnet=subnet, hosts=hosts) as sandbox, tempfile.TemporaryDirectory() as tmp:
+    with fresh_sandbox(hosts) as sandbox, tempfile.TemporaryDirectory() as tmp:
         config = local_stack_for(subnet, sandbox.ssh_key_path)
         # The spare sits in the third rack, so that adopting it keeps one member per failure domain.
         config["baremetal"]["spares"][0]["zone"] = "rack-c"

@@ -32,6 +32,7 @@ from testbed.image import image_dir
 from testbed.network import bridge_name, link_exists, netns_exists
 from testbed.sandbox import CGROUP_TREES
 from testbed.system import wait_until
+from tests.integration.conftest import fresh_sandbox
 
 NAME = "kcptest"
 SUBNET = "10.250.9"
@@ -241,6 +242,17 @@ def test_context_manager_tears_down_on_failure() -> None:
     assert not link_exists(bridge_name("kcpcm"))
     assert not netns_exists(sb.netns("c1"))
     assert not sb.host_dir("c1").exists()
+
+
+def test_a_deployment_refuses_hosts_of_its_name_that_already_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adopted, they would get a second cluster's commands and be torn down under whoever booted them (ci31)."""
+    monkeypatch.setenv("KCP_TEST_SANDBOX", "kcpcm:10.250.8")
+    with Sandbox("kcpcm", "10.250.8", {"c1": "10.250.8.11"}) as running:
+        with pytest.raises(RuntimeError, match="sandbox kcpcm already runs c1: take it down"), \
+                fresh_sandbox({"c1": "10.250.8.11", "c2": "10.250.8.12"}):
+            pass
+        assert running.running() == ["c1"] and running.is_running("c1")
+    assert running.running() == []
 
 
 def test_names_and_addresses_are_validated() -> None:
