@@ -25,12 +25,13 @@ import shlex
 import signal
 import subprocess
 import tarfile
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from types import FrameType, TracebackType
+from typing import Any, NoReturn, Self
 
 from testbed import image, network
 from testbed.system import SYSTEM_PATH, ProcessId, children_of, keygen, log, run, wait_until
@@ -51,6 +52,20 @@ LOCAL_STACK_HOSTS: dict[str, str] = {
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 CGROUP_TREES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_interrupts() -> Callable[[], object]:
+    """SIGTERM raises KeyboardInterrupt from now on (in the main thread, the only one Python gives signals to);
+    returns what puts the handler before it back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 class SshError(subprocess.CalledProcessError):
@@ -88,6 +103,7 @@ class Sandbox:
         self.boot_timeout = boot_timeout
         self.timings: dict[str, float] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._sigterm_restores: list[Callable[[], object]] = []  # one per `with` of this object, innermost last
         network.validate_names(name, list(self.hosts))
         network.validate_addresses(subnet, self.hosts)
 
@@ -300,11 +316,16 @@ class Sandbox:
             (self.dir / leftover).unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
-        """Bring the sandbox up; if that fails half-way, tear down before raising."""
+        """Bring the sandbox up; if that fails half-way, tear down before raising.
+
+        Until the block ends SIGTERM (a cancelled CI job, `timeout`) raises KeyboardInterrupt: Python's default
+        for it ends the process at once, and the hosts would outlive it.
+        """
+        self._sigterm_restores.append(_sigterm_interrupts())
         try:
             self.up()
         except BaseException:
-            self.down()
+            self.__exit__(None, None, None)
             raise
         return self
 
@@ -315,7 +336,10 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         """Always tear down, whatever happened inside the block."""
-        self.down()
+        try:
+            self.down()
+        finally:
+            self._sigterm_restores.pop()()
 
     # ----- one host --------------------------------------------------------
 

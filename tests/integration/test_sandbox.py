@@ -18,6 +18,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,6 +255,32 @@ def test_a_deployment_refuses_hosts_of_its_name_that_already_run(monkeypatch: py
             pass
         assert running.running() == ["c1"] and running.is_running("c1")
     assert running.running() == []
+
+
+# A process that holds a sandbox until it is killed: a test run or a CI job that is cancelled.
+HOLDS_A_SANDBOX = """
+import time
+from testbed import Sandbox
+with Sandbox("kcpst", "10.250.5", {"k1": "10.250.5.11"}):
+    print("up", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_sigterm_to_the_holder_tears_its_hosts_down() -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDS_A_SANDBOX], cwd=Path(__file__).resolve().parents[2],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sb = Sandbox("kcpst", "10.250.5", {"k1": "10.250.5.11"})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"up\n", holder.communicate()[1].decode()
+        assert sb.running() == ["k1"]
+        holder.send_signal(signal.SIGTERM)
+        _, err = holder.communicate(timeout=120)
+        assert holder.returncode != 0 and b"KeyboardInterrupt: signal 15" in err, err.decode()
+        assert sb.running() == [] and not sb.host_dir("k1").exists() and not link_exists(bridge_name("kcpst"))
+    finally:
+        holder.kill()
+        sb.down()  # what the holder should have done, when it did not
 
 
 def test_names_and_addresses_are_validated() -> None:
