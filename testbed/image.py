@@ -16,7 +16,6 @@ lock, so building one never waits for the other.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import re
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from testbed.system import log, run
+from testbed.system import held_alone, log, run
 
 STATE_ROOT = Path("/var/lib/kcp-sandbox")
 STAMP_NAME = ".kcp-image-stamp"
@@ -200,8 +199,7 @@ def ensure_image(root: Path = STATE_ROOT, suite: str = DEFAULT_SUITE) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     mirror = debian_mirror(suite)
     stamp = recipe_stamp(suite, mirror)
-    with open(root / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with held_alone(root / f".{target.name}.lock"):
         stamp_file = target / STAMP_NAME
         if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
             return target

@@ -401,6 +401,16 @@ class LocalFileWithDeltas(LocalFile):
         return False
 
 
+UPLOAD_OVER_SNAPSHOT = "an upload over an earlier snapshot of the same name"
+
+
+def uploads_over_chunks(listed: list[tuple[str, datetime | None]], kind: str) -> dict[str, str]:
+    """Chunk names listed more than once, refused: the archivers create each once, so a second `kind` (what the
+    store calls a kept rewrite) is an upload over a chunk."""
+    counts = Counter(name for name, _ in listed)
+    return {name: f"more than one {kind}: an upload over a chunk" for name, n in counts.items() if n > 1}
+
+
 class BucketBackups(ABC):
     """Snapshots in a bucket backupLocation, read with the operator's own cloud CLI and credentials.
 
@@ -550,7 +560,7 @@ class S3Backups(BucketBackups):
                                   version["LastModified"])
             entry["_version"] = version["VersionId"]
             if version is not first[version["Key"]]:
-                entry["refused"] = "an upload over an earlier snapshot of the same name"
+                entry["refused"] = UPLOAD_OVER_SNAPSHOT
             yield entry
 
     def download(self, meta: dict[str, Any], target: Path) -> None:
@@ -560,10 +570,8 @@ class S3Backups(BucketBackups):
         """A key with more than one version is refused: the archivers create each key once, so a second version is
         an upload over a chunk."""
         versions = self.aws("list-object-versions", "--prefix", folder).get("Versions", [])
-        counts = Counter(v["Key"] for v in versions)
-        refused = {key.removeprefix(folder): "more than one version: an upload over a chunk" for key, n in
-                   counts.items() if n > 1}
-        return [(v["Key"].removeprefix(folder), utc_time(v["LastModified"])) for v in versions], refused
+        listed = [(v["Key"].removeprefix(folder), utc_time(v["LastModified"])) for v in versions]
+        return listed, uploads_over_chunks(listed, "version")
 
     def download_chunks(self, folder: str, listed: list[tuple[str, datetime | None]], after: int,
                         taken: datetime | None) -> None:
@@ -595,7 +603,7 @@ class GcsBackups(BucketBackups):
             entry = self.snapshot(item["name"], item.get("metadata") or {}, int(item["size"]),
                                   created.timestamp() if created else None)
             if item["name"] in seen:
-                entry["refused"] = "an upload over an earlier snapshot of the same name"
+                entry["refused"] = UPLOAD_OVER_SNAPSHOT
             seen.add(item["name"])
             entries.append({**entry, "_generation": str(item["generation"])})
         yield from sorted(entries, key=lambda e: e["arrived"] or 0, reverse=True)
@@ -607,8 +615,7 @@ class GcsBackups(BucketBackups):
     def chunk_listing(self, folder: str) -> tuple[list[tuple[str, datetime | None]], dict[str, str]]:
         listed = [(str(item["name"]).removeprefix(folder), utc_time(item.get("timeCreated")))
                   for item in self.objects(f"{folder}*.delta")]
-        counts = Counter(name for name, _ in listed)
-        return listed, {name: "more than one generation: an upload over a chunk" for name, n in counts.items() if n > 1}
+        return listed, uploads_over_chunks(listed, "generation")
 
     def download_chunks(self, folder: str, listed: list[tuple[str, datetime | None]], after: int,
                         taken: datetime | None) -> None:
