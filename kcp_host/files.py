@@ -12,8 +12,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from io import BufferedReader
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from kcp_host.log import Abort
 
@@ -21,6 +22,7 @@ from kcp_host.log import Abort
 # reader like a restoring member's took 1 GiB from the operator in 8.1 s instead of 9.7 s, one like the backup host's
 # receiver in 2.66 s instead of 3.01 s (local test bed, medians of five).
 PIPE_BYTES = 1 << 20
+STREAM_BLOCK = 1 << 20  # bytes per read of a streamed file: it never sits in memory whole
 
 
 def write_atomic(path: str | Path, content: str | bytes, mode: int = 0o644,
@@ -117,3 +119,15 @@ def widen_pipe(pipe: IO[bytes]) -> None:
     """Raise a pipe's buffer to PIPE_BYTES (Linux); a file, a socket or a refusal keeps what it has."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+
+
+def copy_stream(source: IO[bytes], out: IO[bytes], limit: int) -> int:
+    """At most `limit` bytes from a (widened) pipe into `out` through one reused buffer, which is faster than a new
+    bytes object per read and than the `dd bs=1M` it replaced; returns the count, fewer when the stream ended first."""
+    widen_pipe(source)
+    readinto = cast(BufferedReader, source).readinto  # stdin's buffer has it, typing.IO does not say so
+    buffer = memoryview(bytearray(STREAM_BLOCK))
+    copied = 0
+    while copied < limit and (got := readinto(buffer[:min(STREAM_BLOCK, limit - copied)])):
+        copied += out.write(buffer[:got])
+    return copied

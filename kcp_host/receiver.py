@@ -111,12 +111,8 @@ class Store:
     def upload(self, source: BinaryIO, limit: int, what: str) -> Iterator[Path]:
         """stdin in a private file under .incoming, complete, within `limit` and on disk (fsynced) when yielded: the
         caller links it in where it belongs (a link never replaces a file); it is gone after the block."""
-        files.widen_pipe(source)
         with tempfile.NamedTemporaryFile(prefix=".partial.", dir=self.incoming) as out:
-            size = 0
-            while size <= limit and (chunk := source.read(min(1 << 20, limit + 1 - size))):
-                size += out.write(chunk)
-            if size > limit:
+            if files.copy_stream(source, out, limit + 1) > limit:
                 raise Abort(1, f"{what} is larger than {limit} bytes")
             out.flush()
             os.fsync(out.fileno())

@@ -27,7 +27,7 @@ from typing import IO, Any
 from kcp_host import deltalog, verify
 from kcp_host.contract import ClusterEnv, load_env
 from kcp_host.etcd import Etcdctl, EtcdError, size_timeout, snapshot_status, snapshot_tool
-from kcp_host.files import widen_pipe
+from kcp_host.files import copy_stream
 from kcp_host.log import Abort, log
 
 LEASE_TTL_UNKNOWN = 3600  # a lease whose grant the archiver could not read: Kubernetes' event TTL, 1 h
@@ -118,11 +118,8 @@ def decode(lines: list[bytes]) -> deltalog.Chunk:
 
 def receive(stream: IO[bytes], size: int, into: Path) -> None:
     """Exactly `size` bytes into `into`, never the whole file in memory."""
-    widen_pipe(stream)
     with into.open("wb") as out:
-        left = size
-        while left and (block := stream.read(min(left, 1 << 20))):
-            left -= out.write(block)
+        left = size - copy_stream(stream, out, size)
     if left:
         raise Abort(1, f"the snapshot ended {left} bytes early")
 

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from kcp_host import systemd
 from kcp_host.contract import ClusterEnv, load_env
 from kcp_host.etcd import Etcdctl, EtcdError, command_env, last_line, size_timeout, snapshot_tool
-from kcp_host.files import chown_tree, flocked, utc_stamp, widen_pipe, write_atomic
+from kcp_host.files import chown_tree, copy_stream, flocked, utc_stamp, write_atomic
 from kcp_host.log import Abort, log, set_program
 from kcp_host.verify import hash_at, key_count
 
@@ -38,7 +38,6 @@ MANIFEST = Path("/etc/kubernetes/manifests/kube-apiserver.yaml")
 PARKED = Path("/etc/kubernetes/kube-apiserver.yaml.parked-by-etcd-restore")
 SAFE_WORD = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # the cluster token and the snapshot's name also name files
 HEADER = re.compile(rf"snapshot ({SAFE_WORD}) ([0-9]+)\n")
-CHUNK = 1 << 20  # bytes per read of the snapshot stream: the file never sits in memory whole
 POLL_SECONDS = 0.05
 MIB, WAL_BYTES, MARGIN = 1 << 20, 64 << 20, 64 << 20  # a restored member's first WAL file is allocated whole
 
@@ -80,14 +79,9 @@ def check_room(env: ClusterEnv, size: int) -> None:
 def receive(source: BufferedReader, stage: Path, name: str, size: int) -> Path:
     """Kept only after "ok": the operator hashed the stream once for all; SSH's MAC covers each member's copy."""
     part = stage / f"{name}.db.part"
-    buffer = memoryview(bytearray(CHUNK))  # one buffer for every chunk: faster than the `dd bs=1M` it replaced
-    widen_pipe(source)
-    stored = 0
     try:
         with part.open("wb") as out:
-            while stored < size and (got := source.readinto(buffer[:min(CHUNK, size - stored)])):
-                out.write(buffer[:got])
-                stored += got
+            stored = copy_stream(source, out, size)
         verdict = source.readline()
         if stored == size and verdict == b"ok\n":
             return part.rename(part.with_suffix(""))
