@@ -199,6 +199,26 @@ class Sandbox:
         """host -> {address, pid, start_ticks} as last written."""
         return dict(self._read_state().get("hosts", {}))
 
+    def _holder_path(self) -> Path:
+        return self.dir / "holder.json"
+
+    def _record_holder(self) -> None:
+        """The process whose `with` block the hosts live for (scripts/sandbox's `up` records none: its hosts
+        are meant to outlive it)."""
+        me = ProcessId.of(os.getpid())
+        assert me is not None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._holder_path().write_text(json.dumps({"pid": me.pid, "start_ticks": me.start_ticks}) + "\n")
+
+    def dead_holder(self) -> ProcessId | None:
+        """The process that held these hosts in a `with` block and is gone without its teardown (a SIGKILL, the
+        machine's end), or None: no holder was recorded, or it still runs."""
+        try:
+            holder = ProcessId(**json.loads(self._holder_path().read_text()))
+        except FileNotFoundError:
+            return None
+        return None if holder.alive() else holder
+
     def _save_host(self, host: str, proc: ProcessId | None) -> None:
         """Record a host before its resources exist, so a crash mid-up is cleanable.
 
@@ -309,6 +329,7 @@ class Sandbox:
         for leftover in (
             "state.json",
             "state.tmp",
+            "holder.json",
             "hosts.json",
             "id_ed25519",
             "id_ed25519.pub",
@@ -323,6 +344,7 @@ class Sandbox:
         """
         self._sigterm_restores.append(_sigterm_interrupts())
         try:
+            self._record_holder()
             self.up()
         except BaseException:
             self.__exit__(None, None, None)

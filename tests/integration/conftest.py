@@ -29,7 +29,7 @@ import yaml
 
 from testbed.image import STATE_ROOT
 from testbed.sandbox import Sandbox
-from testbed.system import held_alone
+from testbed.system import held_alone, log
 from tests.integration.realtls import RealTlsMocks, plain
 from tests.integration.replay import Replay
 from tests.program import ROOT, Program, run_program, stack_config
@@ -67,11 +67,16 @@ def one_integration_run_at_a_time(pytestconfig: pytest.Config) -> Iterator[None]
 
 @contextlib.contextmanager
 def fresh_sandbox(hosts: Mapping[str, str]) -> Iterator[Sandbox]:
-    """`hosts` booted for one module and torn down after it. Hosts of that sandbox name that already run
-    (`scripts/sandbox up`, or a test run killed before its teardown) are refused, never adopted with what they hold."""
+    """`hosts` booted for one module and torn down after it. Hosts of that sandbox name that already run are never
+    adopted with what they hold: those of a run killed before its teardown are taken down first, any others
+    (`scripts/sandbox up`, `scripts/up local`, a live holder) refused."""
     name, subnet = sandbox_identity()
     sandbox = Sandbox(name=name, subnet=subnet, hosts=hosts)
-    if running := sandbox.running():
+    if (running := sandbox.running()) and (holder := sandbox.dead_holder()):
+        log(f"taking down {', '.join(running)} of sandbox {name}: pid {holder.pid}, which booted them, was killed "
+            "before its teardown")
+        sandbox.down()
+    elif running:
         raise RuntimeError(f"sandbox {name} already runs {', '.join(running)}: take it down (scripts/sandbox down "
                            f"--name {name}) or run the tests beside it (KCP_TEST_SANDBOX=NAME:10.250.N)")
     with sandbox:

@@ -283,6 +283,28 @@ def test_sigterm_to_the_holder_tears_its_hosts_down() -> None:
         sb.down()  # what the holder should have done, when it did not
 
 
+def test_hosts_a_killed_run_left_are_taken_down_by_the_next_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGKILL runs no teardown: the hosts outlive their holder. Refused, they would fail every later run on
+    this machine until someone took them down by hand; adopted, they would keep what the dead run wrote."""
+    monkeypatch.setenv("KCP_TEST_SANDBOX", "kcpst:10.250.5")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDS_A_SANDBOX], cwd=Path(__file__).resolve().parents[2],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sb = Sandbox("kcpst", "10.250.5", {"k1": "10.250.5.11"})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"up\n", holder.communicate()[1].decode()
+        sb.ssh("k1", "touch /root/written-by-the-killed-run")
+        holder.kill()
+        holder.wait(timeout=30)
+        assert sb.running() == ["k1"] and sb.dead_holder() is not None
+        with fresh_sandbox({"k1": "10.250.5.11"}) as fresh:
+            assert fresh.running() == ["k1"] and fresh.dead_holder() is None
+            assert fresh.ssh("k1", "test -e /root/written-by-the-killed-run", check=False).returncode == 1
+        assert sb.running() == []
+    finally:
+        holder.kill()
+        sb.down()
+
+
 def test_names_and_addresses_are_validated() -> None:
     with pytest.raises(ValueError, match="sandbox name"):
         Sandbox("much-too-long-name", SUBNET, HOSTS)
