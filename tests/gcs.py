@@ -28,9 +28,9 @@ def emulated_gcs(config_dir: Path) -> Iterator[dict[str, str]]:
     why = "needs gcp-storage-emulator of requirements-dev.txt; runs once scripts/install-deps has installed it"
     server_module = pytest.importorskip("gcp_storage_emulator.server", reason=why)
     if shutil.which("gcloud") is None:
-        pytest.skip("the restore from GCS runs the operator's Google Cloud CLI, and no `gcloud` is on PATH; runs once "
-                    "the Google Cloud SDK is installed (https://cloud.google.com/sdk/docs/install; this machine kind "
-                    "has it at /usr/bin/gcloud)")
+        pytest.skip(reason="the restore from GCS runs the operator's Google Cloud CLI, and no `gcloud` is on "
+                           "PATH; runs once the Google Cloud SDK is installed "
+                           "(https://cloud.google.com/sdk/docs/install; this machine kind has it at /usr/bin/gcloud)")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
