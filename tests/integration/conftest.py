@@ -72,13 +72,13 @@ def fresh_sandbox(hosts: Mapping[str, str]) -> Iterator[Sandbox]:
     (`scripts/sandbox up`, `scripts/up local`, a live holder) refused."""
     name, subnet = sandbox_identity()
     sandbox = Sandbox(name=name, subnet=subnet, hosts=hosts)
-    if (running := sandbox.running()) and (holder := sandbox.dead_holder()):
+    if running := sandbox.running():
+        if (holder := sandbox.dead_holder()) is None:
+            raise RuntimeError(f"sandbox {name} already runs {', '.join(running)}: take it down (scripts/sandbox "
+                               f"down --name {name}) or run the tests beside it (KCP_TEST_SANDBOX=NAME:10.250.N)")
         log(f"taking down {', '.join(running)} of sandbox {name}: pid {holder.pid}, which booted them, was killed "
             "before its teardown")
         sandbox.down()
-    elif running:
-        raise RuntimeError(f"sandbox {name} already runs {', '.join(running)}: take it down (scripts/sandbox down "
-                           f"--name {name}) or run the tests beside it (KCP_TEST_SANDBOX=NAME:10.250.N)")
     with sandbox:
         yield sandbox
 
