@@ -28,6 +28,10 @@ from testbed.system import held_alone, log, run
 STATE_ROOT = Path("/var/lib/kcp-sandbox")
 STAMP_NAME = ".kcp-image-stamp"
 
+#: How long a caller waits for another's build of the same image (45 s here, minutes on a slow mirror) before it
+#: fails naming the builder's pid.
+BUILD_PATIENCE = 20 * 60
+
 #: The Debian suites hosts can run; the first is the default.
 SUITES = ("trixie", "bookworm")
 DEFAULT_SUITE = SUITES[0]
@@ -199,7 +203,7 @@ def ensure_image(root: Path = STATE_ROOT, suite: str = DEFAULT_SUITE) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     mirror = debian_mirror(suite)
     stamp = recipe_stamp(suite, mirror)
-    with held_alone(root / f".{target.name}.lock"):
+    with held_alone(root / f".{target.name}.lock", patience=BUILD_PATIENCE):
         stamp_file = target / STAMP_NAME
         if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
             return target

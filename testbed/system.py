@@ -114,20 +114,31 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 
 @contextlib.contextmanager
-def held_alone(path: Path) -> Iterator[None]:
-    """Hold the lock file at path for the block; another holder makes this wait, saying which pid it waits for.
+def held_alone(path: Path, patience: float) -> Iterator[None]:
+    """Hold the lock file at path for the block; another holder makes this wait, saying which pid it waits for,
+    and fail after `patience` seconds, naming it: a holder that hangs must not hang every later run with it.
 
     The pid is written into the file only as information: the kernel releases the flock when its holder dies,
     so a crashed holder never leaves it taken.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            log(f"waiting for pid {lock.read().strip() or '?'}, which holds {path}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + patience
+        waited_for: str | None = None
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "?"
+                if holder != waited_for:
+                    log(f"waiting for pid {holder}, which holds {path}")
+                    waited_for = holder
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"pid {holder} still holds {path} after {patience:.0f} s of waiting: "
+                                       "if it hangs, stop it; the lock is freed when it exits") from None
+                time.sleep(0.5)
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()

@@ -52,6 +52,11 @@ def sandbox_identity() -> tuple[str, str]:
     return name, subnet
 
 
+#: How long a second run waits for the first: longer than a whole integration run (34 min on the local test bed),
+#: shorter than CI's 90-minute limit, so a run stuck behind a hung one fails saying which pid to stop.
+RUN_PATIENCE = 45 * 60
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_integration_run_at_a_time(pytestconfig: pytest.Config) -> Iterator[None]:
     """Two runs of these tests on one machine (a CI job beside a developer's) boot test hosts of the same names:
@@ -61,7 +66,7 @@ def one_integration_run_at_a_time(pytestconfig: pytest.Config) -> Iterator[None]
         return
     with contextlib.ExitStack() as held:
         with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-            held.enter_context(held_alone(STATE_ROOT / "integration-tests.lock"))  # says whom it waits for, live
+            held.enter_context(held_alone(STATE_ROOT / "integration-tests.lock", patience=RUN_PATIENCE))
         yield
 
 
