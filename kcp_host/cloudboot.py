@@ -27,6 +27,7 @@ from kcp_host.contract import (
     DELTA_UNIT_FILE,
     MEMBERSHIP_TIMER_FILE,
     SLOT_FILES,
+    BackupEnv,
     BootEnv,
     ClusterEnv,
     SlotEnv,
@@ -159,10 +160,15 @@ def cloud_of(env: BootEnv) -> Gce | Aws:
     return CLOUDS[env.provider](env)
 
 
-def start_delta_log(restart: bool) -> None:
-    """The delta log's archiver, where the bundle has its unit (backup.deltaSeconds); it reads backup.env and the
-    agent once, as it starts, so a refresh that changed either restarts it."""
-    if Path(DELTA_UNIT_FILE).is_file():
+def start_delta_log(changed: Sequence[Path] = ()) -> None:
+    """The delta log's archiver, where the bundle has its unit (backup.deltaSeconds). It reads cluster.env and
+    backup.env once, as it starts, so it restarts when `changed` (what a refresh unpacked) holds one of them or its
+    unit. Nothing else needs it: a new agent build restarted it before (restart-agent-services), and an etcd restart
+    only ends its watch, which it resumes."""
+    unit = Path(DELTA_UNIT_FILE)
+    if unit.is_file():
+        reads = (ClusterEnv.PATH, BackupEnv.PATH, unit.as_posix())
+        restart = any(path.as_posix().endswith(read) for path in changed for read in reads)  # under unpack's root
         systemd.act("enable", DELTA_UNIT)
         systemd.act("restart" if restart else "start", "--no-block", DELTA_UNIT)
 
@@ -201,7 +207,7 @@ def start_etcd(cloud: Gce | Aws, wait_seconds: int) -> None:
     systemd.act("enable", cluster.etcd_unit, "etcd-backup.timer")
     systemd.act("start", "--no-block", cluster.etcd_unit)
     systemd.act("start", "etcd-backup.timer")
-    start_delta_log(restart=False)
+    start_delta_log()
     await_member(cluster, wait_seconds)
     created = retry("write the cluster-formed marker", 10, 6, cloud.mark_formed)
     formed.touch()

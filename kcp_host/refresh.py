@@ -127,7 +127,7 @@ def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None
     pods = Path(STATIC_PODS_STARTED)
     if "apiserver" in env.roles and not pods.is_file():  # in /run: the first refresh since boot placed the files
         write_atomic(pods, kubelet_fingerprint(before.kubelet_install))
-    if cloudboot.unpack_slot(files):
+    if changed := cloudboot.unpack_slot(files):
         systemd.act("daemon-reload")
     after = load_env(SlotEnv)
     if install.version_of([str(install.BIN / "etcd"), "--version"], install.ETCD_VERSION) != after.etcd_install[1]:
@@ -136,7 +136,7 @@ def apply(env: BootEnv, client: ClusterEnv, files: str, before: SlotEnv) -> None
     install.etcd(list(after.etcd_install))
     if "etcd" in env.roles:
         lifecycle.rolling_restart([])  # only if what etcd reads at start changed; waits until every voter is healthy
-        cloudboot.start_delta_log(restart=True)
+        cloudboot.start_delta_log(changed)
         cloudboot.start_membership_watch()
     if "apiserver" in env.roles and pods.read_text() != (now := kubelet_fingerprint(after.kubelet_install)):
         install.kubelet(list(after.kubelet_install))

@@ -39,6 +39,7 @@ from kcp_host.contract import (
     DELTA_UNIT,
     DELTA_UNIT_FILE,
     MEMBERSHIP_TIMER_FILE,
+    BackupEnv,
     BootEnv,
     ClusterEnv,
     SlotEnv,
@@ -795,10 +796,12 @@ def test_readyz_is_awaited_on_the_node_over_https(tmp_path: Path, monkeypatch: p
         httpd.server_close()
 
 
-def test_a_refresh_restarts_the_delta_log_archiver_where_the_bundle_has_it(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """It reads backup.env and the agent once, as it starts: a changed bundle restarts it (a chain resumes where it
-    ends); without its unit (backup.deltaSeconds unset) nothing is started."""
+def test_a_refresh_restarts_the_delta_log_archiver_only_when_what_it_reads_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It reads cluster.env and backup.env once, as it starts: a bundle that changes either restarts it (a chain
+    resumes where it ends); one that changes only etcd's settings starts it if it is stopped and leaves it running
+    otherwise (etcd's restart ends its watch, which it resumes); without its unit (backup.deltaSeconds unset)
+    nothing is started."""
     machine = Refresh(tmp_path, monkeypatch, ("etcd",))
     unit = machine.root / DELTA_UNIT_FILE.lstrip("/")
     monkeypatch.setattr(cloudboot, "DELTA_UNIT_FILE", str(unit))
@@ -809,7 +812,16 @@ def test_a_refresh_restarts_the_delta_log_archiver_where_the_bundle_has_it(tmp_p
     machine.publish(election="1300")
     assert machine.run() == 0
     assert machine.steps[-4:] == ["etcd restart", f"systemctl enable {DELTA_UNIT}",
-                                  f"systemctl restart --no-block {DELTA_UNIT}", "unlock"], machine.steps
+                                  f"systemctl start --no-block {DELTA_UNIT}", "unlock"], machine.steps
+    backup_env = HostFile(BackupEnv.PATH, "KCP_BACKUP_DEST=ssh://etcd-backup@10.0.0.9/srv/etcd-backups/prod\n")
+    machine.publish(election="1300", extra=(backup_env,))  # a new destination
+    assert machine.run() == 0
+    assert machine.steps[-4:-1] == ["etcd unchanged", f"systemctl enable {DELTA_UNIT}",
+                                    f"systemctl restart --no-block {DELTA_UNIT}"], machine.steps
+    machine.publish(election="1300", extra=(backup_env,), members=FIVE[:2])  # cluster.env: a member joined
+    assert machine.run() == 0
+    assert machine.steps[-4:-1] == ["etcd unchanged", f"systemctl enable {DELTA_UNIT}",
+                                    f"systemctl restart --no-block {DELTA_UNIT}"], machine.steps
 
 
 def five_listed(machine: Refresh) -> None:
