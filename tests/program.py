@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import runpy
 import threading
 from collections.abc import Callable
@@ -75,6 +76,7 @@ class Program:
     resources: list[Declared] = field(default_factory=list)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # resource name -> its outputs
     generation: int = 0  # how many runs came before this one (see `Mocks`)
+    engine_warnings: list[str] = field(default_factory=list)  # what `pulumi up` would print as warnings
 
     def by_urn(self) -> dict[str, Declared]:
         return {r.urn: r for r in self.resources}
@@ -230,6 +232,26 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
         return None
 
 
+class _EngineWarnings(logging.Handler):
+    """The mock engine's log at WARNING and above: the program's own `pulumi.log.warn` and a provider's notice that a
+    declared resource type is deprecated, which `pulumi up` would print."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def engine_log(program: Program) -> logging.Logger:
+    """The mock engine's logger, writing into `program` (runs in one process are one after another)."""
+    logger = logging.getLogger(f"{__name__}.engine")
+    logger.propagate = False
+    logger.handlers = [_EngineWarnings(program.engine_warnings)]
+    return logger
+
+
 def run_program(config: dict[str, Any], stack: str = "test", mocks: type[Mocks] = Mocks,
                 secret_keys: tuple[str, ...] = (),
                 monitor: Callable[[Mocks], RecordingMonitor] = RecordingMonitor,
@@ -238,7 +260,8 @@ def run_program(config: dict[str, Any], stack: str = "test", mocks: type[Mocks] 
     program = Program(generation=generation)
     instance = mocks(program, generation=generation)
     pulumi_settings.set_root_resource(None)  # type: ignore[arg-type]
-    pulumi.runtime.set_mocks(instance, project=PROJECT, stack=stack, preview=False, monitor=monitor(instance))
+    pulumi.runtime.set_mocks(instance, project=PROJECT, stack=stack, preview=False, monitor=monitor(instance),
+                             logger=engine_log(program))
     encoded = {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
     pulumi.runtime.set_all_config(encoded, [f"{PROJECT}:{k}" for k in secret_keys])
     _sync_await(run_pulumi_func(lambda: runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")))
