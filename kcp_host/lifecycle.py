@@ -142,7 +142,10 @@ def leave(argv: list[str]) -> int:
         if healthy - 1 < quorum(len(members) - 1):
             raise Abort(1, f"refusing to remove {env.member_name}: {healthy} of {len(members)} members healthy; "
                            "removal could lose quorum")
-        ctl.run(env.client_endpoints, "member", "remove", me.hex_id)
+        # Asked of the members that stay: this one stops once it applies its own removal, and may answer
+        # "server stopped" to the request that removed it.
+        stay = [url for m in members if m.id != me.id for url in m.client_urls]
+        ctl.run(stay or env.client_endpoints, "member", "remove", me.hex_id)
         print(f"removed member {env.member_name} ({me.hex_id})")
     systemd.systemctl("disable", "--now", env.etcd_unit, check=True)
     if Path(env.data_dir).exists():
